@@ -1,0 +1,517 @@
+"""The whole pipeline's configuration as pydantic v2 models, one per concern.
+
+Import-light on purpose (pydantic and yaml only): the CLI, the Prefect UI form and the tests load it
+without pulling torch. A bad value fails at load with one line per problem naming the field path,
+the value and what is allowed (see :func:`format_validation_error`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration: its message is meant to be printed as it is."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+EMBEDDED_FAMILIES = ("uppercase", "reverse", "sort", "count", "add", "recall", "compose", "choose")
+
+
+class EmbeddedSuiteConfig(StrictModel):
+    """The deterministic synthetic instruction suite that the demo runs on (no network)."""
+
+    seed: int = Field(0, ge=0, description="Seed of the generator; same seed, same bytes. Range: >= 0.")
+    train_size: int = Field(2400, ge=8, le=1_000_000, description="Training examples. Range: 8..1e6.")
+    validation_size: int = Field(240, ge=8, le=100_000, description="Validation examples. Range: 8..1e5.")
+    test_size: int = Field(240, ge=8, le=100_000, description="Test examples. Range: 8..1e5.")
+    families: list[Literal[EMBEDDED_FAMILIES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(EMBEDDED_FAMILIES),
+        min_length=1,
+        description=f"Task families to include, drawn in equal shares. Allowed: {', '.join(EMBEDDED_FAMILIES)}.",
+    )
+
+
+class FieldMap(StrictModel):
+    """Which JSON fields hold the instruction, its optional context, the response and a category."""
+
+    instruction: str = Field("instruction", min_length=1, description="Field with the instruction text.")
+    context: str | None = Field("context", description="Field with optional context/input; null for none.")
+    response: str = Field("response", min_length=1, description="Field with the reference response.")
+    category: str | None = Field("category", description="Field with a category label; null for none.")
+
+
+FIELD_PRESETS: dict[str, FieldMap] = {
+    "dolly": FieldMap(instruction="instruction", context="context", response="response", category="category"),
+    "alpaca": FieldMap(instruction="instruction", context="input", response="output", category=None),
+}
+
+DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+DEFAULT_CONTEXT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+
+
+class DataConfig(StrictModel):
+    """Where the instruction data comes from and how it becomes token ids and labels."""
+
+    source: Literal["embedded", "files", "hub"] = Field(
+        "embedded",
+        description="embedded: the synthetic suite; files: local JSONL/JSON/Parquet/CSV; hub: a datasets name.",
+    )
+    embedded: EmbeddedSuiteConfig = Field(
+        default_factory=EmbeddedSuiteConfig, description="The synthetic suite."
+    )
+    train_files: list[Path] = Field(default_factory=list, description="Training files (source=files).")
+    validation_files: list[Path] = Field(default_factory=list, description="Validation files (source=files).")
+    test_files: list[Path] = Field(default_factory=list, description="Test files (source=files).")
+    hub_name: str | None = Field(None, description="A datasets name or local dataset script (source=hub).")
+    field_preset: Literal["dolly", "alpaca", "custom"] = Field(
+        "dolly",
+        description="Field names: dolly (instruction/context/response), alpaca (instruction/input/output), custom.",
+    )
+    fields: FieldMap | None = Field(None, description="The field mapping when field_preset is custom.")
+    prompt_template: str = Field(
+        DEFAULT_TEMPLATE, description="Prompt without context; must contain {instruction}."
+    )
+    context_template: str = Field(
+        DEFAULT_CONTEXT_TEMPLATE, description="Prompt with context; must contain {instruction} and {context}."
+    )
+    max_length: int = Field(
+        128, ge=16, le=32768, description="Tokens per example after truncation. Range: 16..32768."
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="A malformed or unusable row: fail naming file/line/field, or skip and count it."
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.source == "files" and not self.train_files:
+            raise ValueError("data.train_files: must name at least one file when data.source is 'files'")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("data.hub_name: must be set when data.source is 'hub'")
+        if self.field_preset == "custom" and self.fields is None:
+            raise ValueError("data.fields: must be set when data.field_preset is 'custom'")
+        if "{instruction}" not in self.prompt_template:
+            raise ValueError("data.prompt_template: must contain {instruction}")
+        if "{instruction}" not in self.context_template or "{context}" not in self.context_template:
+            raise ValueError("data.context_template: must contain {instruction} and {context}")
+        return self
+
+    def field_map(self) -> FieldMap:
+        """The effective field mapping (the preset's, or the custom one)."""
+        return self.fields if self.field_preset == "custom" else FIELD_PRESETS[self.field_preset]
+
+
+class TokenizerConfig(StrictModel):
+    """The tokenizer: trained locally on the data (embedded default) or loaded from a model/directory."""
+
+    source: Literal["train", "teacher", "path"] = Field(
+        "train", description="train: BPE trained on the training split; teacher: the teacher's; path: `path`."
+    )
+    path: str | None = Field(None, description="Tokenizer directory or hub id when source is 'path'.")
+    vocab_size: int = Field(
+        2048, ge=300, le=262_144, description="BPE vocabulary size when trained. Range: 300..262144."
+    )
+
+    @model_validator(mode="after")
+    def _check_path(self) -> TokenizerConfig:
+        if self.source == "path" and not self.path:
+            raise ValueError("tokenizer.path: must be set when tokenizer.source is 'path'")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class ModelConfig(StrictModel):
+    """A model given by a built-in preset (random init, no download) or a hub id / local directory."""
+
+    preset: str | None = Field(
+        None, description="Built-in architecture preset, e.g. neox-small (see atkd_core.models)."
+    )
+    path: str | None = Field(None, description="Hub id or local directory loaded with from_pretrained.")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom modelling code from the model's repository."
+    )
+    init_seed: int = Field(0, ge=0, description="Seed of the random initialisation of a preset. Range: >= 0.")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelConfig:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("exactly one of preset and path must be set")
+        if self.preset is not None:
+            from atkd_core.models.presets import PRESETS  # light: a dict of sizes
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset {self.preset!r} is unknown; allowed: {', '.join(sorted(PRESETS))}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Training, loss, scoring
+# --------------------------------------------------------------------------------------------
+
+
+class OptimConfig(StrictModel):
+    """Optimiser and learning-rate schedule."""
+
+    lr: float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate. Range: (0, 1].")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay. Range: [0, 1].")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    warmup_ratio: float = Field(
+        0.03, ge=0, le=0.5, description="Fraction of steps with linear warm-up. Range: [0, 0.5]."
+    )
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    grad_clip: float = Field(1.0, ge=0, description="Global grad-norm clip; 0 disables. Range: >= 0.")
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> OptimConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: {list(self.betas)} must each be in [0, 1)")
+        return self
+
+
+class TrainingConfig(StrictModel):
+    """How a model is trained: DeepSpeed ZeRO, precision, batch, schedule, checkpoints, seed."""
+
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage. Range: 0..3.")
+    offload_optimizer: bool = Field(False, description="Offload optimizer state to CPU (ZeRO 1-3).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 on GPU. fp16 is refused on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    num_processes: int = Field(1, ge=1, le=4096, description="Processes (ranks) per node. Range: 1..4096.")
+    batch_size: int = Field(
+        16, ge=1, le=1_000_000, description="Global batch in sequences per optimizer step."
+    )
+    micro_batch_size: int = Field(8, ge=1, le=100_000, description="Sequences per forward pass per process.")
+    epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split. Range: (0, 1000].")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
+    checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints. Range: >= 1.")
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Newest checkpoints kept. Range: 1..100.")
+    eval_every: int = Field(100, ge=1, description="Optimizer steps between validation losses. Range: >= 1.")
+    seed: int = Field(0, ge=0, description="Seed of data order, dropout and init. Range: >= 0.")
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainingConfig:
+        per_step = self.micro_batch_size * self.num_processes
+        if self.batch_size % per_step != 0:
+            raise ValueError(
+                f"batch_size: {self.batch_size} must be a multiple of micro_batch_size x num_processes "
+                f"= {self.micro_batch_size} x {self.num_processes} = {per_step}"
+            )
+        return self
+
+    @property
+    def grad_accumulation_steps(self) -> int:
+        """Micro-batches accumulated per optimizer step on each process."""
+        return self.batch_size // (self.micro_batch_size * self.num_processes)
+
+
+class FinetuneConfig(StrictModel):
+    """Supervised fine-tuning of the teacher on the training split (the paper distils fine-tuned teachers)."""
+
+    enabled: bool = Field(True, description="Fine-tune the teacher before scoring it.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Its training settings.")
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+
+
+class LossConfig(StrictModel):
+    """The distillation objective (DESIGN.md section 2)."""
+
+    objective: Literal["sft", "kd", "atkd"] = Field(
+        "atkd", description="sft: cross-entropy; kd: a divergence; atkd."
+    )
+    divergence: Literal[DIVERGENCES] = Field(  # type: ignore[valid-type]
+        "forward_kl",
+        description=f"Token-level divergence for objective kd. Allowed: {', '.join(DIVERGENCES)}.",
+    )
+    setting: Literal["forward", "reverse"] = Field(
+        "forward", description="ATKD over KL(teacher||student) (forward) or KL(student||teacher) (reverse)."
+    )
+    hard_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="ATKD k: share of tokens (highest teacher UNC) that are hard. Range: (0, 1).",
+    )
+    lam: float = Field(
+        0.2, ge=0, le=1, description="ATKD lambda: weight of the easy-token loss. Range: [0, 1]."
+    )
+    split_scope: Literal["batch", "sequence", "threshold"] = Field(
+        "batch",
+        description="Where the easy/hard split is taken: the micro-batch, each row, or a fixed UNC threshold.",
+    )
+    unc_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="UNC at or above which a token is hard (split_scope=threshold). Range: [0, 1].",
+    )
+    temperature: float = Field(
+        1.0, gt=0, le=100, description="Softmax temperature on both sides. Range: (0, 100]."
+    )
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD beta (GKD). Range: [0, 1].")
+    skew_alpha: float = Field(0.1, ge=0, le=1, description="Skew KL alpha (DistiLLM). Range: [0, 1].")
+    ce_weight: float = Field(
+        0.0, ge=0, le=1, description="Weight of cross-entropy mixed into KD/ATKD. Range: [0, 1]."
+    )
+    chunk_size: int | None = Field(
+        1024,
+        ge=1,
+        description="Tokens per chunk of vocabulary-sized temporaries; null for unchunked. Range: >= 1.",
+    )
+
+    @model_validator(mode="after")
+    def _check_threshold(self) -> LossConfig:
+        if self.split_scope == "threshold" and self.unc_threshold is None:
+            raise ValueError("loss.unc_threshold: must be set when loss.split_scope is 'threshold'")
+        return self
+
+
+class ScoringConfig(StrictModel):
+    """The offline teacher cache (one teacher pass over the training split)."""
+
+    top_k: int = Field(
+        64, ge=1, le=4096, description="Teacher top-K token ids and log-probs kept per token. Range: 1..4096."
+    )
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of cached log-probs."
+    )
+    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per teacher forward. Range: 1..4096.")
+    shard_size: int = Field(1024, ge=1, description="Examples per shard. Range: >= 1.")
+
+
+class DistillConfig(StrictModel):
+    """Training the student against the teacher."""
+
+    teacher_source: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: the scoring cache, no teacher in memory; online: teacher forward in the loop.",
+    )
+    data_source: Literal["ground_truth", "teacher_generated", "student_generated", "on_policy"] = Field(
+        "ground_truth",
+        description="Supervised KD / SeqKD / ImitKD / GKD-style mixing (generated ones need online).",
+    )
+    on_policy_ratio: float = Field(
+        0.5, ge=0, le=1, description="Share of student-generated batches (on_policy). Range: [0, 1]."
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Its training settings.")
+
+    @model_validator(mode="after")
+    def _generated_needs_online(self) -> DistillConfig:
+        if self.data_source != "ground_truth" and self.teacher_source != "online":
+            raise ValueError(
+                f"teacher_source: 'offline' cannot serve data_source {self.data_source!r}; set teacher_source: online"
+            )
+        return self
+
+
+class EvalConfig(StrictModel):
+    """Evaluation with lm-evaluation-harness."""
+
+    enabled: bool = Field(True, description="Run the evaluate stage.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Greedy generation budget. Range: 1..4096.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Evaluation batch size. Range: 1..4096.")
+    limit: int | None = Field(None, ge=1, description="Examples per task (null for all). Range: >= 1.")
+    harness_tasks: list[str] = Field(
+        default_factory=list, description="Named lm-eval tasks passed through (e.g. mmlu)."
+    )
+    include_teacher: bool = Field(True, description="Score the teacher beside the student as a reference.")
+
+
+class TrackingConfig(StrictModel):
+    """MLflow tracking."""
+
+    enabled: bool = Field(True, description="Log runs to MLflow.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; null: sqlite:///<workdir>/mlflow.db."
+    )
+    experiment_name: str = Field("atkd", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="Name of the pipeline's parent run; null: generated.")
+
+
+class PipelineConfig(StrictModel):
+    """The whole pipeline: prepare_data -> finetune_teacher -> score_teacher -> distill_student -> evaluate."""
+
+    name: str = Field(
+        "atkd", min_length=1, max_length=100, description="A short name for this pipeline's outputs."
+    )
+    workdir: Path = Field(Path("runs/demo"), description="Directory where every stage writes its output.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Instruction data.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer.")
+    teacher: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(preset="neox-small"), description="Teacher model."
+    )
+    student: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(preset="neox-tiny"), description="Student model."
+    )
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Teacher fine-tuning.")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Teacher scoring cache.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Distillation loss.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Student distillation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> PipelineConfig:
+        if (
+            self.tokenizer.source == "train"
+            and self.data.source != "embedded"
+            and self.teacher.path is not None
+        ):
+            raise ValueError(
+                "tokenizer.source: 'train' with a pretrained teacher would not match its vocabulary; use 'teacher'"
+            )
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named sections (what a stage's cache key depends on)."""
+        payload = {name: self.model_dump(mode="json")[name] for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+# --------------------------------------------------------------------------------------------
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. loss.lam=0.5")
+        key, _, text = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
+
+    Raises ConfigError with one line per problem; never a traceback for user error.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded or {}
+    apply_overrides(raw, overrides or [])
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=str(path) if path else "config")) from None
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    """One line per problem: ``<source>: <field.path> = <value>: <problem>; allowed: <range>``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        allowed = _allowed_for(err["loc"])
+        if err["type"] == "extra_forbidden":
+            line = f"{source}: {loc}: unknown field"
+        elif err["type"] == "missing":
+            line = f"{source}: {loc}: required field is missing"
+        elif err["type"] == "value_error" and isinstance(value, dict):
+            # A cross-field check: its message already names the field it is about.
+            line = f"{source}: {(loc + ': ') if loc else ''}{message}"
+        else:
+            line = f"{source}: {loc} = {_short(value)}: {message}"
+        if allowed and "allowed" not in line:
+            line += f"; allowed: {allowed}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _allowed_for(loc: tuple[Any, ...]) -> str | None:
+    """Describe a field's allowed values from its annotation and constraints, walking ``loc``."""
+    model: Any = PipelineConfig
+    field = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        model = _inner_model(field.annotation)
+    if field is None:
+        return None
+    bounds = []
+    for meta in field.metadata:
+        for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            bound = getattr(meta, attr, None)
+            if isinstance(meta, annotated_types.BaseMetadata) and bound is not None:
+                bounds.append(f"{symbol} {bound}")
+    if bounds:
+        return " and ".join(bounds)
+    choices = _literal_choices(field.annotation)
+    if choices:
+        return ", ".join(repr(c) for c in choices)
+    return None
+
+
+def _inner_model(annotation: Any) -> Any:
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    for arg in (annotation, *get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _literal_choices(annotation: Any) -> tuple[Any, ...]:
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    for arg in get_args(annotation):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return ()
+
+
+def config_to_yaml(config: PipelineConfig) -> str:
+    """The resolved config as YAML (paths as strings), loadable again by :func:`load_config`."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,114 @@
+"""Stage outputs: one directory per stage with a ``manifest.json``, written atomically.
+
+A manifest records what was made, from what (input fingerprints), content hashes and the config.
+A stage whose manifest carries the same fingerprint as its inputs now is not redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(directory: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> str:
+    """Hex sha256 over a directory's files (relative names and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in exclude):
+        digest.update(str(path.relative_to(directory)).encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(payload: Any) -> str:
+    """Hex sha256 of a JSON-serialisable payload (keys sorted): a stage's input identity."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of a stage output, or None when there is none (or it is unreadable)."""
+    path = directory / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_up_to_date(directory: Path, input_fingerprint: str) -> bool:
+    """True when ``directory`` holds a finished output made from inputs with this fingerprint."""
+    manifest = read_manifest(directory)
+    return manifest is not None and manifest.get("input_fingerprint") == input_fingerprint
+
+
+@contextmanager
+def atomic_output(directory: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``directory`` in one rename.
+
+    On failure the temporary directory is removed and ``directory`` keeps what it had, so the next
+    stage never reads a half-written output.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if directory.exists():
+        retired = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+        directory.rename(retired)
+        staging.rename(directory)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(directory)
+
+
+def write_manifest(directory: Path, *, stage: str, input_fingerprint: str, **fields: Any) -> dict[str, Any]:
+    """Write ``manifest.json`` with the stage name, input fingerprint, content hash and ``fields``."""
+    manifest = {
+        "stage": stage,
+        "input_fingerprint": input_fingerprint,
+        "content_sha256": sha256_tree(directory),
+        "created_unix": round(time.time(), 3),
+        **fields,
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return manifest
+
+
+def run_stage(
+    directory: Path,
+    *,
+    stage: str,
+    input_fingerprint: str,
+    build: Callable[[Path], dict[str, Any]],
+    force: bool = False,
+) -> tuple[dict[str, Any], bool]:
+    """Build a stage output unless an up-to-date one exists; return (manifest, reused).
+
+    ``build(staging_dir)`` writes the output files and returns extra manifest fields.
+    """
+    if not force and is_up_to_date(directory, input_fingerprint):
+        return read_manifest(directory), True  # type: ignore[return-value]
+    with atomic_output(directory) as staging:
+        fields = build(staging)
+        write_manifest(staging, stage=stage, input_fingerprint=input_fingerprint, **fields)
+    return read_manifest(directory), False  # type: ignore[return-value]

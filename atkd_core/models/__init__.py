@@ -1,0 +1,1 @@
+"""Model presets (random init, no download) and loading/saving through transformers."""

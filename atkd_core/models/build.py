@@ -1,0 +1,107 @@
+"""Build preset models and load / save any causal LM with ``from_pretrained`` / ``save_pretrained``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    LlamaConfig,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from atkd_core.config import ModelConfig
+from atkd_core.models.presets import PRESETS, ArchSize
+
+
+def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The transformers config of preset ``name`` with the tokenizer's vocabulary and special ids."""
+    if name not in PRESETS:
+        raise ValueError(f"model preset {name!r} is unknown; allowed: {', '.join(sorted(PRESETS))}")
+    arch, dims = PRESETS[name]
+    special = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    return _ARCH_CONFIGS[arch](dims, special)
+
+
+def _neox(dims: ArchSize, special: dict) -> PretrainedConfig:
+    return GPTNeoXConfig(
+        hidden_size=dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        intermediate_size=4 * dims.hidden,
+        max_position_embeddings=dims.max_positions,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        **special,
+    )
+
+
+def _opt(dims: ArchSize, special: dict) -> PretrainedConfig:
+    # OPT ties its output embedding by design; keep it that way.
+    special = {**special, "tie_word_embeddings": True}
+    return OPTConfig(
+        hidden_size=dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        ffn_dim=4 * dims.hidden,
+        word_embed_proj_dim=dims.hidden,
+        max_position_embeddings=dims.max_positions,
+        do_layer_norm_before=True,
+        **special,
+    )
+
+
+def _llama(dims: ArchSize, special: dict) -> PretrainedConfig:
+    return LlamaConfig(
+        hidden_size=dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.heads,
+        intermediate_size=int(8 / 3 * dims.hidden) // 16 * 16,
+        max_position_embeddings=dims.max_positions,
+        **special,
+    )
+
+
+_ARCH_CONFIGS = {"neox": _neox, "opt": _opt, "llama": _llama}
+
+
+def build_model(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A causal LM from ``spec``: a preset built with seeded random init, or ``from_pretrained``."""
+    if spec.preset is not None:
+        config = preset_config(spec.preset, tokenizer)
+        # Seed a private generator state so building a model never shifts the caller's RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            return AutoModelForCausalLM.from_config(config)
+    return load_model(spec.path, trust_remote_code=spec.trust_remote_code)
+
+
+def load_model(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load a causal LM from a hub id or a local ``save_pretrained`` directory (fp32)."""
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), trust_remote_code=trust_remote_code, dtype=torch.float32
+    )
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    """Save model (safetensors) and tokenizer in Hugging Face format."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

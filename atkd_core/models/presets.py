@@ -1,0 +1,34 @@
+"""Architecture presets: the sizes of the built-in tiny teachers and student.
+
+A plain table so that config validation can check a preset name without importing transformers.
+Sizes are chosen so the whole demo runs on 2 CPU cores in minutes; the vocabulary comes from the
+tokenizer at build time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArchSize:
+    """Width and depth of one preset."""
+
+    hidden: int
+    layers: int
+    heads: int
+    max_positions: int = 512
+
+
+ARCHITECTURES = ("neox", "opt", "llama")
+
+SIZES: dict[str, ArchSize] = {
+    "tiny": ArchSize(hidden=128, layers=2, heads=4),
+    "small": ArchSize(hidden=256, layers=4, heads=4),
+    "medium": ArchSize(hidden=384, layers=6, heads=6),
+    "large": ArchSize(hidden=512, layers=8, heads=8),
+}
+
+PRESETS: dict[str, tuple[str, ArchSize]] = {
+    f"{arch}-{size}": (arch, dims) for arch in ARCHITECTURES for size, dims in SIZES.items()
+}

@@ -1,0 +1,1 @@
+"""flows: Prefect flows composing the stage tasks, and the ``atkd`` command line."""

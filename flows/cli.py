@@ -1,0 +1,99 @@
+"""The ``atkd`` command line: run the pipeline, inspect configs, build the embedded data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from infra.settings import apply_environment_defaults
+
+apply_environment_defaults()
+
+from atkd_core.config import ConfigError, PipelineConfig, config_to_yaml, load_config  # noqa: E402
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML config file (e.g. configs/demo.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set loss.lam=0.5 (repeatable; VALUE is parsed as YAML)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``atkd``."""
+    parser = argparse.ArgumentParser(prog="atkd", description="ATKD knowledge-distillation pipeline")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the whole pipeline flow on a config")
+    _add_config_args(run)
+
+    config = commands.add_parser("config", help="inspect configs").add_subparsers(
+        dest="config_command", required=True
+    )
+    _add_config_args(config.add_parser("show", help="print the resolved config as YAML"))
+    config.add_parser("schema", help="print the config's JSON schema")
+
+    data = commands.add_parser("data", help="data commands").add_subparsers(
+        dest="data_command", required=True
+    )
+    build = data.add_parser("build", help="write the embedded suite's JSONL splits")
+    _add_config_args(build)
+    build.add_argument("--out", type=Path, default=None, help="output directory (default: <workdir>/suite)")
+    return parser
+
+
+def _cmd_run(config: PipelineConfig) -> int:
+    from flows.distill import distill_pipeline
+
+    started = time.perf_counter()
+    result = distill_pipeline(config)
+    minutes, seconds = divmod(time.perf_counter() - started, 60)
+    print(f"\n=== atkd run: done in {int(minutes)}m{int(seconds):02d}s ===")
+    for stage, path in result.outputs.items():
+        print(f"  {stage:<16} {path}")
+    if result.mlflow_run_id:
+        print(f"  MLflow run       {result.mlflow_run_id}  ({result.mlflow_tracking_uri})")
+        print(f"  MLflow UI        mlflow ui --backend-store-uri {result.mlflow_tracking_uri}")
+    print(f"  Prefect run      {result.prefect_flow_run_id}")
+    return 0
+
+
+def _cmd_data_build(config: PipelineConfig, out: Path | None) -> int:
+    from atkd_core.data.suite import write_suite
+
+    paths = write_suite(config.data.embedded, out or config.workdir / "suite")
+    for split, path in paths.items():
+        print(f"{split:<10} {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``atkd`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config" and args.config_command == "schema":
+            print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+            return 0
+        config = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(config_to_yaml(config), end="")
+            return 0
+        if args.command == "data":
+            return _cmd_data_build(config, args.out)
+        return _cmd_run(config)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"atkd: config error: {line}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""infra: settings, MLflow tracking helpers, DeepSpeed config rendering, launchers, servers."""

@@ -1,0 +1,28 @@
+"""Process-wide environment defaults, applied before prefect, mlflow or lm-eval are imported."""
+
+from __future__ import annotations
+
+import os
+
+# Each default is one a user may override by exporting the variable themselves.
+ENVIRONMENT_DEFAULTS = {
+    # Prefect's telemetry adds noise and a "database is locked" message on the local API.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_UI_ENABLED": "false",
+    # The hubs are not reachable from the machines this runs on by default; without these a missing
+    # file costs ~45 s of retries before it fails.
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # A progress bar per tiny Arrow write clutters the Prefect log; stages report their own progress.
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # MLflow's own git probing warns on every run outside a git checkout.
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def apply_environment_defaults() -> None:
+    """Set each default in ``os.environ`` unless the user already set it."""
+    for key, value in ENVIRONMENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)

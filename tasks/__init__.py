@@ -1,0 +1,1 @@
+"""tasks: Prefect tasks, thin wrappers around atkd_core stages (caching, retries, tracking, progress)."""

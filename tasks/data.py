@@ -1,0 +1,36 @@
+"""Prefect task for the prepare_data stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from atkd_core.config import PipelineConfig
+from atkd_core.data.prepare import prepare_data
+from infra.tracking import stage_run
+
+
+def prepared_dir(config: PipelineConfig) -> Path:
+    """Where prepare_data writes its output."""
+    return config.workdir / "prepared"
+
+
+@task(name="prepare_data", retries=1, retry_delay_seconds=2)
+def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
+    """Build the suite (or read the user's files), tokenizer and tokenised splits; return the output path."""
+    logger = get_run_logger()
+    output = prepared_dir(config)
+    with stage_run(config, parent_run_id, "prepare_data") as run:
+        manifest, reused = prepare_data(config, output, log=logger.info)
+        logger.info("prepare_data: %s %s", "reused" if reused else "wrote", output)
+        run.log_params({"source": manifest["source"], "vocab_size": manifest["vocab_size"], "reused": reused})
+        run.log_metrics(
+            {
+                f"{split}/{key}": value
+                for split, counts in manifest["counts"].items()
+                for key, value in counts.items()
+            }
+        )
+        run.log_artifact(output / "manifest.json")
+    return str(output)

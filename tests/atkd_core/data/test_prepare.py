@@ -1,0 +1,111 @@
+"""prepare_data: masked labels, truncation that keeps the response, manifests, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import load_from_disk
+from transformers import AutoTokenizer
+
+from atkd_core.config import DataConfig
+from atkd_core.data.prepare import (
+    IGNORE_INDEX,
+    DataError,
+    encode_example,
+    format_prompt,
+    prepare_data,
+    read_rows,
+)
+from atkd_core.manifest import read_manifest
+from tests.atkd_core.data.test_tokenizer import _tokenizer
+from tests.conftest import tiny_config
+
+
+def test_labels_mask_prompt_and_keep_response_and_eos():
+    tokenizer = _tokenizer()
+    prompt = format_prompt(DataConfig(), "Write these letters in reverse order.", "a b c")
+    input_ids, labels = encode_example(prompt, "c b a", tokenizer, max_length=64)
+    prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert labels[prompt_len:] == input_ids[prompt_len:]
+    assert input_ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(input_ids[prompt_len:-1]) == "c b a"
+
+
+def test_truncation_cuts_the_prompt_first_and_keeps_the_response_marker():
+    tokenizer = _tokenizer()
+    prompt = format_prompt(DataConfig(), "Sort these numbers. " * 20, "")
+    input_ids, labels = encode_example(prompt, "1 2 3", tokenizer, max_length=24)
+    assert len(input_ids) == 24
+    kept = [t for t in labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(kept[:-1]) == "1 2 3" and kept[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(input_ids).split("1 2 3")[0].endswith("### Response:\n")
+
+
+def test_context_template_used_only_with_context():
+    data = DataConfig()
+    assert "### Input:" in format_prompt(data, "Do it.", "x y")
+    assert "### Input:" not in format_prompt(data, "Do it.", "")
+
+
+def test_prepare_writes_dataset_tokenizer_and_manifest(tmp_path):
+    config = tiny_config(tmp_path)
+    manifest, reused = prepare_data(config, tmp_path / "prepared", log=lambda _: None)
+    assert not reused
+    dataset = load_from_disk(str(tmp_path / "prepared" / "dataset"))
+    assert {s: len(dataset[s]) for s in dataset} == {"train": 64, "validation": 16, "test": 16}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "prepared" / "tokenizer")
+    for row in dataset["train"]:
+        assert len(row["input_ids"]) == len(row["labels"]) <= config.data.max_length
+        assert row["labels"][-1] == tokenizer.eos_token_id
+        assert row["labels"][0] == IGNORE_INDEX
+    assert manifest["counts"]["train"]["rows"] == 64
+    assert read_manifest(tmp_path / "prepared")["content_sha256"] == manifest["content_sha256"]
+
+
+def test_prepare_is_reused_when_inputs_match_and_redone_when_they_change(tmp_path):
+    config = tiny_config(tmp_path)
+    first, _ = prepare_data(config, tmp_path / "prepared", log=lambda _: None)
+    again, reused = prepare_data(config, tmp_path / "prepared", log=lambda _: None)
+    assert reused and again == first
+    changed = config.model_copy(update={"data": config.data.model_copy(update={"max_length": 32})})
+    _, reused = prepare_data(changed, tmp_path / "prepared", log=lambda _: None)
+    assert not reused
+
+
+def test_failed_prepare_leaves_the_previous_output_intact(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    prepare_data(config, tmp_path / "prepared", log=lambda _: None)
+    before = read_manifest(tmp_path / "prepared")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("atkd_core.data.prepare.train_tokenizer", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare_data(config, tmp_path / "prepared", force=True, log=lambda _: None)
+    assert read_manifest(tmp_path / "prepared") == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".prepared")] == []
+
+
+def test_user_jsonl_errors_name_file_line_and_field(tmp_path):
+    fields = DataConfig().field_map()
+    good = {"instruction": "Say hi.", "context": "", "response": "hi"}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"data.jsonl:2: malformed JSON"):
+        read_rows(path, fields)
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"data.jsonl:2: field 'response' is missing"):
+        read_rows(path, fields)
+    path.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        read_rows(path, fields)
+
+
+def test_alpaca_fields(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text(json.dumps({"instruction": "Add.", "input": "1 2", "output": "3"}) + "\n")
+    rows = read_rows(path, DataConfig(field_preset="alpaca").field_map())
+    assert rows == [{"instruction": "Add.", "context": "1 2", "response": "3", "category": ""}]

@@ -1,0 +1,43 @@
+"""Shared test fixtures: an isolated Prefect home and a tiny pipeline config."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before prefect is imported anywhere: an isolated home, no telemetry, no hub access.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="atkd-test-prefect-"))
+from infra.settings import apply_environment_defaults  # noqa: E402
+
+apply_environment_defaults()
+
+from atkd_core.config import PipelineConfig  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API for the whole session (started once: ~10-20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_config(workdir: Path, **sections) -> PipelineConfig:
+    """A pipeline config small enough for a unit test (a few hundred examples, tiny models)."""
+    raw = {
+        "name": "test",
+        "workdir": str(workdir),
+        "data": {"embedded": {"train_size": 64, "validation_size": 16, "test_size": 16}, "max_length": 48},
+        "tokenizer": {"vocab_size": 400},
+        "teacher": {"preset": "neox-tiny"},
+        "student": {"preset": "neox-tiny"},
+        "tracking": {"experiment_name": "test"},
+    }
+    raw.update(sections)
+    return PipelineConfig.model_validate(raw)

@@ -1,0 +1,35 @@
+"""The pipeline flow under a temporary Prefect API, tracked in a SQLite MLflow store."""
+
+from __future__ import annotations
+
+from mlflow.tracking import MlflowClient
+
+from flows.distill import distill_pipeline
+from tests.conftest import tiny_config
+
+
+def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
+    config = tiny_config(tmp_path)
+    result = distill_pipeline(config)
+    assert (tmp_path / "prepared" / "manifest.json").is_file()
+    assert result.outputs["prepare_data"] == str(tmp_path / "prepared")
+
+    client = MlflowClient(tracking_uri=result.mlflow_tracking_uri)
+    parent = client.get_run(result.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["loss.lam"] == "0.2"
+    assert parent.data.tags["prefect.flow_run_id"] == result.prefect_flow_run_id
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert [c.data.tags["mlflow.runName"] for c in children] == ["prepare_data"]
+    assert children[0].data.metrics["train/rows"] == 64
+    assert "manifest.json" in [a.path for a in client.list_artifacts(children[0].info.run_id)]
+
+
+def test_flow_parameter_schema_is_the_config_model():
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(distill_pipeline.fn).model_dump()
+    assert "config" in schema["properties"]
+    assert "PipelineConfig" in str(schema)
