@@ -1,0 +1,281 @@
+"""ATKD: KL's target / diversity decomposition and the adaptive easy / hard objective.
+
+Spec (DESIGN.md section 2). Per valid token with ground truth g, teacher p, student q:
+
+* ``KL(p || q) = TKD + (1 - p_g) * DKD`` with ``TKD = KL(b_p || b_q)`` over the binary
+  distributions ``[p_g, 1 - p_g]`` and ``DKD = KL(p_hat || q_hat)`` over the non-target
+  distributions (a log-softmax over the logits with column g masked, never a division of
+  probabilities). The reverse setting decomposes ``KL(q || p)`` the same way with the roles
+  swapped: ``KL(q || p) = KL(b_q || b_p) + (1 - q_g) * KL(q_hat || p_hat)``.
+* The teacher's uncertainty ``UNC = 1 - p_g`` splits tokens: the ``hard_fraction`` k of valid tokens
+  with the highest UNC are hard, the rest easy (in both settings the teacher's UNC decides).
+* Easy tokens get DKD only, hard tokens TKD + DKD; no UNC coefficient.
+  ``loss = lam * mean_easy(DKD) + (1 - lam) * mean_hard(TKD + DKD)``; an empty group adds 0.
+
+Which combinations are exact: with a dense teacher every setting is exact. With a sparse teacher
+(top-K + tail), TKD and UNC are exact (from the target log-prob and tail mass) and DKD is computed
+over the top-K + tail buckets, a lower bound that is exact when the top-K covers the vocabulary.
+Other base divergences (JSD, TVD, skew KL) have no TKD/DKD identity; the paper wraps methods by
+the KL direction they optimise, so ATKD over them means the ``forward`` or ``reverse`` setting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from atkd_core.losses.distributions import (
+    SparseTeacher,
+    Teacher,
+    binary_kl,
+    kl_from_logprobs,
+    target_split,
+)
+from atkd_core.losses.divergences import flatten_inputs, teacher_rows
+from atkd_core.losses.engine import weighted_token_sum
+
+Setting = Literal["forward", "reverse"]
+SplitScope = Literal["batch", "sequence", "threshold"]
+
+
+@dataclass(frozen=True)
+class KLDecomposition:
+    """Per-token pieces of KL, each shaped like ``targets`` (zero where ignored), float32.
+
+    tkd: target-oriented KD, the binary KL. dkd: diversity-oriented KD, the non-target KL.
+    unc: the teacher's uncertainty 1 - p_g (decides easy / hard in both settings).
+    rest_mass: the coefficient of DKD in the identity ``kl = tkd + rest_mass * dkd``: the teacher's
+        non-target mass (= unc) in the forward setting, the student's in the reverse setting.
+    """
+
+    tkd: Tensor
+    dkd: Tensor
+    unc: Tensor
+    rest_mass: Tensor
+
+
+def _pieces(chunk: Tensor, teacher: Teacher, target: Tensor, setting: Setting, temperature: float) -> Tensor:
+    """[n, V] student logits (float32) -> [n, 2] per-token (TKD, DKD) in ``setting``."""
+    split = target_split(chunk, teacher, target, temperature)
+    if setting == "forward":
+        tkd = binary_kl(split.log_p_target, split.log_p_rest, split.log_q_target, split.log_q_rest)
+        dkd = kl_from_logprobs(split.log_p_hat, split.log_q_hat)
+    else:
+        tkd = binary_kl(split.log_q_target, split.log_q_rest, split.log_p_target, split.log_p_rest)
+        dkd = kl_from_logprobs(split.log_q_hat, split.log_p_hat)
+    return torch.stack([tkd, dkd], -1)
+
+
+def _check_setting(setting: str) -> None:
+    if setting not in ("forward", "reverse"):
+        raise ValueError(f"setting must be 'forward' or 'reverse', got {setting!r}")
+
+
+def decompose_kl(
+    student_logits: Tensor,
+    teacher: Teacher,
+    targets: Tensor,
+    *,
+    setting: Setting = "forward",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> KLDecomposition:
+    """Per-token TKD, DKD, teacher UNC and the DKD coefficient (see KLDecomposition).
+
+    student_logits [N, V] or [B, T, V]; teacher the same (dense) or a SparseTeacher; targets [N] / [B, T].
+    """
+    _check_setting(setting)
+    student, flat_teacher, flat_targets = flatten_inputs(student_logits, teacher, targets)
+    valid = flat_targets != ignore_index
+    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+    split = target_split(student.float(), flat_teacher, safe_targets, temperature)
+    if setting == "forward":
+        tkd = binary_kl(split.log_p_target, split.log_p_rest, split.log_q_target, split.log_q_rest)
+        dkd = kl_from_logprobs(split.log_p_hat, split.log_q_hat)
+        rest = split.log_p_rest.exp()
+    else:
+        tkd = binary_kl(split.log_q_target, split.log_q_rest, split.log_p_target, split.log_p_rest)
+        dkd = kl_from_logprobs(split.log_q_hat, split.log_p_hat)
+        rest = split.log_q_rest.exp()
+    zero = torch.zeros_like(tkd)
+
+    def shaped(values: Tensor) -> Tensor:
+        return torch.where(valid, values, zero).reshape(targets.shape)
+
+    return KLDecomposition(
+        tkd=shaped(tkd), dkd=shaped(dkd), unc=shaped(split.log_p_rest.exp()), rest_mass=shaped(rest)
+    )
+
+
+@torch.no_grad()
+def teacher_uncertainty(
+    teacher: Teacher,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The teacher's UNC = 1 - p_g per token, shape of ``targets``, zero where ignored. float32.
+
+    Dense teacher [.., V]: exp(logsumexp of the non-target logits - logsumexp of all), chunked over
+    tokens so only one ``[chunk, V]`` block is live. Sparse teacher: 1 - exp(target_logprob).
+    """
+    valid = targets != ignore_index
+    if isinstance(teacher, SparseTeacher):
+        unc = -torch.expm1(teacher.target_logprob.float().clamp(max=0.0))
+        return torch.where(valid, unc, torch.zeros_like(unc))
+    flat = teacher.reshape(-1, teacher.shape[-1])
+    flat_targets = torch.where(valid, targets, torch.zeros_like(targets)).reshape(-1)
+    step = chunk_size or flat.shape[0] or 1
+    parts = []
+    for start in range(0, flat.shape[0], step):
+        logits = flat[start : start + step].float() / temperature
+        target = flat_targets[start : start + step, None]
+        lse_rest = logits.scatter(-1, target, -math.inf).logsumexp(-1)
+        lse_all = torch.logaddexp(lse_rest, logits.gather(-1, target).squeeze(-1))
+        parts.append((lse_rest - lse_all).exp())
+    unc = torch.cat(parts) if parts else torch.zeros(0, device=teacher.device)
+    return torch.where(valid, unc.reshape(targets.shape), torch.zeros_like(unc.reshape(targets.shape)))
+
+
+def hard_token_mask(
+    unc: Tensor,
+    valid: Tensor,
+    *,
+    hard_fraction: float = 0.5,
+    split_scope: SplitScope = "batch",
+    unc_threshold: float | None = None,
+) -> tuple[Tensor, float]:
+    """Which valid tokens are hard, and the UNC threshold used (NaN when no token is valid).
+
+    unc, valid: shaped like the targets ([N] or [B, T]). ``batch``: the ceil(k * n) valid tokens
+    with the highest UNC (ties at the threshold go to hard, so ``easy = UNC < threshold``).
+    ``sequence``: the same within each row of a [B, T] input (the returned threshold is their mean).
+    ``threshold``: ``UNC >= unc_threshold``, independent of how the data is batched.
+    """
+    if not 0.0 <= hard_fraction <= 1.0:
+        raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
+    if split_scope == "threshold":
+        if unc_threshold is None:
+            raise ValueError("split_scope 'threshold' needs unc_threshold")
+        return valid & (unc >= unc_threshold), float(unc_threshold)
+    if split_scope == "sequence" and unc.dim() == 2:
+        masks, thresholds = [], []
+        for row_unc, row_valid in zip(unc, valid, strict=True):
+            mask, threshold = _top_fraction(row_unc, row_valid, hard_fraction)
+            masks.append(mask)
+            if not math.isnan(threshold):
+                thresholds.append(threshold)
+        mean = sum(thresholds) / len(thresholds) if thresholds else float("nan")
+        return torch.stack(masks), mean
+    if split_scope not in ("batch", "sequence"):
+        raise ValueError(f"split_scope must be batch, sequence or threshold, got {split_scope!r}")
+    return _top_fraction(unc, valid, hard_fraction)
+
+
+def _top_fraction(unc: Tensor, valid: Tensor, hard_fraction: float) -> tuple[Tensor, float]:
+    values = unc[valid]
+    count = values.numel()
+    # round() first so that e.g. 0.3 * 10 = 3.0000000000000004 does not become 4 hard tokens.
+    num_hard = min(count, math.ceil(round(hard_fraction * count, 9)))
+    if count == 0 or num_hard == 0:
+        return torch.zeros_like(valid), float("nan") if count == 0 else float("inf")
+    threshold = torch.kthvalue(values, count - num_hard + 1).values
+    return valid & (unc >= threshold), float(threshold)
+
+
+@dataclass(frozen=True)
+class ATKDOutput:
+    """The ATKD loss and what it saw.
+
+    loss: float32 scalar with a gradient. tkd_easy, dkd_easy, tkd_hard, dkd_hard: detached means
+    over the group (0 when the group is empty). num_easy, num_hard: token counts here.
+    unc_threshold: UNC at or above which a token was hard. hard_mask: shaped like the targets.
+    """
+
+    loss: Tensor
+    tkd_easy: Tensor
+    dkd_easy: Tensor
+    tkd_hard: Tensor
+    dkd_hard: Tensor
+    num_easy: int
+    num_hard: int
+    unc_threshold: float
+    hard_mask: Tensor
+
+
+def atkd_loss(
+    student_logits: Tensor,
+    teacher: Teacher,
+    targets: Tensor,
+    *,
+    hard_fraction: float = 0.5,
+    lam: float = 0.2,
+    setting: Setting = "forward",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    split_scope: SplitScope = "batch",
+    unc_threshold: float | None = None,
+    chunk_size: int | None = None,
+    group_counts: tuple[float, float] | None = None,
+) -> ATKDOutput:
+    """``lam * mean_easy(DKD) + (1 - lam) * mean_hard(TKD + DKD)`` (ATKD, Zhong et al. 2024).
+
+    student_logits [N, V] or [B, T, V]; teacher the same shape (dense logits, no gradient) or a
+    SparseTeacher; targets [N] / [B, T] aligned with the logits, ``ignore_index`` where not counted.
+    group_counts: (easy, hard) denominators to use instead of this call's counts, e.g. the counts
+    of a whole optimizer step when it is split into micro-batches (with ``split_scope="threshold"``
+    the split itself is then independent of the batching too).
+    """
+    _check_setting(setting)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    student, flat_teacher, flat_targets = flatten_inputs(student_logits, teacher, targets)
+    valid = targets != ignore_index
+    unc = teacher_uncertainty(
+        teacher, targets, temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size
+    )
+    hard, threshold = hard_token_mask(
+        unc, valid, hard_fraction=hard_fraction, split_scope=split_scope, unc_threshold=unc_threshold
+    )
+    hard, valid = hard.reshape(-1), valid.reshape(-1)
+    easy = valid & ~hard
+    num_easy, num_hard = int(easy.sum()), int(hard.sum())
+    easy_denominator, hard_denominator = group_counts if group_counts is not None else (num_easy, num_hard)
+    easy_weight = lam / max(float(easy_denominator), 1.0)
+    hard_weight = (1.0 - lam) / max(float(hard_denominator), 1.0)
+    # Column 0 weighs TKD (hard tokens only), column 1 DKD (every valid token).
+    weights = torch.stack(
+        [hard.float() * hard_weight, easy.float() * easy_weight + hard.float() * hard_weight], -1
+    )
+    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+
+    def terms_fn(start: int, end: int, chunk: Tensor) -> Tensor:
+        return _pieces(
+            chunk, teacher_rows(flat_teacher, start, end), safe_targets[start:end], setting, temperature
+        )
+
+    loss, terms = weighted_token_sum(student, weights.to(student.device), terms_fn, chunk_size)
+
+    def group_mean(column: int, mask: Tensor) -> Tensor:
+        count = int(mask.sum())
+        return terms[mask, column].sum() / count if count else terms.new_zeros(())
+
+    return ATKDOutput(
+        loss=loss,
+        tkd_easy=group_mean(0, easy),
+        dkd_easy=group_mean(1, easy),
+        tkd_hard=group_mean(0, hard),
+        dkd_hard=group_mean(1, hard),
+        num_easy=num_easy,
+        num_hard=num_hard,
+        unc_threshold=threshold,
+        hard_mask=hard.reshape(targets.shape),
+    )

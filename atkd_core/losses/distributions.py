@@ -1,0 +1,191 @@
+"""Teacher inputs (dense logits or the sparse cached record) turned into float32 log-probabilities.
+
+Every loss works on two aligned log-probability tables ``[n, B]``: over the vocabulary (``B = V``,
+dense teacher) or over the teacher's top-K tokens plus one "tail" bucket holding the rest of the
+mass (``B = K + 1``, sparse teacher). Grouping tokens into buckets is a coarse-graining, so by the
+data-processing inequality every f-divergence here (KL both ways, JSD, TVD, skew KL) computed on
+the buckets is a lower bound of the dense value, equal to it when the top-K covers the vocabulary.
+
+Masked entries are filled with a large finite negative number rather than ``-inf`` so that
+log-sum-exp over an all-masked row (an empty tail) stays finite and its gradient is not NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MASK_LOGIT = -1e30
+_LOG_HALF = math.log(0.5)
+_LOG_FLOAT32_EPS = math.log(torch.finfo(torch.float32).eps)
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """The teacher as teacher scoring caches it, per token (already at the loss temperature).
+
+    target_logprob: [N] log p_g of the ground-truth next token.
+    topk_ids: [N, K] integer ids of the teacher's K most likely tokens (distinct per row).
+    topk_logprobs: [N, K] their log-probabilities.
+    log_tail_mass: [N] log of the probability outside the top-K; derived from ``topk_logprobs``
+        when None (less exact when the top-K holds almost all the mass).
+    """
+
+    target_logprob: Tensor
+    topk_ids: Tensor
+    topk_logprobs: Tensor
+    log_tail_mass: Tensor | None = None
+
+    def reshape_flat(self) -> SparseTeacher:
+        """The same record with every leading dimension flattened to N."""
+        k = self.topk_ids.shape[-1]
+        return SparseTeacher(
+            target_logprob=self.target_logprob.reshape(-1),
+            topk_ids=self.topk_ids.reshape(-1, k),
+            topk_logprobs=self.topk_logprobs.reshape(-1, k),
+            log_tail_mass=None if self.log_tail_mass is None else self.log_tail_mass.reshape(-1),
+        )
+
+    def rows(self, start: int, end: int) -> SparseTeacher:
+        """Rows ``start:end`` of a flat record."""
+        return SparseTeacher(
+            target_logprob=self.target_logprob[start:end],
+            topk_ids=self.topk_ids[start:end],
+            topk_logprobs=self.topk_logprobs[start:end],
+            log_tail_mass=None if self.log_tail_mass is None else self.log_tail_mass[start:end],
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the number of token positions."""
+        return self.target_logprob.numel()
+
+
+Teacher = Tensor | SparseTeacher
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012); MASK_LOGIT where it is -inf."""
+    x = x.clamp(max=0.0)
+    near_zero = x > _LOG_HALF
+    # Each branch is evaluated where it is accurate; the other's input is replaced so no NaN appears.
+    a = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
+    return torch.where(near_zero, a, b).clamp(min=MASK_LOGIT)
+
+
+def _masked_logsumexp(logits: Tensor, index: Tensor) -> Tensor:
+    """logsumexp over each row with the columns in ``index`` [n, j] left out. [n, V] -> [n]."""
+    return logits.scatter(-1, index, MASK_LOGIT).logsumexp(-1)
+
+
+def _sparse_tail(teacher: SparseTeacher, vocab_size: int) -> Tensor:
+    """log of the teacher's mass outside its top-K: [n]. Exactly empty (MASK_LOGIT) when K = V,
+    whatever rounding left in the record, because the student's tail is then exactly empty too."""
+    if teacher.topk_ids.shape[-1] >= vocab_size:
+        return torch.full_like(teacher.target_logprob, MASK_LOGIT, dtype=torch.float32)
+    tail = teacher.log_tail_mass
+    if tail is None:
+        # 1 - sum(top-K) cannot be resolved below float32 resolution; flooring it there keeps the
+        # reverse divergences finite where rounding would otherwise leave the teacher no tail.
+        tail = log1mexp(teacher.topk_logprobs.float().logsumexp(-1)).clamp(min=_LOG_FLOAT32_EPS)
+    return tail.float().clamp(min=MASK_LOGIT)
+
+
+def full_logprobs(student: Tensor, teacher: Teacher, temperature: float) -> tuple[Tensor, Tensor]:
+    """(log p teacher, log q student) over the vocabulary or the top-K + tail buckets.
+
+    student: [n, V] float32 logits. teacher: [n, V] logits or a SparseTeacher of n rows.
+    Returns two [n, B] float32 tables.
+    """
+    student = student / temperature
+    if isinstance(teacher, Tensor):
+        return torch.log_softmax(teacher.float() / temperature, -1), torch.log_softmax(student, -1)
+    ids = teacher.topk_ids.long()
+    log_p = torch.cat([teacher.topk_logprobs.float(), _sparse_tail(teacher, student.shape[-1])[:, None]], -1)
+    lse = student.logsumexp(-1, keepdim=True)
+    student_tail = _masked_logsumexp(student, ids)[:, None] - lse
+    log_q = torch.cat([student.gather(-1, ids) - lse, student_tail], -1)
+    return log_p, log_q
+
+
+@dataclass(frozen=True)
+class TargetSplit:
+    """The pieces of KL's target / non-target decomposition for n tokens, float32.
+
+    log_p_target, log_p_rest: [n] log p_g and log(1 - p_g) of the teacher.
+    log_q_target, log_q_rest: [n] the same for the student.
+    log_p_hat, log_q_hat: [n, B] non-target distributions (entry g masked), over the vocabulary or
+        the top-K + tail buckets.
+    """
+
+    log_p_target: Tensor
+    log_p_rest: Tensor
+    log_q_target: Tensor
+    log_q_rest: Tensor
+    log_p_hat: Tensor
+    log_q_hat: Tensor
+
+
+def _dense_target_split(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(log p_g, log(1 - p_g), log p_hat) from logits, the non-target part by a masked log-softmax."""
+    masked = logits.scatter(-1, target[:, None], MASK_LOGIT)
+    log_hat = torch.log_softmax(masked, -1)
+    lse_rest = masked.logsumexp(-1)
+    logit_target = logits.gather(-1, target[:, None]).squeeze(-1)
+    lse_all = torch.logaddexp(lse_rest, logit_target)
+    return logit_target - lse_all, lse_rest - lse_all, log_hat
+
+
+def target_split(student: Tensor, teacher: Teacher, target: Tensor, temperature: float) -> TargetSplit:
+    """Target / non-target pieces of both distributions.
+
+    student: [n, V] float32 logits; teacher: [n, V] logits or a SparseTeacher of n rows;
+    target: [n] ground-truth ids (valid, i.e. already free of ignore_index).
+    """
+    student = student / temperature
+    log_q_target, log_q_rest, log_q_hat = _dense_target_split(student, target)
+    if isinstance(teacher, Tensor):
+        log_p_target, log_p_rest, log_p_hat = _dense_target_split(teacher.float() / temperature, target)
+        return TargetSplit(log_p_target, log_p_rest, log_q_target, log_q_rest, log_p_hat, log_q_hat)
+
+    ids = teacher.topk_ids.long()
+    is_target = ids == target[:, None]
+    target_in_topk = is_target.any(-1)
+    log_p_target = teacher.target_logprob.float()
+    tail = _sparse_tail(teacher, student.shape[-1])
+    # Mass outside the top-K that is not the target: the whole tail, or the tail less p_g; exactly
+    # empty when the top-K and the target cover the vocabulary (the student's is empty then too).
+    tail_rest = torch.where(target_in_topk, tail, tail + log1mexp((log_p_target - tail).clamp(max=0.0)))
+    covers_vocab = ids.shape[-1] + (~target_in_topk).long() >= student.shape[-1]
+    tail_rest = tail_rest.masked_fill(covers_vocab, MASK_LOGIT).clamp(min=MASK_LOGIT)
+    topk_rest = teacher.topk_logprobs.float().masked_fill(is_target, MASK_LOGIT)
+    p_buckets = torch.cat([topk_rest, tail_rest[:, None]], -1)
+    log_p_rest = p_buckets.logsumexp(-1)
+    log_p_hat = p_buckets - log_p_rest[:, None]
+
+    lse_rest = _masked_logsumexp(student, target[:, None])
+    q_topk = (student.gather(-1, ids) - lse_rest[:, None]).masked_fill(is_target, MASK_LOGIT)
+    q_tail = _masked_logsumexp(student, torch.cat([ids, target[:, None]], -1)) - lse_rest
+    log_q_hat = torch.cat([q_topk, q_tail[:, None]], -1)
+    return TargetSplit(log_p_target, log_p_rest, log_q_target, log_q_rest, log_p_hat, log_q_hat)
+
+
+def kl_from_logprobs(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) = sum_j a_j (log a_j - log b_j) over the last dim; entries with a_j = 0 add 0.
+
+    [n, B], [n, B] -> [n]. Both inputs are sanitised where a_j = 0 so no NaN reaches the gradient.
+    """
+    a = log_a.exp()
+    present = a > 0
+    zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
+    diff = torch.where(present, log_a, zero) - torch.where(present, log_b, zero)
+    return (a * diff).sum(-1)
+
+
+def binary_kl(log_a1: Tensor, log_a0: Tensor, log_b1: Tensor, log_b0: Tensor) -> Tensor:
+    """KL([a1, a0] || [b1, b0]) from the log-probabilities of both outcomes. [n] x 4 -> [n]."""
+    return kl_from_logprobs(torch.stack([log_a1, log_a0], -1), torch.stack([log_b1, log_b0], -1))

@@ -1,0 +1,216 @@
+"""Token-level divergences between teacher p and student q (the baselines ATKD wraps).
+
+Shapes: student logits ``[N, V]`` or ``[B, T, V]``; teacher the same shape (dense logits) or a
+:class:`SparseTeacher`; targets ``[N]`` / ``[B, T]`` aligned with the logits (the caller shifts),
+``ignore_index`` marking positions that do not count. Math in float32 whatever the input dtype.
+Temperature divides both sides' logits (no T^2 factor; scale the loss yourself if you want it).
+The teacher never receives a gradient.
+
+Each ``<name>`` returns the sum over valid tokens divided by ``num_tokens`` (default: the number of
+valid tokens here); pass the global count of valid tokens of an optimizer step to make the sum of
+micro-batch losses independent of how the step is split. Each ``<name>_per_token`` returns the
+per-token values, shape of ``targets``, zero at ignored positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from atkd_core.losses.distributions import SparseTeacher, Teacher, full_logprobs, kl_from_logprobs
+from atkd_core.losses.engine import weighted_token_sum
+
+DivergenceFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _log_or_neg_inf(x: float) -> float:
+    return math.log(x) if x > 0 else float("-inf")
+
+
+def _mixture(log_a: Tensor, weight_a: float, log_b: Tensor) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), in log space."""
+    return torch.logaddexp(log_a + _log_or_neg_inf(weight_a), log_b + _log_or_neg_inf(1.0 - weight_a))
+
+
+def forward_kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row (Supervised KD). [n, B] x 2 -> [n]."""
+    return kl_from_logprobs(log_p, log_q)
+
+
+def reverse_kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(q || p) per row (Reverse KD, MiniLLM-style). [n, B] x 2 -> [n]."""
+    return kl_from_logprobs(log_q, log_p)
+
+
+def generalized_jsd_terms(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
+    """Generalized JSD as GKD / TRL define it. [n, B] x 2 -> [n].
+
+    With m = beta * p + (1 - beta) * q: ``beta * KL(p || m) + (1 - beta) * KL(q || m)``. At the
+    endpoints the mixture degenerates, so, as TRL does, beta=0 is forward KL(p || q) and beta=1 is
+    reverse KL(q || p) (the interior value tends to these only after dividing by beta or 1 - beta).
+    """
+    if beta == 0.0:
+        return kl_from_logprobs(log_p, log_q)
+    if beta == 1.0:
+        return kl_from_logprobs(log_q, log_p)
+    log_m = _mixture(log_p, beta, log_q)
+    return beta * kl_from_logprobs(log_p, log_m) + (1.0 - beta) * kl_from_logprobs(log_q, log_m)
+
+
+def tvd_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Total variation distance 0.5 * sum |p - q| per row. [n, B] x 2 -> [n]."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def skew_forward_kl_terms(log_p: Tensor, log_q: Tensor, alpha: float = 0.1) -> Tensor:
+    """Skew KL as DistiLLM defines it: KL(p || alpha * p + (1 - alpha) * q). [n, B] x 2 -> [n]."""
+    return kl_from_logprobs(log_p, _mixture(log_p, alpha, log_q))
+
+
+def skew_reverse_kl_terms(log_p: Tensor, log_q: Tensor, alpha: float = 0.1) -> Tensor:
+    """Skew reverse KL (DistiLLM): KL(q || alpha * q + (1 - alpha) * p). [n, B] x 2 -> [n]."""
+    return kl_from_logprobs(log_q, _mixture(log_q, alpha, log_p))
+
+
+DIVERGENCE_TERMS: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": forward_kl_terms,
+    "reverse_kl": reverse_kl_terms,
+    "generalized_jsd": generalized_jsd_terms,
+    "tvd": tvd_terms,
+    "skew_forward_kl": skew_forward_kl_terms,
+    "skew_reverse_kl": skew_reverse_kl_terms,
+}
+
+
+def flatten_inputs(
+    student_logits: Tensor, teacher: Teacher, targets: Tensor
+) -> tuple[Tensor, Teacher, Tensor]:
+    """Check shapes and flatten to ``[N, V]``, teacher of N rows, ``[N]``; raise ValueError on mismatch."""
+    if student_logits.dim() < 2:
+        raise ValueError(
+            f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}"
+        )
+    if student_logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal student_logits shape without the vocabulary "
+            f"dim {tuple(student_logits.shape[:-1])}"
+        )
+    vocab = student_logits.shape[-1]
+    if vocab < 2:
+        raise ValueError(f"the vocabulary must have at least 2 entries, got {vocab}")
+    if isinstance(teacher, SparseTeacher):
+        if teacher.target_logprob.shape != targets.shape or teacher.topk_ids.shape[:-1] != targets.shape:
+            raise ValueError(
+                f"sparse teacher shapes (target_logprob {tuple(teacher.target_logprob.shape)}, topk_ids "
+                f"{tuple(teacher.topk_ids.shape)}) must match targets {tuple(targets.shape)}"
+            )
+        flat_teacher: Teacher = teacher.reshape_flat()
+    else:
+        if teacher.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_logits shape {tuple(teacher.shape)} must equal student_logits shape {tuple(student_logits.shape)}"
+            )
+        flat_teacher = teacher.detach().reshape(-1, vocab)
+    return student_logits.reshape(-1, vocab), flat_teacher, targets.reshape(-1)
+
+
+def teacher_rows(teacher: Teacher, start: int, end: int) -> Teacher:
+    """Rows ``start:end`` of a flat teacher (dense or sparse)."""
+    return teacher.rows(start, end) if isinstance(teacher, SparseTeacher) else teacher[start:end]
+
+
+def divergence_loss(
+    name: str,
+    student_logits: Tensor,
+    teacher: Teacher,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    num_tokens: int | float | None = None,
+    **params: float,
+) -> Tensor:
+    """Divergence ``name`` summed over valid tokens and divided by ``num_tokens`` (default: their count).
+
+    Returns a float32 scalar; an input with no valid token gives 0 with a gradient path, never NaN.
+    """
+    if name not in DIVERGENCE_TERMS:
+        raise ValueError(f"divergence {name!r} is unknown; allowed: {', '.join(DIVERGENCE_TERMS)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    student, flat_teacher, flat_targets = flatten_inputs(student_logits, teacher, targets)
+    valid = flat_targets != ignore_index
+    denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
+    weights = (valid.float() / max(denominator, 1.0))[:, None]
+    terms_of = partial(DIVERGENCE_TERMS[name], **params)
+
+    def terms_fn(start: int, end: int, chunk: Tensor) -> Tensor:
+        log_p, log_q = full_logprobs(chunk, teacher_rows(flat_teacher, start, end), temperature)
+        return terms_of(log_p, log_q)[:, None]
+
+    loss, _ = weighted_token_sum(student, weights, terms_fn, chunk_size)
+    return loss
+
+
+def divergence_per_token(
+    name: str,
+    student_logits: Tensor,
+    teacher: Teacher,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    **params: float,
+) -> Tensor:
+    """Per-token values of divergence ``name``, shape of ``targets``, zero where ignored."""
+    student, flat_teacher, flat_targets = flatten_inputs(student_logits, teacher, targets)
+    log_p, log_q = full_logprobs(student.float(), flat_teacher, temperature)
+    values = DIVERGENCE_TERMS[name](log_p, log_q, **params)
+    return torch.where(flat_targets != ignore_index, values, torch.zeros_like(values)).reshape(targets.shape)
+
+
+def forward_kl(student_logits: Tensor, teacher: Teacher, targets: Tensor, **kwargs) -> Tensor:
+    """Mean forward KL(teacher || student) over valid tokens (Supervised KD). See divergence_loss."""
+    return divergence_loss("forward_kl", student_logits, teacher, targets, **kwargs)
+
+
+def reverse_kl(student_logits: Tensor, teacher: Teacher, targets: Tensor, **kwargs) -> Tensor:
+    """Mean reverse KL(student || teacher) over valid tokens. See divergence_loss."""
+    return divergence_loss("reverse_kl", student_logits, teacher, targets, **kwargs)
+
+
+def generalized_jsd(
+    student_logits: Tensor, teacher: Teacher, targets: Tensor, beta: float = 0.5, **kwargs
+) -> Tensor:
+    """Mean generalized JSD (GKD's beta; 0 = forward KL, 1 = reverse KL). See divergence_loss."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    return divergence_loss("generalized_jsd", student_logits, teacher, targets, beta=beta, **kwargs)
+
+
+def tvd(student_logits: Tensor, teacher: Teacher, targets: Tensor, **kwargs) -> Tensor:
+    """Mean total variation distance over valid tokens. See divergence_loss."""
+    return divergence_loss("tvd", student_logits, teacher, targets, **kwargs)
+
+
+def skew_forward_kl(
+    student_logits: Tensor, teacher: Teacher, targets: Tensor, alpha: float = 0.1, **kwargs
+) -> Tensor:
+    """Mean skew KL(p || alpha p + (1 - alpha) q) (DistiLLM). See divergence_loss."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return divergence_loss("skew_forward_kl", student_logits, teacher, targets, alpha=alpha, **kwargs)
+
+
+def skew_reverse_kl(
+    student_logits: Tensor, teacher: Teacher, targets: Tensor, alpha: float = 0.1, **kwargs
+) -> Tensor:
+    """Mean skew reverse KL(q || alpha q + (1 - alpha) p) (DistiLLM). See divergence_loss."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return divergence_loss("skew_reverse_kl", student_logits, teacher, targets, alpha=alpha, **kwargs)

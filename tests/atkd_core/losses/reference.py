@@ -1,0 +1,136 @@
+"""Naive float64 references written from the definitions (DESIGN.md section 2), one token at a time.
+
+Deliberately independent of atkd_core.losses: probabilities by softmax, non-target distributions by
+dividing probabilities (fine in float64 at moderate logits), KL by its sum, the easy / hard split by
+sorting. Torch float64 is used only so that autograd gives reference gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_j log(a_j / b_j) over entries with a_j > 0."""
+    total = a.new_zeros(())
+    for a_j, b_j in zip(a, b, strict=True):
+        if a_j > 0:
+            total = total + a_j * torch.log(a_j / b_j)
+    return total
+
+
+def probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    z = logits.double() / temperature
+    e = torch.exp(z - z.max())
+    return e / e.sum()
+
+
+def buckets(p: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """p grouped into [p_ids..., rest] (the rest bucket is omitted when it holds no column)."""
+    rest = [j for j in range(p.numel()) if j not in ids]
+    parts = [p[j] for j in ids]
+    if rest:
+        parts.append(p[rest].sum())
+    return torch.stack(parts)
+
+
+def token_divergence(name, s_row, t_row, temperature, beta=0.5, alpha=0.1, topk=None) -> torch.Tensor:
+    p, q = probs(t_row, temperature), probs(s_row, temperature)
+    if topk is not None:
+        p, q = buckets(p, topk), buckets(q, topk)
+    if name == "forward_kl":
+        return kl(p, q)
+    if name == "reverse_kl":
+        return kl(q, p)
+    if name == "generalized_jsd":
+        if beta == 0:
+            return kl(p, q)
+        if beta == 1:
+            return kl(q, p)
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum()
+    if name == "skew_forward_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    if name == "skew_reverse_kl":
+        return kl(q, alpha * q + (1 - alpha) * p)
+    raise ValueError(name)
+
+
+def token_tkd_dkd(s_row, t_row, g, temperature, setting, topk=None):
+    """(tkd, dkd, unc, rest coefficient) of one token, from the definitions."""
+    p, q = probs(t_row, temperature), probs(s_row, temperature)
+    p_g, q_g = p[g], q[g]
+    b_p, b_q = torch.stack([p_g, 1 - p_g]), torch.stack([q_g, 1 - q_g])
+    others = [j for j in range(p.numel()) if j != g]
+    p_hat, q_hat = p[others] / (1 - p_g), q[others] / (1 - q_g)
+    if topk is not None:
+        kept = [others.index(j) for j in topk if j != g]
+        p_hat, q_hat = buckets(p_hat, kept), buckets(q_hat, kept)
+    if setting == "forward":
+        return kl(b_p, b_q), kl(p_hat, q_hat), 1 - p_g, 1 - p_g
+    return kl(b_q, b_p), kl(q_hat, p_hat), 1 - p_g, 1 - q_g
+
+
+def reference_divergence(name, student, teacher, targets, temperature=1.0, ignore_index=-100, **params):
+    """Mean over valid tokens. student/teacher [..., V], targets [...]."""
+    s, t, g = (
+        student.reshape(-1, student.shape[-1]),
+        teacher.reshape(-1, teacher.shape[-1]),
+        targets.reshape(-1),
+    )
+    values = [
+        token_divergence(name, s[i], t[i], temperature, **params)
+        for i in range(g.numel())
+        if g[i] != ignore_index
+    ]
+    return torch.stack(values).sum() / len(values) if values else s.sum() * 0.0
+
+
+def reference_atkd(
+    student,
+    teacher,
+    targets,
+    hard_fraction=0.5,
+    lam=0.2,
+    setting="forward",
+    temperature=1.0,
+    ignore_index=-100,
+    split_scope="batch",
+    unc_threshold=None,
+    topk=None,
+):
+    """ATKD from the definitions: split by teacher UNC, DKD on easy, TKD + DKD on hard."""
+    rows = student.shape[0] if split_scope == "sequence" and student.dim() == 3 else 1
+    s = student.reshape(rows, -1, student.shape[-1])
+    t = teacher.reshape(rows, -1, teacher.shape[-1])
+    g = targets.reshape(rows, -1)
+    easy_terms, hard_terms = [], []
+    for r in range(rows):
+        tokens = []
+        for i in range(g.shape[1]):
+            if g[r, i] == ignore_index:
+                continue
+            ids = None if topk is None else topk[r][i]
+            tkd, dkd, unc, _ = token_tkd_dkd(s[r, i], t[r, i], int(g[r, i]), temperature, setting, ids)
+            tokens.append((float(unc), tkd, dkd))
+        if not tokens:
+            continue
+        if split_scope == "threshold":
+            threshold = unc_threshold
+        else:
+            ranked = sorted((u for u, _, _ in tokens), reverse=True)
+            num_hard = math.ceil(round(hard_fraction * len(tokens), 9))
+            threshold = ranked[num_hard - 1] if num_hard > 0 else math.inf
+        for unc, tkd, dkd in tokens:
+            if unc >= threshold:
+                hard_terms.append(tkd + dkd)
+            else:
+                easy_terms.append(dkd)
+    zero = student.double().sum() * 0.0
+    easy = torch.stack(easy_terms).mean() if easy_terms else zero
+    hard = torch.stack(hard_terms).mean() if hard_terms else zero
+    return lam * easy + (1 - lam) * hard, len(easy_terms), len(hard_terms)
