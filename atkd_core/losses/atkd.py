@@ -33,11 +33,13 @@ from atkd_core.losses.distributions import (
     Teacher,
     binary_kl,
     kl_from_logprobs,
+    non_target_split,
     target_split,
 )
 from atkd_core.losses.divergences import flatten_inputs, teacher_rows
 from atkd_core.losses.engine import weighted_token_sum
 
+UNC_CHUNK = 256
 Setting = Literal["forward", "reverse"]
 SplitScope = Literal["batch", "sequence", "threshold"]
 
@@ -122,8 +124,9 @@ def teacher_uncertainty(
 ) -> Tensor:
     """The teacher's UNC = 1 - p_g per token, shape of ``targets``, zero where ignored. float32.
 
-    Dense teacher [.., V]: exp(logsumexp of the non-target logits - logsumexp of all), chunked over
-    tokens so only one ``[chunk, V]`` block is live. Sparse teacher: 1 - exp(target_logprob).
+    Dense teacher [.., V]: exp(logsumexp of the non-target logits - logsumexp of all), over chunks of
+    ``chunk_size`` tokens (UNC_CHUNK when None: no gradient is involved, so chunking is free) so
+    only one ``[chunk, V]`` block is live. Sparse teacher: 1 - exp(target_logprob).
     """
     valid = targets != ignore_index
     if isinstance(teacher, SparseTeacher):
@@ -131,14 +134,13 @@ def teacher_uncertainty(
         return torch.where(valid, unc, torch.zeros_like(unc))
     flat = teacher.reshape(-1, teacher.shape[-1])
     flat_targets = torch.where(valid, targets, torch.zeros_like(targets)).reshape(-1)
-    step = chunk_size or flat.shape[0] or 1
+    step = chunk_size or UNC_CHUNK
     parts = []
     for start in range(0, flat.shape[0], step):
-        logits = flat[start : start + step].float() / temperature
-        target = flat_targets[start : start + step, None]
-        lse_rest = logits.scatter(-1, target, -math.inf).logsumexp(-1)
-        lse_all = torch.logaddexp(lse_rest, logits.gather(-1, target).squeeze(-1))
-        parts.append((lse_rest - lse_all).exp())
+        _, _, log_rest = non_target_split(
+            flat[start : start + step], flat_targets[start : start + step], temperature
+        )
+        parts.append(log_rest.exp())
     unc = torch.cat(parts) if parts else torch.zeros(0, device=teacher.device)
     return torch.where(valid, unc.reshape(targets.shape), torch.zeros_like(unc.reshape(targets.shape)))
 

@@ -95,15 +95,22 @@ def _sparse_tail(teacher: SparseTeacher, vocab_size: int) -> Tensor:
     return tail.float().clamp(min=MASK_LOGIT)
 
 
+def scaled_teacher_logits(teacher: Tensor, temperature: float) -> Tensor:
+    """A fresh float32 copy of teacher logits / T with -inf raised to MASK_LOGIT (vocabulary masks)."""
+    return (teacher.float() / temperature).clamp_(min=MASK_LOGIT)
+
+
 def full_logprobs(student: Tensor, teacher: Teacher, temperature: float) -> tuple[Tensor, Tensor]:
     """(log p teacher, log q student) over the vocabulary or the top-K + tail buckets.
 
-    student: [n, V] float32 logits. teacher: [n, V] logits or a SparseTeacher of n rows.
+    student: [n, V] float32 logits (finite). teacher: [n, V] logits or a SparseTeacher of n rows.
     Returns two [n, B] float32 tables.
     """
     student = student / temperature
     if isinstance(teacher, Tensor):
-        return torch.log_softmax(teacher.float() / temperature, -1), torch.log_softmax(student, -1)
+        return torch.log_softmax(scaled_teacher_logits(teacher, temperature), -1), torch.log_softmax(
+            student, -1
+        )
     ids = teacher.topk_ids.long()
     log_p = torch.cat([teacher.topk_logprobs.float(), _sparse_tail(teacher, student.shape[-1])[:, None]], -1)
     lse = student.logsumexp(-1, keepdim=True)
@@ -130,26 +137,59 @@ class TargetSplit:
     log_q_hat: Tensor
 
 
-def _dense_target_split(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(log p_g, log(1 - p_g), log p_hat) from logits, the non-target part by a masked log-softmax."""
-    masked = logits.scatter(-1, target[:, None], MASK_LOGIT)
-    log_hat = torch.log_softmax(masked, -1)
-    lse_rest = masked.logsumexp(-1)
-    logit_target = logits.gather(-1, target[:, None]).squeeze(-1)
-    lse_all = torch.logaddexp(lse_rest, logit_target)
-    return logit_target - lse_all, lse_rest - lse_all, log_hat
+class _NonTargetLogSoftmax(torch.autograd.Function):
+    """Fused: the log-softmax over the logits with column g masked, its normaliser, and the target logit.
+
+    One [n, V] output and one [n, V] temporary forward, one exp pass backward; composing gather,
+    scatter and logsumexp from autograd ops costs several more vocabulary-sized passes.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, temperature: float):  # type: ignore[override]
+        index = target[:, None]
+        target_logit = logits.gather(-1, index).squeeze(-1).float() / temperature
+        masked = (logits.float() / temperature).clamp_(min=MASK_LOGIT).scatter_(-1, index, MASK_LOGIT)
+        log_hat = torch.log_softmax(masked, -1)
+        # The normaliser read back at each row's largest logit: ``logit - log_softmax`` there is
+        # the logsumexp with no more rounding than computing it anew.
+        pivot = masked.argmax(-1, keepdim=True)
+        lse_rest = (masked.gather(-1, pivot) - log_hat.gather(-1, pivot)).squeeze(-1)
+        ctx.save_for_backward(log_hat, index)
+        ctx.temperature = temperature
+        return log_hat, lse_rest, target_logit
+
+    @staticmethod
+    def backward(ctx, grad_log_hat: Tensor, grad_lse: Tensor, grad_target: Tensor):  # type: ignore[override]
+        log_hat, index = ctx.saved_tensors
+        # d log_hat_j / d z_i = [i == j] - softmax_i and d lse / d z_i = softmax_i, both on the
+        # non-target columns; column g is a constant there and only feeds the target logit.
+        shift = grad_log_hat.sum(-1, keepdim=True) - grad_lse[:, None]
+        grad = log_hat.exp().mul_(-shift).add_(grad_log_hat)
+        grad.scatter_(-1, index, grad_target[:, None].to(grad.dtype))
+        return grad.div_(ctx.temperature), None, None
+
+
+def non_target_split(logits: Tensor, target: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(log p_hat [n, V], log p_g [n], log(1 - p_g) [n]) from logits [n, V] at ``temperature``.
+
+    p_hat is a log-softmax over the logits with column g masked (never a division of
+    probabilities), so log(1 - p_g) stays exact even when p_g rounds to 1. -inf logits (vocabulary
+    masks) are raised to MASK_LOGIT.
+    """
+    log_hat, lse_rest, target_logit = _NonTargetLogSoftmax.apply(logits, target, temperature)
+    lse_all = torch.logaddexp(lse_rest, target_logit)
+    return log_hat, target_logit - lse_all, lse_rest - lse_all
 
 
 def target_split(student: Tensor, teacher: Teacher, target: Tensor, temperature: float) -> TargetSplit:
     """Target / non-target pieces of both distributions.
 
-    student: [n, V] float32 logits; teacher: [n, V] logits or a SparseTeacher of n rows;
+    student: [n, V] float32 logits (finite); teacher: [n, V] logits or a SparseTeacher of n rows;
     target: [n] ground-truth ids (valid, i.e. already free of ignore_index).
     """
-    student = student / temperature
-    log_q_target, log_q_rest, log_q_hat = _dense_target_split(student, target)
+    log_q_hat, log_q_target, log_q_rest = non_target_split(student, target, temperature)
     if isinstance(teacher, Tensor):
-        log_p_target, log_p_rest, log_p_hat = _dense_target_split(teacher.float() / temperature, target)
+        log_p_hat, log_p_target, log_p_rest = non_target_split(teacher.detach(), target, temperature)
         return TargetSplit(log_p_target, log_p_rest, log_q_target, log_q_rest, log_p_hat, log_q_hat)
 
     ids = teacher.topk_ids.long()
@@ -165,25 +205,26 @@ def target_split(student: Tensor, teacher: Teacher, target: Tensor, temperature:
     topk_rest = teacher.topk_logprobs.float().masked_fill(is_target, MASK_LOGIT)
     p_buckets = torch.cat([topk_rest, tail_rest[:, None]], -1)
     log_p_rest = p_buckets.logsumexp(-1)
-    log_p_hat = p_buckets - log_p_rest[:, None]
 
-    lse_rest = _masked_logsumexp(student, target[:, None])
-    q_topk = (student.gather(-1, ids) - lse_rest[:, None]).masked_fill(is_target, MASK_LOGIT)
-    q_tail = _masked_logsumexp(student, torch.cat([ids, target[:, None]], -1)) - lse_rest
-    log_q_hat = torch.cat([q_topk, q_tail[:, None]], -1)
-    return TargetSplit(log_p_target, log_p_rest, log_q_target, log_q_rest, log_p_hat, log_q_hat)
+    q_topk = log_q_hat.gather(-1, ids).masked_fill(is_target, MASK_LOGIT)
+    q_tail = _masked_logsumexp(log_q_hat, ids)
+    return TargetSplit(
+        log_p_target=log_p_target,
+        log_p_rest=log_p_rest,
+        log_q_target=log_q_target,
+        log_q_rest=log_q_rest,
+        log_p_hat=p_buckets - log_p_rest[:, None],
+        log_q_hat=torch.cat([q_topk, q_tail[:, None]], -1),
+    )
 
 
 def kl_from_logprobs(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) = sum_j a_j (log a_j - log b_j) over the last dim; entries with a_j = 0 add 0.
+    """KL(a || b) = sum_j a_j (log a_j - log b_j) over the last dim. [n, B], [n, B] -> [n].
 
-    [n, B], [n, B] -> [n]. Both inputs are sanitised where a_j = 0 so no NaN reaches the gradient.
+    Entries with a_j = 0 add exactly 0 because every log-probability here is finite: masked
+    entries hold MASK_LOGIT, not -inf (so 0 * finite, never 0 * inf).
     """
-    a = log_a.exp()
-    present = a > 0
-    zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
-    diff = torch.where(present, log_a, zero) - torch.where(present, log_b, zero)
-    return (a * diff).sum(-1)
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
 
 
 def binary_kl(log_a1: Tensor, log_a0: Tensor, log_b1: Tensor, log_b0: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ Weights carry masking and normalisation (``1 / count``), so the caller decides t
 
 Chunked, the gradient with respect to the student logits is computed chunk by chunk inside the
 forward pass and kept (one ``[N, V]`` buffer, the size of the gradient autograd would produce
-anyway); vocabulary-sized temporaries then never exceed one ``[chunk, V]`` block.
+anyway); vocabulary-sized temporaries then never exceed one ``[chunk, V]`` block. Its backward
+scales that buffer in place and hands it over, so the graph supports one backward pass.
 """
 
 from __future__ import annotations
@@ -64,5 +65,11 @@ class _ChunkedWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: Tensor, _grad_terms: Tensor):  # type: ignore[override]
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError(
+                "a chunked loss supports one backward pass; recompute it (or use chunk_size=None)"
+            )
+        ctx.backward_done = True
         (grad_logits,) = ctx.saved_tensors
-        return grad_logits * grad_total.to(grad_logits.dtype), None, None, None
+        # Scaled in place: a second [N, V] buffer is exactly what chunking exists to avoid.
+        return grad_logits.mul_(grad_total.to(grad_logits.dtype)), None, None, None
