@@ -16,9 +16,7 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A user error in a configuration: its message is meant to be printed as it is."""
+from atkd_core.errors import ConfigError
 
 
 class StrictModel(BaseModel):
@@ -94,6 +92,13 @@ class DataConfig(StrictModel):
     max_length: int = Field(
         128, ge=16, le=32768, description="Tokens per example after truncation. Range: 16..32768."
     )
+    holdout_fraction: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Share of train held out for a split given no files of its own. Range: (0, 0.5).",
+    )
+    holdout_seed: int = Field(0, ge=0, description="Seed of that hold-out. Range: >= 0.")
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="A malformed or unusable row: fail naming file/line/field, or skip and count it."
     )

@@ -12,7 +12,8 @@ from infra.settings import apply_environment_defaults
 
 apply_environment_defaults()
 
-from atkd_core.config import ConfigError, PipelineConfig, config_to_yaml, load_config  # noqa: E402
+from atkd_core.config import PipelineConfig, config_to_yaml, load_config  # noqa: E402
+from atkd_core.errors import ConfigError, UserError  # noqa: E402
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     build = data.add_parser("build", help="write the embedded suite's JSONL splits")
     _add_config_args(build)
     build.add_argument("--out", type=Path, default=None, help="output directory (default: <workdir>/suite)")
+    _add_config_args(
+        data.add_parser("prepare", help="run the prepare_data stage alone (no Prefect, no MLflow)")
+    )
+
+    _add_config_args(
+        commands.add_parser("score", help="run prepare_data (if needed) and score_teacher alone")
+    )
     return parser
 
 
@@ -75,6 +83,50 @@ def _cmd_data_build(config: PipelineConfig, out: Path | None) -> int:
     return 0
 
 
+def _cmd_data_prepare(config: PipelineConfig) -> Path:
+    from atkd_core.data.prepare import prepare_data
+
+    output = config.workdir / "prepared"
+    manifest, reused = prepare_data(config, output)
+    print(
+        f"prepare_data: {'reused' if reused else 'wrote'} {output}: "
+        + ", ".join(
+            f"{split} {c['rows']} rows / {c['tokens']} tokens" for split, c in manifest["counts"].items()
+        )
+    )
+    return output
+
+
+def _cmd_score(config: PipelineConfig) -> int:
+    import torch
+
+    from atkd_core.models.build import materialize_model
+    from atkd_core.scoring import run_scoring_stage
+
+    prepared = _cmd_data_prepare(config)
+    teacher = materialize_model(
+        config.teacher, prepared / "tokenizer", config.workdir / "models" / "teacher-init"
+    )
+    output = config.workdir / "teacher_cache"
+    manifest, reused = run_scoring_stage(
+        Path(teacher),
+        prepared,
+        output,
+        top_k=config.scoring.top_k,
+        temperature=config.loss.temperature,
+        storage_dtype=config.scoring.storage_dtype,
+        shard_size=config.scoring.shard_size,
+        batch_size=config.scoring.batch_size,
+        hard_fraction=config.loss.hard_fraction,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    print(
+        f"score_teacher: {'reused' if reused else 'wrote'} {output}: {manifest['tokens']} tokens, "
+        f"{manifest['cache_bytes'] / 2**20:.1f} MiB, UNC median {manifest['unc_quantiles']['0.5']:.3f}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atkd`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -86,13 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(config_to_yaml(config), end="")
             return 0
-        if args.command == "data":
+        if args.command == "data" and args.data_command == "build":
             return _cmd_data_build(config, args.out)
+        if args.command == "data":
+            _cmd_data_prepare(config)
+            return 0
+        if args.command == "score":
+            return _cmd_score(config)
         return _cmd_run(config)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"atkd: config error: {line}", file=sys.stderr)
         return 2
+    except UserError as exc:
+        print(f"atkd: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

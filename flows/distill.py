@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from atkd_core.config import PipelineConfig
 from infra.tracking import pipeline_run
 from tasks.data import prepare_data_task
+from tasks.scoring import materialize_teacher_task, score_teacher_task
 
 
 class PipelineResult(BaseModel):
@@ -32,7 +33,10 @@ def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResul
     flow_run_id = str(get_run_context().flow_run.id)
     config.workdir.mkdir(parents=True, exist_ok=True)
     with pipeline_run(config, tags={"prefect.flow_run_id": flow_run_id}) as parent:
-        outputs = {"prepare_data": prepare_data_task(config, parent.run_id)}
+        prepared = prepare_data_task(config, parent.run_id)
+        teacher = materialize_teacher_task(config, prepared)
+        cache = score_teacher_task(config, prepared, teacher, parent.run_id)
+        outputs = {"prepare_data": prepared, "teacher": teacher, "score_teacher": cache}
     logger.info("pipeline finished: %s", outputs)
     return PipelineResult(
         workdir=str(config.workdir),

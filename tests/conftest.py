@@ -41,3 +41,12 @@ def tiny_config(workdir: Path, **sections) -> PipelineConfig:
     }
     raw.update(sections)
     return PipelineConfig.model_validate(raw)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for launchers and servers started by tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -11,6 +11,7 @@ Output directory layout::
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,12 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from atkd_core.config import DataConfig, FieldMap, PipelineConfig
+from atkd_core.data.batching import IGNORE_INDEX
+from atkd_core.data.preflight import preflight
 from atkd_core.data.suite import SPLITS, write_suite
 from atkd_core.data.tokenizer import load_tokenizer, train_tokenizer
+from atkd_core.errors import DataError
 from atkd_core.manifest import fingerprint, run_stage, sha256_file
-
-IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """A problem with the user's data; the message names the file, line and field."""
 
 
 def format_prompt(data: DataConfig, instruction: str, context: str | None) -> str:
@@ -37,31 +35,64 @@ def format_prompt(data: DataConfig, instruction: str, context: str | None) -> st
     return data.prompt_template.format(instruction=instruction)
 
 
-def read_rows(path: Path, fields: FieldMap) -> list[dict[str, str]]:
-    """Read Dolly/Alpaca-style rows from JSONL (or a JSON list) into instruction/context/response/category."""
+def _records(path: Path) -> list[tuple[str, Any]]:
+    """(location, record) pairs of a JSONL / JSON / Parquet / CSV file; location is ``file:line``."""
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [(f"{path}:row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    if suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        # Line numbers count the header line.
+        return [(f"{path}:{i + 2}", r) for i, r in enumerate(pcsv.read_csv(path).to_pylist())]
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise DataError(f"{path}: file is empty")
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(records, list):
             raise DataError(f"{path}: a .json file must hold a list of objects")
-        numbered = list(enumerate(records, start=1))
-    else:
-        numbered = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((line_number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_number}: malformed JSON ({exc.msg})") from None
-    return [_map_fields(record, fields, f"{path}:{number}") for number, record in numbered]
+        return [(f"{path}:item {i + 1}", r) for i, r in enumerate(records)]
+    numbered = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            numbered.append((f"{path}:{line_number}", line))
+    return numbered
+
+
+def read_rows(
+    path: Path, fields: FieldMap, on_bad_rows: str = "error"
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows of a Dolly/Alpaca-style file mapped to instruction/context/response/category.
+
+    Returns (rows, skipped) where ``skipped`` names each bad row (only with on_bad_rows='skip';
+    with 'error' the first bad row raises DataError naming file, line and field).
+    """
+    rows, skipped = [], []
+    for where, record in _records(path):
+        try:
+            if isinstance(record, str):
+                try:
+                    record = json.loads(record)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where}: malformed JSON ({exc.msg})") from None
+            rows.append(_map_fields(record, fields, where))
+        except DataError as exc:
+            if on_bad_rows == "error":
+                raise
+            skipped.append(str(exc))
+    if not rows:
+        raise DataError(f"{path}: no usable rows ({len(skipped)} skipped)")
+    return rows, skipped
 
 
 def _map_fields(record: Any, fields: FieldMap, where: str) -> dict[str, str]:
@@ -76,6 +107,31 @@ def _map_fields(record: Any, fields: FieldMap, where: str) -> dict[str, str]:
         "response": record[fields.response],
         "category": str(record.get(fields.category) or "") if fields.category else "",
     }
+
+
+def read_hub_split(
+    name: str, split: str, fields: FieldMap, on_bad_rows: str
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows of one split of a ``datasets`` dataset (a local path or a hub name reachable from here)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types for "not reachable" and "no such split"
+        raise DataError(
+            f"dataset {name!r} split {split!r} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "hubs are offline here (HF_DATASETS_OFFLINE=1): download it elsewhere and point data.train_files at "
+            "local JSONL/Parquet, or pass a local dataset directory"
+        ) from None
+    rows, skipped = [], []
+    for index, record in enumerate(dataset):
+        try:
+            rows.append(_map_fields(record, fields, f"{name}[{split}]:row {index + 1}"))
+        except DataError as exc:
+            if on_bad_rows == "error":
+                raise
+            skipped.append(str(exc))
+    return rows, skipped
 
 
 def encode_example(
@@ -96,28 +152,58 @@ def encode_example(
     return input_ids, labels
 
 
-def _load_split_rows(config: PipelineConfig, raw_dir: Path) -> dict[str, list[dict[str, str]]]:
+def _holdout(rows: list[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministically move ``fraction`` of ``rows`` (at least one) out: (kept, held out)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    count = max(1, round(len(rows) * fraction))
+    held = set(order[:count])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _load_split_rows(
+    config: PipelineConfig, raw_dir: Path
+) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
+    """Rows per split, and the bad rows skipped. Missing validation/test splits are held out of train."""
     data = config.data
+    skipped: list[str] = []
     if data.source == "embedded":
         paths = write_suite(data.embedded, raw_dir)
-        dolly = FieldMap()
-        return {split: read_rows(path, dolly) for split, path in paths.items()}
+        return {split: read_rows(path, FieldMap())[0] for split, path in paths.items()}, skipped
+    rows: dict[str, list[dict[str, str]]] = {}
     if data.source == "files":
         split_files = {
             "train": data.train_files,
             "validation": data.validation_files,
             "test": data.test_files,
         }
-        rows = {
-            split: [row for f in files for row in read_rows(Path(f), data.field_map())]
-            for split, files in split_files.items()
-        }
-        raw_dir.mkdir(parents=True, exist_ok=True)
-        for split, split_rows in rows.items():
-            with (raw_dir / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows)
-        return rows
-    raise DataError(f"data.source {data.source!r} is not supported by this version of prepare_data yet")
+        for split, files in split_files.items():
+            rows[split] = []
+            for path in files:
+                file_rows, file_skipped = read_rows(Path(path), data.field_map(), data.on_bad_rows)
+                rows[split].extend(file_rows)
+                skipped.extend(file_skipped)
+    else:
+        for split in SPLITS:
+            try:
+                rows[split], split_skipped = read_hub_split(
+                    data.hub_name, split, data.field_map(), data.on_bad_rows
+                )
+                skipped.extend(split_skipped)
+            except DataError:
+                if split == "train":
+                    raise
+                rows[split] = []
+    for offset, split in enumerate(("validation", "test")):
+        if not rows[split]:
+            rows["train"], rows[split] = _holdout(
+                rows["train"], data.holdout_fraction, data.holdout_seed + offset
+            )
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for split, split_rows in rows.items():
+        with (raw_dir / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows)
+    return rows, skipped
 
 
 def _build_tokenizer(config: PipelineConfig, train_rows: list[dict[str, str]]) -> PreTrainedTokenizerBase:
@@ -139,7 +225,7 @@ def prepare_inputs_fingerprint(config: PipelineConfig) -> str:
     return fingerprint(
         {
             "config": config.section_hash("data", "tokenizer"),
-            "teacher_tokenizer": config.teacher.path if config.tokenizer.source == "teacher" else None,
+            "models": [config.teacher.path, config.student.path],
             "files": {str(f): sha256_file(f) for f in files if f.is_file()},
         }
     )
@@ -151,8 +237,12 @@ def prepare_data(
     """Run the prepare_data stage into ``output_dir``; return (manifest, reused)."""
 
     def build(staging: Path) -> dict[str, Any]:
-        rows = _load_split_rows(config, staging / "raw")
+        rows, skipped = _load_split_rows(config, staging / "raw")
+        for problem in skipped:
+            log(f"prepare_data: skipped {problem}")
         tokenizer = _build_tokenizer(config, rows["train"])
+        for line in preflight(tokenizer, {"teacher": config.teacher, "student": config.student}):
+            log(f"prepare_data: tokenizer preflight: {line}")
         tokenizer.save_pretrained(staging / "tokenizer")
         splits, counts = {}, {}
         for split in SPLITS:
@@ -174,6 +264,10 @@ def prepare_data(
         DatasetDict(splits).save_to_disk(str(staging / "dataset"))
         return {
             "source": config.data.source,
+            "skipped_rows": len(skipped),
+            "skipped_examples": skipped[:100],
+            "prompt_template": config.data.prompt_template,
+            "context_template": config.data.context_template,
             "counts": counts,
             "vocab_size": len(tokenizer),
             "tokenizer_sha256": fingerprint(tokenizer.get_vocab()),

@@ -105,3 +105,28 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direc
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of parameters (shared tensors counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def materialize_model(spec: ModelConfig, tokenizer_dir: Path, directory: Path) -> str:
+    """Where the model lives as a ``save_pretrained`` directory or hub id.
+
+    A model given by path is used as it is; a preset is built (seeded random init) with the
+    pipeline's tokenizer and saved to ``directory`` once (reused while preset, seed and tokenizer match).
+    """
+    if spec.path is not None:
+        return spec.path
+    from atkd_core.data.tokenizer import load_tokenizer
+    from atkd_core.manifest import fingerprint, run_stage, sha256_tree
+
+    identity = fingerprint(
+        {"preset": spec.preset, "init_seed": spec.init_seed, "tokenizer": sha256_tree(tokenizer_dir)}
+    )
+
+    def build(staging: Path) -> dict:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        model = build_model(spec, tokenizer)
+        save_model(model, tokenizer, staging)
+        return {"preset": spec.preset, "init_seed": spec.init_seed, "parameters": count_parameters(model)}
+
+    run_stage(directory, stage="materialize_model", input_fingerprint=identity, build=build)
+    return str(directory)

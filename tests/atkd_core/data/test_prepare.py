@@ -107,5 +107,88 @@ def test_user_jsonl_errors_name_file_line_and_field(tmp_path):
 def test_alpaca_fields(tmp_path):
     path = tmp_path / "alpaca.jsonl"
     path.write_text(json.dumps({"instruction": "Add.", "input": "1 2", "output": "3"}) + "\n")
-    rows = read_rows(path, DataConfig(field_preset="alpaca").field_map())
+    rows, skipped = read_rows(path, DataConfig(field_preset="alpaca").field_map())
+    assert skipped == []
     assert rows == [{"instruction": "Add.", "context": "1 2", "response": "3", "category": ""}]
+
+
+def _write_dolly(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _files_config(tmp_path, train, **data):
+    return tiny_config(
+        tmp_path,
+        data={"source": "files", "train_files": [str(train)], "max_length": 48, **data},
+        tokenizer={"vocab_size": 300},
+    )
+
+
+def _dolly_rows(count):
+    return [
+        {"instruction": f"Echo {i}.", "context": "", "response": f"{i}", "category": "echo"}
+        for i in range(count)
+    ]
+
+
+def test_user_files_with_holdout_splits_and_skipped_rows(tmp_path):
+    train = tmp_path / "train.jsonl"
+    rows = _dolly_rows(60)
+    train.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + "{broken\n" + json.dumps({"instruction": "x"}) + "\n"
+    )
+    with pytest.raises(DataError, match="train.jsonl:61: malformed JSON"):
+        prepare_data(_files_config(tmp_path, train), tmp_path / "out", log=lambda _: None)
+    logged = []
+    manifest, _ = prepare_data(
+        _files_config(tmp_path, train, on_bad_rows="skip"), tmp_path / "out", log=logged.append
+    )
+    assert manifest["skipped_rows"] == 2 and any("train.jsonl:62: field 'response'" in m for m in logged)
+    counts = {split: c["rows"] for split, c in manifest["counts"].items()}
+    assert counts == {"train": 54, "validation": 3, "test": 3}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])
+def test_csv_parquet_and_json_files(tmp_path, suffix):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"instruction": "Add.", "input": "1 2", "output": "3"},
+        {"instruction": "Say.", "input": "", "output": "hi"},
+    ]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        pcsv.write_csv(pa.Table.from_pylist(rows), path)
+    elif suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text(json.dumps(rows))
+    read, _ = read_rows(path, DataConfig(field_preset="alpaca").field_map())
+    assert [r["response"] for r in read] == ["3", "hi"] and read[0]["context"] == "1 2"
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(tmp_path):
+    config = tiny_config(tmp_path, data={"source": "hub", "hub_name": "databricks/databricks-dolly-15k"})
+    with pytest.raises(DataError, match="cannot be loaded .*offline"):
+        prepare_data(config, tmp_path / "out", log=lambda _: None)
+
+
+def test_tokenizer_preflight_names_the_first_mismatching_tokens(tmp_path):
+    from atkd_core.config import ModelConfig
+    from atkd_core.data.preflight import TokenizerMismatch, preflight
+    from atkd_core.data.tokenizer import train_tokenizer
+    from atkd_core.models.build import build_model, save_model
+
+    ours = _tokenizer()
+    theirs = train_tokenizer(["completely different text zzz qqq"] * 50, 300)
+    save_model(build_model(ModelConfig(preset="neox-tiny"), theirs), theirs, tmp_path / "other")
+    save_model(build_model(ModelConfig(preset="neox-tiny"), ours), ours, tmp_path / "same")
+    lines = preflight(
+        ours,
+        {"teacher": ModelConfig(path=str(tmp_path / "same")), "student": ModelConfig(preset="neox-tiny")},
+    )
+    assert "shares the tokenizer" in lines[0]
+    with pytest.raises(TokenizerMismatch, match=r"student: its tokenizer (has|differs).*"):
+        preflight(ours, {"student": ModelConfig(path=str(tmp_path / "other"))})

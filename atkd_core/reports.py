@@ -1,0 +1,72 @@
+"""Token-difficulty report of a teacher cache: UNC histogram, easy/hard shares, UNC by task family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import load_from_disk
+
+from atkd_core.scoring import TeacherCache
+
+
+def token_difficulty_report(
+    cache: TeacherCache, prepared_dir: Path, hard_fraction: float, output_dir: Path
+) -> dict[str, Any]:
+    """Write ``unc_histogram.png`` and ``difficulty.json`` into ``output_dir``; return the JSON's content.
+
+    Easy/hard shares use the dataset-wide threshold: the UNC quantile at 1 - hard_fraction.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = load_from_disk(str(prepared_dir / "dataset"))["train"]
+    by_family: dict[str, list[torch.Tensor]] = {}
+    for example_id, category in zip(train["id"], train["category"], strict=True):
+        by_family.setdefault(category or "(none)", []).append(cache.field(example_id, "unc"))
+    all_unc = torch.cat([u for parts in by_family.values() for u in parts]).double()
+    threshold = float(torch.quantile(all_unc, 1 - hard_fraction)) if all_unc.numel() else float("nan")
+    families = {}
+    for family, parts in sorted(by_family.items()):
+        unc = torch.cat(parts).double()
+        families[family] = {
+            "tokens": unc.numel(),
+            "unc_mean": float(unc.mean()) if unc.numel() else float("nan"),
+            "hard_share": float((unc >= threshold).double().mean()) if unc.numel() else float("nan"),
+        }
+    report = {
+        "tokens": all_unc.numel(),
+        "hard_fraction": hard_fraction,
+        "unc_threshold": threshold,
+        "hard_share": float((all_unc >= threshold).double().mean()) if all_unc.numel() else float("nan"),
+        "easy_share": float((all_unc < threshold).double().mean()) if all_unc.numel() else float("nan"),
+        "families": families,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "difficulty.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.hist(all_unc.numpy(), bins=50, color="#4C72B0")
+    left.axvline(
+        threshold,
+        color="#C44E52",
+        linestyle="--",
+        label=f"hard if UNC >= {threshold:.3f} (k={hard_fraction})",
+    )
+    left.set(
+        xlabel="teacher UNC = 1 - p(target)",
+        ylabel="tokens",
+        title="Teacher uncertainty over training tokens",
+    )
+    left.legend()
+    names = list(families)
+    right.barh(names, [families[n]["unc_mean"] for n in names], color="#55A868")
+    right.set(xlabel="mean UNC", title="UNC by task family")
+    figure.tight_layout()
+    figure.savefig(output_dir / "unc_histogram.png", dpi=110)
+    plt.close(figure)
+    return report

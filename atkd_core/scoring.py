@@ -1,0 +1,449 @@
+"""Stage ``score_teacher``: one no-grad teacher pass over the training split into a verified cache.
+
+Per valid target token (prompt and padding excluded) the cache holds the target id, the target
+log-prob, UNC = 1 - p_g, the entropy, the top-K ids and log-probs and the log of the tail mass,
+all at the loss temperature: the sparse teacher of :mod:`atkd_core.losses`, so training needs no
+teacher in memory and the ATKD split is exact offline.
+
+Layout of the output directory::
+
+    shard-00000.safetensors   examples [start, end) of the training split, flat over their tokens
+    shard-00000.sha256        its checksum, written after the shard (a shard without one is unfinished)
+    manifest.json             teacher / tokenizer / data identity, K, temperature, dtype, counts,
+                              UNC quantiles, shard checksums
+
+Scoring writes into ``<output>.partial`` and renames it when every shard is there, so a killed run
+resumes from the shards it finished and nothing half-written is ever read as a cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import load_from_disk
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from atkd_core.data.batching import IGNORE_INDEX, collate, shift_targets
+from atkd_core.errors import CacheError
+from atkd_core.losses import SparseTeacher
+from atkd_core.manifest import MANIFEST_NAME, fingerprint, read_manifest, sha256_file, sha256_tree
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTILES = (0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9)
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    """What a cache is made from and how: its identity is the fingerprint of all of it."""
+
+    teacher_dir: str
+    teacher_weights_sha256: str
+    prepared_data_sha256: str
+    tokenizer_sha256: str
+    top_k: int
+    temperature: float
+    storage_dtype: str
+    shard_size: int
+
+    def fingerprint(self) -> str:
+        """A hex digest of every field except the teacher's location."""
+        fields = {k: v for k, v in self.__dict__.items() if k != "teacher_dir"}
+        return fingerprint(fields)
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 over a model directory's weight files (safetensors / bin), the model's identity."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin"})
+    if not files:
+        raise CacheError(f"{model_dir}: no weight files (*.safetensors or *.bin)")
+    return fingerprint({p.name: sha256_file(p) for p in files})
+
+
+@torch.no_grad()
+def score_batch(
+    logits: Tensor, labels: Tensor, vocab_size: int, top_k: int, temperature: float
+) -> dict[str, Tensor]:
+    """Per valid target token of a batch, in row-major order: the cache's fields.
+
+    logits: [B, T, V'] teacher logits; labels: [B, T] prepared labels. Returns flat tensors over
+    the n valid targets: targets [n] int32, target_logprob / unc / entropy / log_tail_mass [n]
+    float32, topk_ids [n, K] int32, topk_logprobs [n, K] float32.
+
+    Memory-bound over [n, V], so it makes as few vocabulary-sized passes as it can: one copy, one
+    fused log-softmax, one exp, top-K and one masked sum.
+    """
+    targets = shift_targets(labels)
+    rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    target = targets[rows, columns]
+    # Rows of the contiguous logits picked by flat index: slicing first would copy all of them.
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    chosen = flat_logits.index_select(0, rows * logits.shape[1] + columns)[:, :vocab_size].float()
+    if temperature != 1.0:
+        chosen.div_(temperature)
+    log_p = torch.log_softmax(chosen, -1)
+    del chosen
+    target_logprob = log_p.gather(-1, target[:, None]).squeeze(-1)
+    probs = log_p.exp()
+    entropy = -(probs * log_p).sum(-1)
+    top = log_p.topk(min(top_k, vocab_size), -1)
+    # The tail as a sum of the probabilities outside the top-K (never 1 - sum(top-K), which cancels).
+    log_tail = probs.scatter_(-1, top.indices, 0.0).sum(-1).log()
+    # UNC = 1 - p_g. When g is in the top-K, sum the other buckets (exact even when p_g rounds to
+    # 1); otherwise p_g is at most the K-th probability and 1 - exp(log p_g) loses nothing.
+    is_target = top.indices == target[:, None]
+    rest_buckets = torch.cat([top.values.masked_fill(is_target, -math.inf), log_tail[:, None]], -1)
+    unc = torch.where(is_target.any(-1), rest_buckets.logsumexp(-1).exp(), -torch.expm1(target_logprob))
+    return {
+        "targets": target.int(),
+        "target_logprob": target_logprob,
+        "unc": unc,
+        "entropy": entropy,
+        "topk_ids": top.indices.int(),
+        "topk_logprobs": top.values,
+        "log_tail_mass": log_tail,
+    }
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _write_shard(
+    directory: Path,
+    index: int,
+    ids: list[str],
+    parts: list[dict[str, Tensor]],
+    counts: list[int],
+    dtype: torch.dtype,
+) -> str:
+    tensors = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    tensors["topk_logprobs"] = tensors["topk_logprobs"].to(dtype)
+    tensors["offsets"] = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+    path = directory / f"{_shard_name(index)}.safetensors"
+    staging = path.with_suffix(".tmp")
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(staging),
+        metadata={"example_ids": json.dumps(ids)},
+    )
+    staging.rename(path)
+    digest = sha256_file(path)
+    # The checksum file is written last: its presence marks a finished shard.
+    (directory / f"{_shard_name(index)}.sha256").write_text(digest + "\n")
+    return digest
+
+
+def _finished_shard(directory: Path, index: int) -> str | None:
+    """The checksum of a finished, intact shard, or None (then it is redone)."""
+    path = directory / f"{_shard_name(index)}.safetensors"
+    checksum = directory / f"{_shard_name(index)}.sha256"
+    if not (path.is_file() and checksum.is_file()):
+        return None
+    digest = checksum.read_text().strip()
+    return digest if sha256_file(path) == digest else None
+
+
+class Progress:
+    """A progress line (examples, tokens/s, ETA): a tqdm bar on a terminal, periodic log lines otherwise."""
+
+    def __init__(self, total: int, log: Callable[[str], None], label: str, every_seconds: float = 10.0):
+        self.total, self.log, self.label, self.every = total, log, label, every_seconds
+        self.done = self.tokens = 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="ex")
+
+    def update(self, examples: int, tokens: int) -> None:
+        """Count finished examples and tokens; report when due."""
+        self.done += examples
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(examples)
+            self.bar.set_postfix(tok_s=f"{rate:,.0f}")
+        elif time.perf_counter() - self.last >= self.every or self.done >= self.total:
+            remaining = (self.total - self.done) * (time.perf_counter() - self.start) / max(self.done, 1)
+            self.log(
+                f"{self.label}: {self.done}/{self.total} examples, {rate:,.0f} tokens/s, ETA {remaining:,.0f} s"
+            )
+            self.last = time.perf_counter()
+
+    def close(self) -> None:
+        """Close the bar, if any."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def score_teacher(
+    model: torch.nn.Module,
+    prepared_dir: Path,
+    output_dir: Path,
+    spec: ScoringSpec,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    log: Callable[[str], None] = print,
+    stop_after_shards: int | None = None,
+) -> dict[str, Any] | None:
+    """Score the training split into ``output_dir``; return the manifest (rank 0) or None.
+
+    Shards are dealt round-robin to ranks; every rank writes its own into the shared partial
+    directory. The caller synchronises ranks before rank 0 calls :func:`finalize_cache`.
+    ``stop_after_shards`` stops early (simulates a killed run in tests).
+    """
+    dataset = load_from_disk(str(prepared_dir / "dataset"))["train"]
+    tokenizer_vocab = json.loads((prepared_dir / MANIFEST_NAME).read_text())["vocab_size"]
+    pad_id = _pad_id(prepared_dir)
+    partial = _partial_dir(output_dir)
+    _claim_partial(partial, spec, rank)
+    num_shards = math.ceil(len(dataset) / spec.shard_size)
+    mine = [i for i in range(num_shards) if i % world_size == rank]
+    todo = [i for i in mine if _finished_shard(partial, i) is None]
+    if len(todo) < len(mine):
+        log(f"score_teacher: rank {rank} resumes, {len(mine) - len(todo)} of {len(mine)} shards already done")
+    dtype = STORAGE_DTYPES[spec.storage_dtype]
+    device = next(model.parameters()).device
+    progress = Progress(
+        sum(min(spec.shard_size, len(dataset) - i * spec.shard_size) for i in todo), log, "score_teacher"
+    )
+    model.eval()
+    for written, shard in enumerate(todo):
+        if stop_after_shards is not None and written >= stop_after_shards:
+            break
+        start, end = shard * spec.shard_size, min((shard + 1) * spec.shard_size, len(dataset))
+        parts, counts = [], []
+        for batch_start in range(start, end, batch_size):
+            rows = dataset.select(range(batch_start, min(batch_start + batch_size, end)))
+            batch = collate(list(rows), pad_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
+            labels = batch["labels"].to(device)
+            record = score_batch(logits, labels, tokenizer_vocab, spec.top_k, spec.temperature)
+            parts.append({k: v.cpu() for k, v in record.items()})
+            per_row = (shift_targets(labels) != IGNORE_INDEX).sum(-1).tolist()
+            counts.extend(per_row)
+            progress.update(len(rows), int(sum(per_row)))
+        _write_shard(partial, shard, list(dataset["id"][start:end]), parts, counts, dtype)
+    progress.close()
+    return None
+
+
+def _pad_id(prepared_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(prepared_dir / "tokenizer").pad_token_id
+
+
+def _partial_dir(output_dir: Path) -> Path:
+    return output_dir.parent / f"{output_dir.name}.partial"
+
+
+def _claim_partial(partial: Path, spec: ScoringSpec, rank: int) -> None:
+    """Keep a partial directory made for the same spec (resume); start afresh otherwise."""
+    stamp = partial / "spec.json"
+    if rank == 0:
+        if partial.exists() and (
+            not stamp.is_file() or json.loads(stamp.read_text()).get("fingerprint") != spec.fingerprint()
+        ):
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"fingerprint": spec.fingerprint(), **spec.__dict__}, indent=2))
+    else:
+        deadline = time.time() + 600
+        while not (
+            stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == spec.fingerprint()
+        ):
+            if time.time() > deadline:
+                raise CacheError(f"rank {rank}: rank 0 did not prepare {partial} within 600 s")
+            time.sleep(0.2)
+
+
+def finalize_cache(
+    output_dir: Path, spec: ScoringSpec, *, hard_fraction: float, num_examples: int
+) -> dict[str, Any]:
+    """Check every shard of the partial directory, write the manifest and publish it (rank 0)."""
+    partial = _partial_dir(output_dir)
+    num_shards = math.ceil(num_examples / spec.shard_size)
+    checksums, tokens, uncs = {}, 0, []
+    for index in range(num_shards):
+        digest = _finished_shard(partial, index)
+        if digest is None:
+            raise CacheError(
+                f"{partial}: {_shard_name(index)} is missing or damaged; re-run scoring to redo it"
+            )
+        checksums[_shard_name(index)] = digest
+        with safe_open(str(partial / f"{_shard_name(index)}.safetensors"), "pt") as handle:
+            unc = handle.get_tensor("unc")
+        tokens += unc.numel()
+        uncs.append(unc)
+    unc = torch.cat(uncs) if uncs else torch.zeros(0)
+    quantiles = {
+        f"{q:g}": float(torch.quantile(unc.double(), q)) if unc.numel() else float("nan") for q in QUANTILES
+    }
+    easy_threshold = quantiles.get(f"{1 - hard_fraction:g}")
+    manifest = {
+        "stage": "score_teacher",
+        "input_fingerprint": spec.fingerprint(),
+        "spec": spec.__dict__,
+        "num_examples": num_examples,
+        "num_shards": num_shards,
+        "tokens": tokens,
+        "shards": checksums,
+        "unc_quantiles": quantiles,
+        "unc_mean": float(unc.mean()) if unc.numel() else float("nan"),
+        "hard_fraction": hard_fraction,
+        "unc_threshold_at_hard_fraction": easy_threshold,
+        "cache_bytes": sum((partial / f"{name}.safetensors").stat().st_size for name in checksums),
+        "created_unix": round(time.time(), 3),
+    }
+    (partial / "spec.json").unlink(missing_ok=True)
+    (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    partial.rename(output_dir)
+    return manifest
+
+
+def prepared_data_sha256(prepared_dir: Path) -> str:
+    """The content hash of a prepared-data output (from its manifest, or computed)."""
+    manifest = read_manifest(prepared_dir)
+    if manifest is None:
+        raise CacheError(f"{prepared_dir}: no manifest.json; run prepare_data first")
+    return manifest.get("content_sha256") or sha256_tree(prepared_dir)
+
+
+class TeacherCache:
+    """A verified, loaded teacher cache; hands out SparseTeacher batches aligned with targets."""
+
+    def __init__(self, directory: Path, *, expected: ScoringSpec | None = None):
+        """Open ``directory``; with ``expected``, refuse a cache made from anything else."""
+        manifest = read_manifest(directory)
+        if manifest is None or manifest.get("stage") != "score_teacher":
+            raise CacheError(f"{directory}: not a teacher cache (no score_teacher manifest.json)")
+        if expected is not None and manifest["input_fingerprint"] != expected.fingerprint():
+            differs = [
+                f"{key}: cache has {manifest['spec'].get(key)!r}, expected {value!r}"
+                for key, value in expected.__dict__.items()
+                if key != "teacher_dir" and manifest["spec"].get(key) != value
+            ]
+            raise CacheError(f"{directory}: made for different inputs; " + "; ".join(differs))
+        self.directory = directory
+        self.manifest = manifest
+        self.spec = manifest["spec"]
+        self._rows: dict[str, tuple[int, int, int]] = {}
+        self._shards: list[dict[str, Tensor]] = []
+        for shard_index, (name, digest) in enumerate(sorted(manifest["shards"].items())):
+            path = directory / f"{name}.safetensors"
+            if not path.is_file():
+                raise CacheError(f"{directory}: shard {name} is missing")
+            if sha256_file(path) != digest:
+                raise CacheError(f"{directory}: shard {name} is corrupt (sha256 differs from the manifest)")
+            with safe_open(str(path), "pt") as handle:
+                ids = json.loads(handle.metadata()["example_ids"])
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            self._shards.append(tensors)
+            offsets = tensors["offsets"].tolist()
+            for row, example_id in enumerate(ids):
+                self._rows[example_id] = (shard_index, offsets[row], offsets[row + 1])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def field(self, example_id: str, name: str) -> Tensor:
+        """One cached field of one example, over its valid tokens in order."""
+        shard, start, end = self._row(example_id)
+        return self._shards[shard][name][start:end]
+
+    def _row(self, example_id: str) -> tuple[int, int, int]:
+        if example_id not in self._rows:
+            raise CacheError(f"{self.directory}: example {example_id!r} is not in the cache")
+        return self._rows[example_id]
+
+    def sparse_teacher(self, example_ids: Sequence[str], targets: Tensor) -> SparseTeacher:
+        """The SparseTeacher for a batch whose shifted targets are ``targets`` [B, T].
+
+        Refuses (CacheError) any example whose valid targets differ from the cached ones: a cache
+        misaligned with the data would otherwise train on the wrong teacher silently.
+        """
+        batch, length = targets.shape
+        k = self.spec["top_k"]
+        target_logprob = torch.zeros(batch, length)
+        log_tail = torch.zeros(batch, length)
+        topk_ids = torch.zeros(batch, length, k, dtype=torch.int32)
+        topk_logprobs = torch.zeros(batch, length, k)
+        for row, example_id in enumerate(example_ids):
+            shard, start, end = self._row(example_id)
+            tensors = self._shards[shard]
+            positions = (targets[row] != IGNORE_INDEX).nonzero().squeeze(-1).cpu()
+            cached_targets = tensors["targets"][start:end]
+            if positions.numel() != cached_targets.numel() or not torch.equal(
+                targets[row, positions].cpu().int(), cached_targets
+            ):
+                raise CacheError(
+                    f"{self.directory}: example {example_id!r}: the batch's targets differ from the cached ones "
+                    f"({positions.numel()} vs {cached_targets.numel()} tokens); the cache was made from other data"
+                )
+            target_logprob[row, positions] = tensors["target_logprob"][start:end]
+            log_tail[row, positions] = tensors["log_tail_mass"][start:end]
+            topk_ids[row, positions] = tensors["topk_ids"][start:end]
+            topk_logprobs[row, positions] = tensors["topk_logprobs"][start:end].float()
+        device = targets.device
+        return SparseTeacher(
+            target_logprob.to(device), topk_ids.to(device), topk_logprobs.to(device), log_tail.to(device)
+        )
+
+
+def run_scoring_stage(
+    teacher_dir: Path,
+    prepared_dir: Path,
+    output_dir: Path,
+    *,
+    top_k: int,
+    temperature: float,
+    storage_dtype: str,
+    shard_size: int,
+    batch_size: int,
+    hard_fraction: float,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], bool]:
+    """The whole single-process stage: reuse an up-to-date cache, else score, finalise; (manifest, reused)."""
+    from atkd_core.models.build import load_model
+
+    manifest = read_manifest(prepared_dir)
+    if manifest is None:
+        raise CacheError(f"{prepared_dir}: no manifest.json; run prepare_data first")
+    spec = ScoringSpec(
+        teacher_dir=str(teacher_dir),
+        teacher_weights_sha256=weights_sha256(teacher_dir),
+        prepared_data_sha256=prepared_data_sha256(prepared_dir),
+        tokenizer_sha256=manifest["tokenizer_sha256"],
+        top_k=top_k,
+        temperature=temperature,
+        storage_dtype=storage_dtype,
+        shard_size=shard_size,
+    )
+    existing = read_manifest(output_dir)
+    if existing is not None and existing.get("input_fingerprint") == spec.fingerprint():
+        return existing, True
+    model = load_model(teacher_dir).to(device)
+    score_teacher(model, prepared_dir, output_dir, spec, batch_size=batch_size, log=log)
+    return finalize_cache(
+        output_dir, spec, hard_fraction=hard_fraction, num_examples=manifest["counts"]["train"]["rows"]
+    ), False

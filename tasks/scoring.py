@@ -1,0 +1,82 @@
+"""Prefect task for the score_teacher stage (and materialising preset models it needs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger, task
+
+from atkd_core.config import PipelineConfig
+from atkd_core.models.build import materialize_model
+from atkd_core.reports import token_difficulty_report
+from atkd_core.scoring import TeacherCache, run_scoring_stage
+from infra.tracking import stage_run
+
+
+def cache_dir(config: PipelineConfig) -> Path:
+    """Where score_teacher writes the teacher cache."""
+    return config.workdir / "teacher_cache"
+
+
+@task(name="materialize_teacher")
+def materialize_teacher_task(config: PipelineConfig, prepared_dir: str) -> str:
+    """The teacher as a save_pretrained directory (a preset is built once with the run's tokenizer)."""
+    return materialize_model(
+        config.teacher, Path(prepared_dir) / "tokenizer", config.workdir / "models" / "teacher-init"
+    )
+
+
+@task(name="score_teacher", retries=1, retry_delay_seconds=2)
+def score_teacher_task(
+    config: PipelineConfig, prepared_dir: str, teacher_dir: str, parent_run_id: str | None
+) -> str:
+    """Score the teacher over the training split into a verified sparse cache; return its path."""
+    logger = get_run_logger()
+    output = cache_dir(config)
+    scoring = config.scoring
+    with stage_run(config, parent_run_id, "score_teacher") as run:
+        run.log_params(
+            {
+                "teacher": teacher_dir,
+                "top_k": scoring.top_k,
+                "temperature": config.loss.temperature,
+                "storage_dtype": scoring.storage_dtype,
+                "shard_size": scoring.shard_size,
+            }
+        )
+        manifest, reused = run_scoring_stage(
+            Path(teacher_dir),
+            Path(prepared_dir),
+            output,
+            top_k=scoring.top_k,
+            temperature=config.loss.temperature,
+            storage_dtype=scoring.storage_dtype,
+            shard_size=scoring.shard_size,
+            batch_size=scoring.batch_size,
+            hard_fraction=config.loss.hard_fraction,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            log=logger.info,
+        )
+        logger.info(
+            "score_teacher: %s %s (%d tokens)", "reused" if reused else "wrote", output, manifest["tokens"]
+        )
+        report = token_difficulty_report(
+            TeacherCache(output),
+            Path(prepared_dir),
+            config.loss.hard_fraction,
+            config.workdir / "reports" / "teacher",
+        )
+        run.log_metrics(
+            {
+                "examples": manifest["num_examples"],
+                "tokens": manifest["tokens"],
+                "cache_bytes": manifest["cache_bytes"],
+                "unc_mean": manifest["unc_mean"],
+                "hard_share": report["hard_share"],
+                **{f"unc_q{q}": v for q, v in manifest["unc_quantiles"].items()},
+            }
+        )
+        run.log_artifact(output / "manifest.json")
+        run.log_artifact(config.workdir / "reports" / "teacher", "difficulty")
+    return str(output)

@@ -1,0 +1,234 @@
+"""Teacher scoring: exact cache, resumable, verified on load, multi-process, difficulty report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import load_from_disk
+
+from atkd_core.data.batching import collate, next_token_logits, shift_targets
+from atkd_core.data.prepare import prepare_data
+from atkd_core.errors import CacheError
+from atkd_core.losses import atkd_loss
+from atkd_core.manifest import read_manifest
+from atkd_core.models.build import load_model, materialize_model
+from atkd_core.reports import token_difficulty_report
+from atkd_core.scoring import ScoringSpec, TeacherCache, run_scoring_stage
+from tests.conftest import REPO_ROOT, free_port, tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scoring")
+    config = tiny_config(root)
+    prepare_data(config, root / "prepared", log=lambda _: None)
+    teacher = materialize_model(config.teacher, root / "prepared" / "tokenizer", root / "teacher")
+    return config, root, root / "prepared", root / "teacher", teacher
+
+
+def score(prepared, teacher_dir, out, top_k=8, shard_size=24, **kwargs):
+    return run_scoring_stage(
+        teacher_dir,
+        prepared,
+        out,
+        top_k=top_k,
+        temperature=1.0,
+        storage_dtype="float32",
+        shard_size=shard_size,
+        batch_size=8,
+        hard_fraction=0.5,
+        log=lambda _: None,
+        **kwargs,
+    )
+
+
+def live_batch(prepared, teacher_dir, rows):
+    train = load_from_disk(str(prepared / "dataset"))["train"].select(rows)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
+    batch = collate(list(train), tokenizer.pad_token_id)
+    model = load_model(teacher_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return list(train["id"]), next_token_logits(logits, len(tokenizer)), shift_targets(batch["labels"])
+
+
+def test_cache_equals_a_fresh_teacher_forward(setup, tmp_path):
+    _, _, prepared, teacher_dir, _ = setup
+    manifest, reused = score(prepared, teacher_dir, tmp_path / "cache")
+    assert not reused and manifest["num_examples"] == 64
+    cache = TeacherCache(tmp_path / "cache")
+    ids, logits, targets = live_batch(prepared, teacher_dir, range(5, 13))
+    log_p = torch.log_softmax(logits, -1)
+    for row, example_id in enumerate(ids):
+        valid = targets[row] != -100
+        expected = log_p[row][valid]
+        target = targets[row][valid]
+        torch.testing.assert_close(
+            cache.field(example_id, "target_logprob"), expected.gather(-1, target[:, None]).squeeze(-1)
+        )
+        top = expected.topk(8, -1)
+        torch.testing.assert_close(cache.field(example_id, "topk_logprobs"), top.values)
+        assert torch.equal(cache.field(example_id, "topk_ids").long(), top.indices)
+        torch.testing.assert_close(
+            cache.field(example_id, "unc"), 1 - expected.gather(-1, target[:, None]).squeeze(-1).exp()
+        )
+        tail = 1 - top.values.exp().sum(-1)
+        torch.testing.assert_close(cache.field(example_id, "log_tail_mass").exp(), tail, atol=1e-6, rtol=1e-4)
+
+
+def test_sparse_atkd_from_cache_equals_dense_with_live_teacher_when_k_is_v(setup, tmp_path):
+    _, _, prepared, teacher_dir, _ = setup
+    vocab = read_manifest(prepared)["vocab_size"]
+    score(prepared, teacher_dir, tmp_path / "cache", top_k=vocab)
+    cache = TeacherCache(tmp_path / "cache")
+    ids, teacher_logits, targets = live_batch(prepared, teacher_dir, range(0, 6))
+    student = torch.randn(
+        teacher_logits.shape, generator=torch.Generator().manual_seed(0), requires_grad=True
+    )
+    for setting in ("forward", "reverse"):
+        dense = atkd_loss(student, teacher_logits, targets, setting=setting)
+        sparse = atkd_loss(student, cache.sparse_teacher(ids, targets), targets, setting=setting)
+        torch.testing.assert_close(sparse.loss, dense.loss, atol=1e-5, rtol=1e-5)
+        assert (sparse.num_easy, sparse.num_hard) == (dense.num_easy, dense.num_hard)
+
+
+def test_second_run_reuses_and_interrupted_run_resumes(setup, tmp_path):
+    _, _, prepared, teacher_dir, _ = setup
+    from atkd_core.scoring import score_teacher
+
+    spec_args = dict(top_k=8, shard_size=24)
+    # A run killed after its first shard: the partial directory holds shard 0 only.
+    manifest = read_manifest(prepared)
+    from atkd_core.scoring import prepared_data_sha256, weights_sha256
+
+    spec = ScoringSpec(
+        str(teacher_dir),
+        weights_sha256(teacher_dir),
+        prepared_data_sha256(prepared),
+        manifest["tokenizer_sha256"],
+        8,
+        1.0,
+        "float32",
+        24,
+    )
+    score_teacher(
+        load_model(teacher_dir),
+        prepared,
+        tmp_path / "cache",
+        spec,
+        batch_size=8,
+        stop_after_shards=1,
+        log=lambda _: None,
+    )
+    partial = tmp_path / "cache.partial"
+    first = (partial / "shard-00000.safetensors").stat().st_mtime_ns
+    assert not (partial / "shard-00001.sha256").exists() and not (tmp_path / "cache").exists()
+    messages = []
+    manifest, reused = run_scoring_stage(
+        teacher_dir,
+        prepared,
+        tmp_path / "cache",
+        temperature=1.0,
+        storage_dtype="float32",
+        batch_size=8,
+        hard_fraction=0.5,
+        log=messages.append,
+        **spec_args,
+    )
+    assert not reused and any("resumes, 1 of 3 shards already done" in m for m in messages)
+    assert (tmp_path / "cache" / "shard-00000.safetensors").stat().st_mtime_ns == first
+    assert not partial.exists()
+    _, reused = score(prepared, teacher_dir, tmp_path / "cache")
+    assert reused
+
+
+def test_corrupt_shard_and_wrong_teacher_are_refused(setup, tmp_path):
+    config, root, prepared, teacher_dir, _ = setup
+    score(prepared, teacher_dir, tmp_path / "cache")
+    manifest = read_manifest(tmp_path / "cache")
+    other = materialize_model(
+        config.teacher.model_copy(update={"init_seed": 9}), prepared / "tokenizer", tmp_path / "other"
+    )
+    from atkd_core.scoring import weights_sha256
+
+    expected = ScoringSpec(
+        **{**manifest["spec"], "teacher_weights_sha256": weights_sha256(tmp_path / "other")}
+    )
+    with pytest.raises(CacheError, match="teacher_weights_sha256: cache has"):
+        TeacherCache(tmp_path / "cache", expected=expected)
+    assert other
+    shard = tmp_path / "cache" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard-00001 is corrupt"):
+        TeacherCache(tmp_path / "cache")
+
+
+def test_misaligned_batch_is_refused(setup, tmp_path):
+    _, _, prepared, teacher_dir, _ = setup
+    score(prepared, teacher_dir, tmp_path / "cache")
+    cache = TeacherCache(tmp_path / "cache")
+    ids, _, targets = live_batch(prepared, teacher_dir, range(0, 4))
+    with pytest.raises(CacheError, match="differ from the cached ones"):
+        cache.sparse_teacher(list(reversed(ids)), targets)
+
+
+def test_difficulty_report(setup, tmp_path):
+    _, _, prepared, teacher_dir, _ = setup
+    score(prepared, teacher_dir, tmp_path / "cache")
+    report = token_difficulty_report(TeacherCache(tmp_path / "cache"), prepared, 0.3, tmp_path / "report")
+    assert (tmp_path / "report" / "unc_histogram.png").stat().st_size > 1000
+    assert (
+        abs(report["hard_share"] - 0.3) < 0.05 and abs(report["hard_share"] + report["easy_share"] - 1) < 1e-9
+    )
+    assert sum(f["tokens"] for f in report["families"].values()) == report["tokens"]
+    assert json.loads((tmp_path / "report" / "difficulty.json").read_text()) == report
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_cache_as_one(setup, tmp_path):
+    _, _, prepared, teacher_dir, _ = setup
+    single, _ = score(prepared, teacher_dir, tmp_path / "single")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "atkd_core.score_main",
+            "--teacher",
+            str(teacher_dir),
+            "--prepared",
+            str(prepared),
+            "--out",
+            str(tmp_path / "multi"),
+            "--top-k",
+            "8",
+            "--shard-size",
+            "24",
+            "--batch-size",
+            "8",
+        ],
+        check=True,
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=180,
+    )
+    multi = read_manifest(tmp_path / "multi")
+    assert multi["shards"] == single["shards"] and multi["tokens"] == single["tokens"]
