@@ -22,9 +22,15 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert [c.data.tags["mlflow.runName"] for c in children] == ["prepare_data"]
-    assert children[0].data.metrics["train/rows"] == 64
-    assert "manifest.json" in [a.path for a in client.list_artifacts(children[0].info.run_id)]
+    by_stage = {c.data.tags["mlflow.runName"]: c for c in children}
+    assert set(by_stage) == {"prepare_data", "score_teacher"}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert by_stage["prepare_data"].data.metrics["train/rows"] == 64
+    assert by_stage["score_teacher"].data.metrics["tokens"] > 0
+    assert "manifest.json" in [a.path for a in client.list_artifacts(by_stage["prepare_data"].info.run_id)]
+    difficulty = [a.path for a in client.list_artifacts(by_stage["score_teacher"].info.run_id, "difficulty")]
+    assert "difficulty/unc_histogram.png" in difficulty
+    assert (tmp_path / "teacher_cache" / "manifest.json").is_file()
 
 
 def test_flow_parameter_schema_is_the_config_model():
