@@ -217,6 +217,20 @@ class TrainingConfig(StrictModel):
     eval_every: int = Field(100, ge=1, description="Optimizer steps between validation losses. Range: >= 1.")
     seed: int = Field(0, ge=0, description="Seed of data order, dropout and init. Range: >= 0.")
 
+    resume: Literal["auto", "never", "require"] = Field(
+        "auto",
+        description="auto: resume from the newest intact checkpoint, else start clean; never: always start "
+        "clean; require: fail unless a checkpoint can be resumed.",
+    )
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> TrainingConfig:
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError(
+                "precision: 'fp16' is not supported by DeepSpeed on CPU; use fp32 (or bf16, ~5-30x slower)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _check_batch(self) -> TrainingConfig:
         per_step = self.micro_batch_size * self.num_processes
@@ -328,6 +342,11 @@ class DistillConfig(StrictModel):
 
     @model_validator(mode="after")
     def _generated_needs_online(self) -> DistillConfig:
+        if self.data_source != "ground_truth":
+            raise ValueError(
+                f"data_source: {self.data_source!r} (SeqKD / ImitKD / GKD data) is not implemented yet; "
+                "only 'ground_truth' is supported"
+            )
         if self.data_source != "ground_truth" and self.teacher_source != "online":
             raise ValueError(
                 f"teacher_source: 'offline' cannot serve data_source {self.data_source!r}; set teacher_source: online"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from atkd_core.data.batching import IGNORE_INDEX, collate, shift_targets
 from atkd_core.errors import CacheError
 from atkd_core.losses import SparseTeacher
 from atkd_core.manifest import MANIFEST_NAME, fingerprint, read_manifest, sha256_file, sha256_tree
+from atkd_core.progress import Progress
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTILES = (0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9)
@@ -152,40 +152,6 @@ def _finished_shard(directory: Path, index: int) -> str | None:
         return None
     digest = checksum.read_text().strip()
     return digest if sha256_file(path) == digest else None
-
-
-class Progress:
-    """A progress line (examples, tokens/s, ETA): a tqdm bar on a terminal, periodic log lines otherwise."""
-
-    def __init__(self, total: int, log: Callable[[str], None], label: str, every_seconds: float = 10.0):
-        self.total, self.log, self.label, self.every = total, log, label, every_seconds
-        self.done = self.tokens = 0
-        self.start = self.last = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=label, unit="ex")
-
-    def update(self, examples: int, tokens: int) -> None:
-        """Count finished examples and tokens; report when due."""
-        self.done += examples
-        self.tokens += tokens
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        if self.bar is not None:
-            self.bar.update(examples)
-            self.bar.set_postfix(tok_s=f"{rate:,.0f}")
-        elif time.perf_counter() - self.last >= self.every or self.done >= self.total:
-            remaining = (self.total - self.done) * (time.perf_counter() - self.start) / max(self.done, 1)
-            self.log(
-                f"{self.label}: {self.done}/{self.total} examples, {rate:,.0f} tokens/s, ETA {remaining:,.0f} s"
-            )
-            self.last = time.perf_counter()
-
-    def close(self) -> None:
-        """Close the bar, if any."""
-        if self.bar is not None:
-            self.bar.close()
 
 
 def score_teacher(

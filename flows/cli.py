@@ -53,7 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_config_args(
-        commands.add_parser("score", help="run prepare_data (if needed) and score_teacher alone")
+        commands.add_parser(
+            "score", help="run prepare_data, finetune_teacher and score_teacher (reusing outputs)"
+        )
+    )
+    train = commands.add_parser("train", help="run one training stage alone (no Prefect, no MLflow)")
+    _add_config_args(train)
+    train.add_argument(
+        "--stage",
+        choices=["finetune", "distill"],
+        default="distill",
+        help="finetune: the teacher; distill: the student (runs the stages before it when needed)",
     )
     return parser
 
@@ -97,19 +107,32 @@ def _cmd_data_prepare(config: PipelineConfig) -> Path:
     return output
 
 
-def _cmd_score(config: PipelineConfig) -> int:
+def _teacher_and_cache(config: PipelineConfig, prepared: Path) -> tuple[Path, Path]:
+    """The (fine-tuned, when enabled) teacher and its cache, each reused when up to date."""
     import torch
 
     from atkd_core.models.build import materialize_model
     from atkd_core.scoring import run_scoring_stage
+    from atkd_core.training.loop import TrainJob
+    from infra.launcher import launch_training
 
-    prepared = _cmd_data_prepare(config)
-    teacher = materialize_model(
-        config.teacher, prepared / "tokenizer", config.workdir / "models" / "teacher-init"
+    teacher = Path(
+        materialize_model(config.teacher, prepared / "tokenizer", config.workdir / "models" / "teacher-init")
     )
+    if config.finetune.enabled:
+        job = TrainJob(
+            stage="finetune",
+            config=config,
+            prepared_dir=prepared,
+            init_dir=teacher,
+            output_dir=config.workdir / "models" / "teacher",
+            checkpoint_dir=config.workdir / "checkpoints" / "finetune",
+        )
+        launch_training(job, lambda metrics, step: None)
+        teacher = job.output_dir
     output = config.workdir / "teacher_cache"
     manifest, reused = run_scoring_stage(
-        Path(teacher),
+        teacher,
         prepared,
         output,
         top_k=config.scoring.top_k,
@@ -124,6 +147,42 @@ def _cmd_score(config: PipelineConfig) -> int:
         f"score_teacher: {'reused' if reused else 'wrote'} {output}: {manifest['tokens']} tokens, "
         f"{manifest['cache_bytes'] / 2**20:.1f} MiB, UNC median {manifest['unc_quantiles']['0.5']:.3f}"
     )
+    return teacher, output
+
+
+def _cmd_train(config: PipelineConfig, stage: str) -> int:
+    from atkd_core.models.build import materialize_model
+    from atkd_core.training.loop import TrainJob
+    from infra.launcher import launch_training
+
+    prepared = _cmd_data_prepare(config)
+    if stage == "finetune":
+        config = config.model_copy(update={"finetune": config.finetune.model_copy(update={"enabled": True})})
+        teacher, _ = _teacher_and_cache(config, prepared)
+        print(f"finetune: {teacher}")
+        return 0
+    teacher, cache = _teacher_and_cache(config, prepared)
+    student = materialize_model(
+        config.student, prepared / "tokenizer", config.workdir / "models" / "student-init"
+    )
+    offline = config.distill.teacher_source == "offline"
+    job = TrainJob(
+        stage="distill",
+        config=config,
+        prepared_dir=prepared,
+        init_dir=Path(student),
+        output_dir=config.workdir / "models" / "student",
+        checkpoint_dir=config.workdir / "checkpoints" / "distill",
+        cache_dir=cache if offline else None,
+        teacher_dir=None if offline else teacher,
+    )
+    manifest = launch_training(job, lambda metrics, step: None)
+    print(f"distill: {job.output_dir}: final {manifest.get('final', {})}")
+    return 0
+
+
+def _cmd_score(config: PipelineConfig) -> int:
+    _teacher_and_cache(config, _cmd_data_prepare(config))
     return 0
 
 
@@ -145,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "score":
             return _cmd_score(config)
+        if args.command == "train":
+            return _cmd_train(config, args.stage)
         return _cmd_run(config)
     except ConfigError as exc:
         for line in str(exc).splitlines():

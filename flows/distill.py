@@ -1,7 +1,7 @@
 """The pipeline flow: prepare_data -> finetune_teacher -> score_teacher -> distill_student -> evaluate.
 
 Its one parameter is the pipeline config model, so the Prefect UI renders it as a validated form.
-Stages not yet built are not listed here; each later stage adds its task.
+The evaluate stage is not built yet.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from atkd_core.config import PipelineConfig
 from infra.tracking import pipeline_run
 from tasks.data import prepare_data_task
 from tasks.scoring import materialize_teacher_task, score_teacher_task
+from tasks.train import distill_student_task, finetune_teacher_task
 
 
 class PipelineResult(BaseModel):
@@ -34,9 +35,16 @@ def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResul
     config.workdir.mkdir(parents=True, exist_ok=True)
     with pipeline_run(config, tags={"prefect.flow_run_id": flow_run_id}) as parent:
         prepared = prepare_data_task(config, parent.run_id)
-        teacher = materialize_teacher_task(config, prepared)
+        teacher_init = materialize_teacher_task(config, prepared)
+        teacher = finetune_teacher_task(config, prepared, teacher_init, parent.run_id)
         cache = score_teacher_task(config, prepared, teacher, parent.run_id)
-        outputs = {"prepare_data": prepared, "teacher": teacher, "score_teacher": cache}
+        student = distill_student_task(config, prepared, cache, teacher, parent.run_id)
+        outputs = {
+            "prepare_data": prepared,
+            "finetune_teacher": teacher,
+            "score_teacher": cache,
+            "distill_student": student,
+        }
     logger.info("pipeline finished: %s", outputs)
     return PipelineResult(
         workdir=str(config.workdir),

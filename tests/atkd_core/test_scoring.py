@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -197,7 +196,9 @@ def test_difficulty_report(setup, tmp_path):
 def test_two_processes_write_the_same_cache_as_one(setup, tmp_path):
     _, _, prepared, teacher_dir, _ = setup
     single, _ = score(prepared, teacher_dir, tmp_path / "single")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from infra.launcher import child_environment
+
+    env = {**child_environment(), "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [
             sys.executable,

@@ -23,7 +23,7 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     by_stage = {c.data.tags["mlflow.runName"]: c for c in children}
-    assert set(by_stage) == {"prepare_data", "score_teacher"}
+    assert set(by_stage) == {"prepare_data", "finetune_teacher", "score_teacher", "distill_student"}
     assert all(c.info.status == "FINISHED" for c in children)
     assert by_stage["prepare_data"].data.metrics["train/rows"] == 64
     assert by_stage["score_teacher"].data.metrics["tokens"] > 0
@@ -31,6 +31,14 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
     difficulty = [a.path for a in client.list_artifacts(by_stage["score_teacher"].info.run_id, "difficulty")]
     assert "difficulty/unc_histogram.png" in difficulty
     assert (tmp_path / "teacher_cache" / "manifest.json").is_file()
+    distill = by_stage["distill_student"]
+    history = client.get_metric_history(distill.info.run_id, "loss")
+    assert len(history) == 12 and history[-1].step == 12
+    assert {"dkd_easy", "tkd_hard", "num_hard", "val_loss", "lr", "grad_norm"} <= set(distill.data.metrics)
+    assert distill.data.params["loss.objective"] == "atkd"
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(result.outputs["distill_student"]).num_parameters() > 0
 
 
 def test_flow_parameter_schema_is_the_config_model():

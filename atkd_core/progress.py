@@ -1,0 +1,48 @@
+"""Progress reporting for long loops: a tqdm bar on a terminal, periodic log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+
+class Progress:
+    """A progress line (units done, tokens/s, ETA): a tqdm bar on a terminal, periodic log lines otherwise."""
+
+    def __init__(
+        self,
+        total: int,
+        log: Callable[[str], None],
+        label: str,
+        every_seconds: float = 10.0,
+        unit: str = "examples",
+    ):
+        self.total, self.log, self.label, self.every, self.unit = total, log, label, every_seconds, unit
+        self.done = self.tokens = 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit=unit)
+
+    def update(self, units: int, tokens: int, extra: str = "") -> None:
+        """Count finished units (examples or steps) and tokens; report when due."""
+        self.done += units
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(units)
+            self.bar.set_postfix_str(f"{rate:,.0f} tok/s {extra}")
+        elif time.perf_counter() - self.last >= self.every or self.done >= self.total:
+            remaining = (self.total - self.done) * (time.perf_counter() - self.start) / max(self.done, 1)
+            self.log(
+                f"{self.label}: {self.done}/{self.total} {self.unit}, {rate:,.0f} tokens/s, ETA {remaining:,.0f} s {extra}"
+            )
+            self.last = time.perf_counter()
+
+    def close(self) -> None:
+        """Close the bar, if any."""
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,1 @@
+"""Training: one DeepSpeed loop for teacher fine-tuning (sft) and student distillation (kd, atkd)."""

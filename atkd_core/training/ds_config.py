@@ -1,0 +1,60 @@
+"""The DeepSpeed engine config, rendered from the pydantic training config.
+
+It lives in the library rather than infra/ because the training entry point, started by the
+DeepSpeed launcher on every rank, renders it itself from the resolved YAML.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from atkd_core.config import TrainingConfig
+
+
+def resolve_device(training: TrainingConfig) -> str:
+    """``cuda`` or ``cpu`` for ``training.device`` (auto: cuda when available)."""
+    if training.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if training.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device is 'cuda' but no CUDA device is available")
+    return training.device
+
+
+def resolve_precision(training: TrainingConfig, device: str) -> str:
+    """fp32 / bf16 / fp16 for ``training.precision`` (auto: fp32 on CPU, bf16 on GPU)."""
+    if training.precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if training.precision == "fp16" and device == "cpu":
+        raise RuntimeError("precision fp16 is not supported by DeepSpeed on CPU; use fp32")
+    return training.precision
+
+
+def render_ds_config(training: TrainingConfig, device: str) -> dict[str, Any]:
+    """The DeepSpeed config dict: ZeRO stage, offload, precision, batch sizes, clipping.
+
+    The optimizer and schedule are passed to ``deepspeed.initialize`` as client objects (torch
+    AdamW needs no op compilation), so they are not in this dict.
+    """
+    precision = resolve_precision(training, device)
+    zero: dict[str, Any] = {"stage": training.zero_stage}
+    if training.zero_stage >= 1 and training.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    if training.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_batch_size": training.batch_size,
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": training.grad_accumulation_steps,
+        "gradient_clipping": training.optim.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return config

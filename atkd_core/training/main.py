@@ -1,0 +1,116 @@
+"""Entry point of a training stage: in-process, or on every rank under the DeepSpeed launcher.
+
+    deepspeed --num_gpus 2 --master_addr 127.0.0.1 --module atkd_core.training.main \
+        --config resolved.yaml --stage distill --prepared P --init S --out O --checkpoints C --cache K
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from atkd_core.config import load_config
+from atkd_core.manifest import fingerprint, read_manifest
+from atkd_core.training.ds_config import render_ds_config, resolve_device
+from atkd_core.training.loop import MetricsFn, TrainJob, cleanup, save_model, setup, train
+
+
+def job_fingerprint(job: TrainJob) -> str:
+    """What the trained model depends on: its settings and its inputs' manifests."""
+    sections = ["finetune"] if job.stage == "finetune" else ["loss", "distill"]
+    inputs = [job.prepared_dir, job.init_dir, job.cache_dir, job.teacher_dir]
+    return fingerprint(
+        {
+            "stage": job.stage,
+            "config": job.config.section_hash(*sections),
+            "inputs": [
+                None if p is None else (read_manifest(p) or {}).get("content_sha256", str(p)) for p in inputs
+            ],
+        }
+    )
+
+
+def model_card(job: TrainJob, history: list[dict[str, float]]) -> str:
+    """A short README saying how the model was made."""
+    final = history[-1] if history else {}
+    loss = job.config.loss
+    how = (
+        "supervised fine-tuning (cross-entropy)"
+        if job.objective == "sft"
+        else f"{job.objective} ({loss.divergence if job.objective == 'kd' else loss.setting + ' setting'}, "
+        f"k={loss.hard_fraction}, lambda={loss.lam}, T={loss.temperature}), teacher {job.config.distill.teacher_source}"
+    )
+    return (
+        f"# {job.config.name}: {job.stage}\n\nMade by the ATKD distillation pipeline by {how}.\n\n"
+        f"- initial weights: `{job.init_dir}`\n- data: `{job.prepared_dir}`\n"
+        f"- steps: {final.get('step', 0)}, final loss {final.get('loss', float('nan')):.4f}, "
+        f"validation loss {final.get('val_loss', float('nan')):.4f}\n"
+        f"- training: {json.dumps(job.training.model_dump(mode='json'))}\n"
+    )
+
+
+def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """setup -> train -> save -> cleanup; returns the output manifest (rank 0) or {}."""
+    identity = job_fingerprint(job)
+    existing = read_manifest(job.output_dir)
+    if existing is not None and existing.get("input_fingerprint") == identity:
+        log(f"{job.stage}: reused {job.output_dir}")
+        return {**existing, "reused": True}
+    state = setup(job, log)
+    try:
+        history = train(job, state, log_metrics, log)
+        save_model(job, state, model_card(job, history))
+    finally:
+        cleanup(state)
+    if state.rank != 0:
+        return {}
+    shutil.copy(job.checkpoint_dir / "metrics.jsonl", job.output_dir / "metrics.jsonl")
+    device = resolve_device(job.training)
+    (job.output_dir / "ds_config.json").write_text(
+        json.dumps(render_ds_config(job.training, device), indent=2)
+    )
+    manifest = {
+        "stage": job.stage,
+        "input_fingerprint": identity,
+        "objective": job.objective,
+        "steps": len(history) and history[-1]["step"],
+        "final": history[-1] if history else {},
+        "world_size": state.world_size,
+        "content_sha256": fingerprint(sorted(p.name for p in job.output_dir.iterdir())),
+    }
+    (job.output_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the launcher's arguments and run the stage on this rank."""
+    parser = argparse.ArgumentParser(description="one training stage (every rank runs this)")
+    parser.add_argument("--config", type=Path, required=True, help="resolved pipeline YAML")
+    parser.add_argument("--stage", choices=["finetune", "distill"], required=True)
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--init", type=Path, required=True, help="initial model directory")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=None, help="teacher cache (offline)")
+    parser.add_argument("--teacher", type=Path, default=None, help="teacher model (online)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    job = TrainJob(
+        stage=args.stage,
+        config=load_config(args.config),
+        prepared_dir=args.prepared,
+        init_dir=args.init,
+        output_dir=args.out,
+        checkpoint_dir=args.checkpoints,
+        cache_dir=args.cache,
+        teacher_dir=args.teacher,
+    )
+    run_training(job, log_metrics=lambda metrics, step: None)
+
+
+if __name__ == "__main__":
+    main()

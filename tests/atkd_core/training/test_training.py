@@ -1,0 +1,279 @@
+"""The DeepSpeed training loop: ZeRO stages, batch-split invariance, launcher, resume, every objective."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from atkd_core.config import config_to_yaml
+from atkd_core.data.prepare import prepare_data
+from atkd_core.errors import UserError
+from atkd_core.models.build import materialize_model
+from atkd_core.scoring import run_scoring_stage
+from atkd_core.training.loop import CheckpointError, TrainJob
+from atkd_core.training.main import run_training
+from infra.launcher import child_environment, launch_training
+from tests.conftest import REPO_ROOT, tiny_config
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Prepared data, a teacher, its cache (K = V: the exact sparse teacher) and a student init."""
+    root = tmp_path_factory.mktemp("training")
+    config = tiny_config(root)
+    prepare_data(config, root / "prepared", log=lambda _: None)
+    tokenizer_dir = root / "prepared" / "tokenizer"
+    teacher = Path(
+        materialize_model(
+            config.teacher.model_copy(update={"preset": "neox-small"}), tokenizer_dir, root / "teacher"
+        )
+    )
+    student = Path(materialize_model(config.student, tokenizer_dir, root / "student"))
+    vocab = json.loads((root / "prepared" / "manifest.json").read_text())["vocab_size"]
+    run_scoring_stage(
+        teacher,
+        root / "prepared",
+        root / "cache",
+        top_k=vocab,
+        temperature=1.0,
+        storage_dtype="float32",
+        shard_size=64,
+        batch_size=16,
+        hard_fraction=0.5,
+        log=lambda _: None,
+    )
+    return root, teacher, student
+
+
+def make_job(
+    inputs, tmp_path, *, stage="distill", training=None, loss=None, teacher_source="offline", name="run"
+):
+    root, teacher, student = inputs
+    settings = {
+        "zero_stage": 2,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+        "max_steps": 4,
+        "optim": {"lr": 1e-3},
+        "checkpoint_every": 2,
+        "eval_every": 100,
+        **(training or {}),
+    }
+    config = tiny_config(
+        tmp_path / name,
+        finetune={"training": settings},
+        distill={"teacher_source": teacher_source, "training": settings},
+        loss={"objective": "atkd", **(loss or {})},
+    )
+    return TrainJob(
+        stage=stage,
+        config=config,
+        prepared_dir=root / "prepared",
+        init_dir=teacher if stage == "finetune" else student,
+        output_dir=tmp_path / name / "model",
+        checkpoint_dir=tmp_path / name / "ckpt",
+        cache_dir=root / "cache" if teacher_source == "offline" else None,
+        teacher_dir=teacher if teacher_source == "online" else None,
+    )
+
+
+def losses(job):
+    return [json.loads(line)["loss"] for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def quiet(_message):
+    return None
+
+
+@pytest.mark.slow
+def test_zero_stages_train_alike_in_process(inputs, tmp_path):
+    runs = {}
+    for zero in (1, 2, 3):
+        job = make_job(inputs, tmp_path, stage="finetune", training={"zero_stage": zero}, name=f"zero{zero}")
+        manifest = run_training(job, lambda m, s: None, quiet)
+        assert manifest["steps"] == 4
+        runs[zero] = losses(job)
+    assert runs[1] == pytest.approx(runs[2], rel=1e-5) and runs[3] == pytest.approx(runs[2], rel=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "zero3" / "model")
+    assert model.num_parameters() > 0 and (tmp_path / "zero3" / "model" / "README.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"objective": "kd"},
+        {"objective": "atkd", "split_scope": "threshold", "unc_threshold": 0.9},
+        {"objective": "sft"},
+    ],
+)
+def test_gradient_is_the_same_however_the_batch_is_split(inputs, tmp_path, loss):
+    whole = make_job(inputs, tmp_path, training={"micro_batch_size": 8}, loss=loss, name="whole")
+    split = make_job(inputs, tmp_path, training={"micro_batch_size": 2}, loss=loss, name="split")
+    run_training(whole, lambda m, s: None, quiet)
+    run_training(split, lambda m, s: None, quiet)
+    assert losses(split) == pytest.approx(losses(whole), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_processes_under_the_deepspeed_launcher_match_one(inputs, tmp_path, zero):
+    loss = {"objective": "atkd", "split_scope": "threshold", "unc_threshold": 0.9}
+    one = make_job(
+        inputs, tmp_path, training={"zero_stage": zero, "micro_batch_size": 4}, loss=loss, name="one"
+    )
+    two = make_job(
+        inputs,
+        tmp_path,
+        training={"zero_stage": zero, "micro_batch_size": 4, "num_processes": 2},
+        loss=loss,
+        name="two",
+    )
+    run_training(one, lambda m, s: None, quiet)
+    seen = []
+    manifest = launch_training(two, lambda m, s: seen.append(s), quiet)
+    assert manifest["world_size"] == 2 and seen == [1, 2, 3, 4]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-7)
+
+
+def test_a_failing_rank_fails_the_launch_with_its_error(inputs, tmp_path):
+    from infra.launcher import LaunchError
+
+    job = make_job(inputs, tmp_path, training={"num_processes": 2, "micro_batch_size": 4}, name="broken")
+    job.prepared_dir = tmp_path / "missing"
+    with pytest.raises(LaunchError, match="exited with"):
+        launch_training(job, lambda m, s: None, quiet)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("loss", "teacher_source"),
+    [
+        ({"objective": "sft"}, "offline"),
+        ({"objective": "kd", "divergence": "forward_kl"}, "offline"),
+        ({"objective": "kd", "divergence": "reverse_kl"}, "offline"),
+        ({"objective": "kd", "divergence": "generalized_jsd"}, "offline"),
+        ({"objective": "kd", "divergence": "tvd"}, "offline"),
+        ({"objective": "kd", "divergence": "skew_forward_kl"}, "offline"),
+        ({"objective": "kd", "divergence": "skew_reverse_kl"}, "offline"),
+        ({"objective": "atkd", "setting": "forward"}, "offline"),
+        ({"objective": "atkd", "setting": "reverse", "ce_weight": 0.5}, "offline"),
+        ({"objective": "atkd", "setting": "forward"}, "online"),
+        ({"objective": "kd", "divergence": "forward_kl"}, "online"),
+    ],
+)
+def test_every_objective_lowers_its_loss(inputs, tmp_path, loss, teacher_source):
+    job = make_job(
+        inputs,
+        tmp_path,
+        training={"max_steps": 10, "optim": {"lr": 3e-3}},
+        loss=loss,
+        teacher_source=teacher_source,
+    )
+    manifest = run_training(job, lambda m, s: None, quiet)
+    values = losses(job)
+    assert len(values) == 10 and manifest["objective"] == loss["objective"]
+    assert sum(values[-3:]) / 3 < sum(values[:3]) / 3, values
+
+
+def test_offline_and_online_teachers_give_the_same_atkd_losses(inputs, tmp_path):
+    offline = make_job(inputs, tmp_path, name="offline")
+    online = make_job(inputs, tmp_path, teacher_source="online", name="online")
+    run_training(offline, lambda m, s: None, quiet)
+    run_training(online, lambda m, s: None, quiet)
+    assert losses(offline) == pytest.approx(losses(online), rel=1e-4)
+
+
+def test_a_finished_stage_is_reused(inputs, tmp_path):
+    job = make_job(inputs, tmp_path, name="reuse")
+    first = run_training(job, lambda m, s: None, quiet)
+    again = run_training(job, lambda m, s: None, quiet)
+    assert again["reused"] and again["input_fingerprint"] == first["input_fingerprint"]
+
+
+def _train_command(job, config_path):
+    return [
+        sys.executable,
+        "-m",
+        "atkd_core.training.main",
+        "--config",
+        str(config_path),
+        "--stage",
+        job.stage,
+        "--prepared",
+        str(job.prepared_dir),
+        "--init",
+        str(job.init_dir),
+        "--out",
+        str(job.output_dir),
+        "--checkpoints",
+        str(job.checkpoint_dir),
+        "--cache",
+        str(job.cache_dir),
+    ]
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_matches_an_uninterrupted_run(inputs, tmp_path):
+    settings = {"max_steps": 24, "checkpoint_every": 3, "keep_checkpoints": 2}
+    reference = make_job(inputs, tmp_path, training=settings, name="reference")
+    run_training(reference, lambda m, s: None, quiet)
+
+    job = make_job(inputs, tmp_path, training=settings, name="killed")
+    job.checkpoint_dir.mkdir(parents=True)
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(config_to_yaml(job.config))
+    env = {**child_environment(), "DS_ACCELERATOR": "cpu"}
+    process = subprocess.Popen(
+        _train_command(job, config_path),
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = job.checkpoint_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 8):
+        assert process.poll() is None, "the training process ended before it was killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 8 <= done < 24, "the run was not killed mid-way"
+    assert (job.checkpoint_dir / "latest").is_file()
+
+    subprocess.run(
+        _train_command(job, config_path), cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300
+    )
+    assert losses(job) == pytest.approx(losses(reference), rel=1e-5, abs=1e-7)
+    assert len(sorted(job.checkpoint_dir.glob("step-*"))) == 2
+
+
+def test_damaged_checkpoint_is_an_error_unless_resume_is_never(inputs, tmp_path):
+    job = make_job(inputs, tmp_path, training={"max_steps": 2, "checkpoint_every": 1}, name="damaged")
+    run_training(job, lambda m, s: None, quiet)
+    (job.output_dir / "manifest.json").unlink()  # force a re-run, which resumes
+    for state in (job.checkpoint_dir / "step-0000002").rglob("*.pt"):
+        state.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        run_training(job, lambda m, s: None, quiet)
+    job.config.distill.training.resume = "never"
+    manifest = run_training(job, lambda m, s: None, quiet)
+    assert manifest["steps"] == 2
+    required = make_job(inputs, tmp_path, training={"resume": "require"}, name="required")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        run_training(required, lambda m, s: None, quiet)
+
+
+def test_wrong_process_count_is_refused(inputs, tmp_path):
+    job = make_job(inputs, tmp_path, training={"num_processes": 2, "micro_batch_size": 4}, name="count")
+    with pytest.raises(UserError, match="num_processes is 2 but 1"):
+        run_training(job, lambda m, s: None, quiet)
