@@ -94,6 +94,12 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _rows(split: Any) -> list[dict[str, Any]]:
+    """A datasets split as a list of {id, input_ids, labels} dicts."""
+    columns = split.select_columns(["id", "input_ids", "labels"]).to_dict()
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
 def _init_distributed(device: str) -> tuple[int, int]:
     """Join (or, for one process, create) the process group; return (rank, world_size)."""
     import deepspeed
@@ -166,7 +172,9 @@ def setup(job: TrainJob, log: Callable[[str], None]) -> TrainState:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=render_ds_config(training, device)
     )
-    label_counts = [sum(1 for t in labels[1:] if t != IGNORE_INDEX) for labels in train["labels"]]
+    # Rows as plain lists once: Arrow row access per micro-batch costs more than a small student's step.
+    train, validation = _rows(train), _rows(validation)
+    label_counts = [sum(1 for t in row["labels"][1:] if t != IGNORE_INDEX) for row in train]
     state = TrainState(
         engine=engine,
         tokenizer=tokenizer,
@@ -203,7 +211,7 @@ def _attach_teacher(job: TrainJob, state: TrainState, log: Callable[[str], None]
         if job.objective == "atkd" and loss.split_scope == "threshold":
             state.hard_counts = [
                 int((state.cache.field(example_id, "unc") >= loss.unc_threshold).sum())
-                for example_id in state.train["id"]
+                for example_id in (row["id"] for row in state.train)
             ]
         log(f"{job.stage}: offline teacher from {job.cache_dir} ({state.cache.manifest['tokens']} tokens)")
         return
@@ -250,8 +258,8 @@ def _micro_loss(
     job: TrainJob, state: TrainState, rows: list[int], denominators: dict[str, float]
 ) -> tuple[Tensor, float, dict[str, float]]:
     """(loss, its cross-entropy part, diagnostics) of one micro-batch, scaled for the step-wide normalisation."""
-    examples = state.train.select(rows)
-    batch = collate(list(examples), state.tokenizer.pad_token_id)
+    examples = [state.train[i] for i in rows]
+    batch = collate(examples, state.tokenizer.pad_token_id)
     batch = {k: v.to(state.engine.device) for k, v in batch.items()}
     outputs = state.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     vocab = len(state.tokenizer)
@@ -265,7 +273,7 @@ def _micro_loss(
     if job.objective == "sft":
         return ce, ce.item(), {}
     if state.cache is not None:
-        teacher = state.cache.sparse_teacher(list(examples["id"]), targets)
+        teacher = state.cache.sparse_teacher([e["id"] for e in examples], targets)
     else:
         with torch.no_grad():
             teacher_out = state.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -391,9 +399,8 @@ def validation_loss(state: TrainState, max_examples: int = 256) -> float:
     engine, vocab = state.engine, len(state.tokenizer)
     engine.eval()
     total, count = 0.0, 0
-    rows = list(range(min(len(state.validation), max_examples)))
-    for start in range(0, len(rows), 16):
-        batch = collate(list(state.validation.select(rows[start : start + 16])), state.tokenizer.pad_token_id)
+    for start in range(0, min(len(state.validation), max_examples), 16):
+        batch = collate(state.validation[start : start + 16], state.tokenizer.pad_token_id)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         logits = next_token_logits(
             engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, vocab

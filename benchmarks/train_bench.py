@@ -1,0 +1,108 @@
+"""Training step time and tokens/s for the same student: sft, kd offline, atkd offline, atkd online.
+
+All four train the demo's student on the demo's data (same batches, same steps) in one process under
+DeepSpeed ZeRO-2, fp32 on CPU; the teacher is the demo's teacher preset (its weights do not change
+the cost). Step times are medians after the first steps; ratios are to sft.
+
+    .venv/bin/python benchmarks/train_bench.py
+    .venv/bin/python benchmarks/train_bench.py --steps 30 --teacher neox-medium
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from atkd_core.config import load_config
+from atkd_core.data.prepare import prepare_data
+from atkd_core.models.build import materialize_model
+from atkd_core.scoring import run_scoring_stage
+from atkd_core.training.loop import TrainJob
+from atkd_core.training.main import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = [
+    ("sft", "offline", {"objective": "sft"}),
+    ("kd offline", "offline", {"objective": "kd"}),
+    ("atkd offline", "offline", {"objective": "atkd"}),
+    ("atkd online", "online", {"objective": "atkd"}),
+]
+
+
+def main() -> None:
+    """Train each case for the same steps and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per case")
+    parser.add_argument("--teacher", default="neox-small", help="teacher preset")
+    parser.add_argument("--student", default="neox-tiny", help="student preset")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = load_config(
+            REPO / "configs" / "demo.yaml",
+            [f"workdir={root}", f"teacher.preset={args.teacher}", f"student.preset={args.student}"],
+        )
+        prepare_data(base, root / "prepared", log=lambda _: None)
+        tokenizer = root / "prepared" / "tokenizer"
+        teacher = Path(materialize_model(base.teacher, tokenizer, root / "teacher"))
+        student = Path(materialize_model(base.student, tokenizer, root / "student"))
+        run_scoring_stage(
+            teacher,
+            root / "prepared",
+            root / "cache",
+            top_k=base.scoring.top_k,
+            temperature=1.0,
+            storage_dtype="float32",
+            shard_size=1024,
+            batch_size=32,
+            hard_fraction=0.5,
+            log=lambda _: None,
+        )
+        rows = []
+        for name, source, loss in CASES:
+            config = load_config(
+                REPO / "configs" / "demo.yaml",
+                [
+                    f"workdir={root / name.replace(' ', '-')}",
+                    f"distill.teacher_source={source}",
+                    f"distill.training.max_steps={args.steps}",
+                    f"loss.objective={loss['objective']}",
+                    "distill.training.eval_every=100000",
+                    f"teacher.preset={args.teacher}",
+                    f"student.preset={args.student}",
+                ],
+            )
+            job = TrainJob(
+                stage="distill",
+                config=config,
+                prepared_dir=root / "prepared",
+                init_dir=student,
+                output_dir=config.workdir / "model",
+                checkpoint_dir=config.workdir / "ckpt",
+                cache_dir=root / "cache",
+                teacher_dir=teacher,
+            )
+            run_training(job, lambda metrics, step: None, log=lambda _: None)
+            history = [
+                json.loads(line) for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()
+            ]
+            steady = history[min(3, len(history) - 1) :]
+            rows.append((name, statistics.median(r["tokens_per_s"] for r in steady)))
+    sft_rate = rows[0][1]
+    print(
+        f"student {args.student}, teacher {args.teacher}, demo data, batch {base.distill.training.batch_size}, "
+        f"{args.steps} steps, ZeRO-{base.distill.training.zero_stage}, fp32 CPU"
+    )
+    print("| objective | response tokens/s | step time vs sft |")
+    print("|---|---|---|")
+    # Every case trains on the same batches, so the step-time ratio is the inverse throughput ratio.
+    for name, rate in rows:
+        print(f"| {name} | {rate:,.0f} | {sft_rate / rate:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
