@@ -364,6 +364,10 @@ class EvalConfig(StrictModel):
     harness_tasks: list[str] = Field(
         default_factory=list, description="Named lm-eval tasks passed through (e.g. mmlu)."
     )
+    instruction_files: list[Path] = Field(
+        default_factory=list,
+        description="User instruction sets (JSONL, data.field_preset fields) scored like the paper: greedy, ROUGE-L.",
+    )
     include_teacher: bool = Field(True, description="Score the teacher beside the student as a reference.")
 
 

@@ -81,6 +81,9 @@ def _cmd_run(config: PipelineConfig) -> int:
         print(f"  MLflow run       {result.mlflow_run_id}  ({result.mlflow_tracking_uri})")
         print(f"  MLflow UI        mlflow ui --backend-store-uri {result.mlflow_tracking_uri}")
     print(f"  Prefect run      {result.prefect_flow_run_id}")
+    summary = Path(result.outputs.get("evaluate", "")) / "summary.md"
+    if "evaluate" in result.outputs and summary.is_file():
+        print("\nEvaluation (lm-evaluation-harness; gap = student - teacher):\n" + summary.read_text())
     return 0
 
 

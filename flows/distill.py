@@ -1,7 +1,6 @@
 """The pipeline flow: prepare_data -> finetune_teacher -> score_teacher -> distill_student -> evaluate.
 
 Its one parameter is the pipeline config model, so the Prefect UI renders it as a validated form.
-The evaluate stage is not built yet.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from pydantic import BaseModel, Field
 from atkd_core.config import PipelineConfig
 from infra.tracking import pipeline_run
 from tasks.data import prepare_data_task
+from tasks.evaluate import evaluate_task
 from tasks.scoring import materialize_teacher_task, score_teacher_task
 from tasks.train import distill_student_task, finetune_teacher_task
 
@@ -45,6 +45,8 @@ def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResul
             "score_teacher": cache,
             "distill_student": student,
         }
+        if config.eval.enabled:
+            outputs["evaluate"] = evaluate_task(config, prepared, student, teacher, parent.run_id)
     logger.info("pipeline finished: %s", outputs)
     return PipelineResult(
         workdir=str(config.workdir),

@@ -1,0 +1,268 @@
+"""Stage ``evaluate``: lm-evaluation-harness over the saved models, on the project's own tasks.
+
+Task YAMLs are generated per run from ``atkd_core/evaluation/templates/`` (their data files are
+the run's, so their paths are absolute) into ``<output>/tasks`` and loaded with a
+``TaskManager`` include path:
+
+* ``atkd_<family>``: one generate_until task per embedded-suite family on the test split: greedy,
+  stop at EOS or newline, exact match and ROUGE-L;
+* ``atkd_instruct_<name>``: the same protocol (ROUGE-L, greedy, up to ``eval.max_new_tokens``)
+  for each user JSONL in ``eval.instruction_files`` (Dolly / Alpaca fields);
+
+Validation perplexity is not a harness task: lm-eval moves a context's trailing whitespace into the
+continuation, so with prompts ending in "### Response:\n" it would score the newline, a prompt
+token no model here is trained to predict. It is computed in :mod:`atkd_core.evaluation.analysis`.
+
+Named harness tasks (``eval.harness_tasks``) pass straight through, each on its own so that one
+that cannot be loaded offline is reported and the others' results are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from atkd_core.config import FieldMap, PipelineConfig
+from atkd_core.data.prepare import format_prompt, read_rows
+from atkd_core.errors import UserError
+
+TEMPLATES = Path(__file__).parent / "templates"
+UTILS_SHIM = "from atkd_core.evaluation.metrics import generation_results  # noqa: F401\n"
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _render(template: str, path: Path, **values: Any) -> None:
+    """Fill a shipped task template (``$name`` placeholders; Jinja's braces are left alone)."""
+    path.write_text(Template((TEMPLATES / template).read_text()).substitute(values))
+
+
+def write_tasks(config: PipelineConfig, prepared_dir: Path, tasks_dir: Path, tokenizer: Any) -> list[str]:
+    """Write the run's task YAMLs and data files into ``tasks_dir``; return the task names."""
+    eos_token = tokenizer.eos_token
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    (tasks_dir / "utils.py").write_text(UTILS_SHIM)
+    data, limit = config.data, config.eval.limit
+    raw = prepared_dir / "raw"
+    names: list[str] = []
+
+    def docs_of(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        docs = [
+            {"prompt": format_prompt(data, r["instruction"], r["context"]), "response": r["response"]}
+            for r in rows
+        ]
+        return docs[:limit] if limit else docs
+
+    def generation_task(name: str, rows: list[dict[str, str]], until: list[str]) -> None:
+        _write_jsonl(tasks_dir / f"{name}.jsonl", docs_of(rows))
+        _render(
+            "generation.yaml",
+            tasks_dir / f"{name}.yaml",
+            task=name,
+            until=json.dumps(until),
+            data_file=(tasks_dir / f"{name}.jsonl").resolve(),
+            max_new_tokens=config.eval.max_new_tokens,
+        )
+        names.append(name)
+
+    test_rows, _ = read_rows(raw / "test.jsonl", FieldMap())
+    if data.source == "embedded":
+        # Suite answers are one line: a newline ends them as surely as EOS.
+        for family in sorted({r["category"] for r in test_rows}):
+            generation_task(
+                f"atkd_{family}", [r for r in test_rows if r["category"] == family], ["\n", eos_token]
+            )
+    else:
+        generation_task("atkd_test", test_rows, [eos_token])
+    for path in config.eval.instruction_files:
+        rows, _ = read_rows(Path(path), config.data.field_map())
+        generation_task(f"atkd_instruct_{Path(path).stem.replace('-', '_')}", rows, [eos_token])
+
+    return names
+
+
+def evaluate_model(
+    model_dir: Path,
+    tasks_dir: Path,
+    task_names: list[str],
+    harness_tasks: list[str],
+    *,
+    batch_size: int,
+    device: str,
+    log: Callable[[str], None],
+) -> tuple[dict[str, dict[str, float]], dict[str, str], dict[str, Any]]:
+    """Run the harness on one model: (metrics per task, errors per named task, raw results)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model = HFLM(pretrained=str(model_dir), batch_size=batch_size, device=device)
+    own = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    raw = simple_evaluate(
+        model=model, tasks=task_names, task_manager=own, bootstrap_iters=0, log_samples=False
+    )
+    metrics = _metrics(raw)
+    errors: dict[str, str] = {}
+    for name in harness_tasks:
+        try:
+            result = simple_evaluate(
+                model=model, tasks=[name], task_manager=TaskManager(), bootstrap_iters=0, log_samples=False
+            )
+        except Exception as exc:  # the harness raises many kinds for an unloadable task
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            log(
+                f"evaluate: named task {name!r} could not be run ({errors[name]}); the other results are kept"
+            )
+            continue
+        metrics.update(_metrics(result))
+        raw["results"].update(result["results"])
+    return metrics, errors, raw
+
+
+def _metrics(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from a harness result, numbers only, filter suffixes dropped."""
+    out: dict[str, dict[str, float]] = {}
+    for task, values in raw["results"].items():
+        for key, value in values.items():
+            if (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and "_stderr" not in key
+                and key != "sample_len"
+            ):
+                out.setdefault(task, {})[key.split(",")[0]] = float(value)
+    return out
+
+
+def summary_table(
+    results: dict[str, dict[str, dict[str, float]]], student: str = "student", teacher: str = "teacher"
+) -> list[dict[str, Any]]:
+    """Rows of task x metric with one column per model and the student's gap to the teacher."""
+    tasks = sorted({t for model in results.values() for t in model})
+    rows = []
+    for task in tasks:
+        metrics = sorted({m for model in results.values() for m in model.get(task, {})})
+        for metric in metrics:
+            row: dict[str, Any] = {"task": task, "metric": metric}
+            for model, values in results.items():
+                row[model] = values.get(task, {}).get(metric, math.nan)
+            if student in results and teacher in results:
+                row["gap"] = row[student] - row[teacher]
+            rows.append(row)
+    return rows
+
+
+def write_summary(rows: list[dict[str, Any]], output_dir: Path) -> str:
+    """summary.md, summary.csv and summary.png; return the Markdown table."""
+    columns = list(rows[0]) if rows else ["task", "metric"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append(
+            "| "
+            + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns)
+            + " |"
+        )
+    markdown = "\n".join(lines) + "\n"
+    (output_dir / "summary.md").write_text(markdown)
+    with (output_dir / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    _bar_chart(rows, [c for c in columns if c not in ("task", "metric", "gap")], output_dir / "summary.png")
+    return markdown
+
+
+def _bar_chart(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["metric"] in ("rougeL", "exact_match")]
+    if not shown:
+        return
+    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(shown) * len(models)), 4))
+    width = 0.8 / max(1, len(models))
+    for index, model in enumerate(models):
+        values = [r[model] if r["metric"] == "rougeL" else 100 * r[model] for r in shown]
+        axis.bar([i + index * width for i in range(len(shown))], values, width, label=model)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(shown))])
+    axis.set_xticklabels(
+        [f"{r['task'].removeprefix('atkd_')}\n{r['metric']}" for r in shown], rotation=45, ha="right"
+    )
+    axis.set_ylabel("score (0-100)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def check_models(models: dict[str, Path]) -> None:
+    """Every model to score must be a saved directory."""
+    for name, path in models.items():
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(
+                f"evaluate: {name} model {path} is not a save_pretrained directory (no config.json)"
+            )
+
+
+def run_evaluation(
+    config: PipelineConfig,
+    prepared_dir: Path,
+    models: dict[str, Path],
+    output_dir: Path,
+    *,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The evaluate stage: harness results per model, the summary table, the easy/hard analysis.
+
+    ``models`` maps a name (student, teacher, ...) to a saved model directory. Writes
+    ``<name>.json`` per model, ``summary.{md,csv,png}``, ``difficulty.json`` and ``errors.json``.
+    """
+    from atkd_core.data.tokenizer import load_tokenizer
+    from atkd_core.evaluation.analysis import easy_hard_agreement
+
+    check_models(models)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tasks_dir = output_dir / "tasks"
+    names = write_tasks(config, prepared_dir, tasks_dir, load_tokenizer(prepared_dir / "tokenizer"))
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    errors: dict[str, str] = {}
+    for name, directory in models.items():
+        log(f"evaluate: {name} ({directory}) on {len(names)} tasks")
+        metrics, model_errors, raw = evaluate_model(
+            directory,
+            tasks_dir,
+            names,
+            config.eval.harness_tasks,
+            batch_size=config.eval.batch_size,
+            device=device,
+            log=log,
+        )
+        results[name] = metrics
+        errors.update(model_errors)
+        (output_dir / f"{name}.json").write_text(json.dumps(raw, indent=2, default=str))
+    rows = summary_table(results)
+    markdown = write_summary(rows, output_dir)
+    (output_dir / "errors.json").write_text(json.dumps(errors, indent=2))
+    difficulty = None
+    if "student" in models and "teacher" in models:
+        difficulty = easy_hard_agreement(
+            models["student"], models["teacher"], prepared_dir, config.loss.hard_fraction
+        )
+        (output_dir / "difficulty.json").write_text(json.dumps(difficulty, indent=2))
+    return {
+        "results": results,
+        "errors": errors,
+        "summary_markdown": markdown,
+        "difficulty": difficulty,
+        "tasks": names,
+    }

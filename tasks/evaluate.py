@@ -1,0 +1,63 @@
+"""Prefect task for the evaluate stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger, task
+
+from atkd_core.config import PipelineConfig
+from atkd_core.evaluation.harness import run_evaluation
+from infra.tracking import stage_run
+
+
+@task(name="evaluate")
+def evaluate_task(
+    config: PipelineConfig, prepared_dir: str, student_dir: str, teacher_dir: str, parent_run_id: str | None
+) -> str:
+    """Score the student (and the teacher as reference) with lm-evaluation-harness; return the output path."""
+    logger = get_run_logger()
+    output = config.workdir / "eval"
+    models = {"student": Path(student_dir)}
+    if config.eval.include_teacher:
+        models["teacher"] = Path(teacher_dir)
+    with stage_run(config, parent_run_id, "evaluate") as run:
+        run.log_params(
+            {
+                "models": ",".join(models),
+                "max_new_tokens": config.eval.max_new_tokens,
+                "limit": config.eval.limit,
+                "harness_tasks": ",".join(config.eval.harness_tasks),
+            }
+        )
+        report = run_evaluation(
+            config,
+            Path(prepared_dir),
+            models,
+            output,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            log=logger.info,
+        )
+        metrics = {
+            f"eval/{model}/{task_name}/{metric}": value
+            for model, tasks in report["results"].items()
+            for task_name, values in tasks.items()
+            for metric, value in values.items()
+            if metric != "sample_len"
+        }
+        if report["difficulty"]:
+            for group in ("easy", "hard"):
+                for key in ("forward_kl", "top1_agreement", "teacher_unc"):
+                    metrics[f"difficulty/{group}/{key}"] = report["difficulty"][group][key]
+            for model in ("student", "teacher"):
+                metrics[f"eval/{model}/validation_perplexity"] = report["difficulty"][
+                    f"{model}_validation_perplexity"
+                ]
+        run.log_metrics(metrics)
+        for name in sorted(p.name for p in output.iterdir() if p.is_file()):
+            run.log_artifact(output / name, "eval")
+        logger.info("evaluation summary:\n%s", report["summary_markdown"])
+        if report["errors"]:
+            logger.warning("named tasks that could not be run: %s", report["errors"])
+    return str(output)
