@@ -413,3 +413,25 @@ def run_scoring_stage(
     return finalize_cache(
         output_dir, spec, hard_fraction=hard_fraction, num_examples=manifest["counts"]["train"]["rows"]
     ), False
+
+
+def score_from_config(
+    config: Any, teacher_dir: Path, prepared_dir: Path, log: Callable[[str], None] = print
+) -> tuple[Path, dict[str, Any], bool]:
+    """The score_teacher stage with the pipeline config's settings into ``<workdir>/teacher_cache``;
+    returns (cache directory, manifest, reused)."""
+    output = config.workdir / "teacher_cache"
+    manifest, reused = run_scoring_stage(
+        teacher_dir,
+        prepared_dir,
+        output,
+        top_k=config.scoring.top_k,
+        temperature=config.loss.temperature,
+        storage_dtype=config.scoring.storage_dtype,
+        shard_size=config.scoring.shard_size,
+        batch_size=config.scoring.batch_size,
+        hard_fraction=config.loss.hard_fraction,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        log=log,
+    )
+    return output, manifest, reused

@@ -112,40 +112,19 @@ def _cmd_data_prepare(config: PipelineConfig) -> Path:
 
 def _teacher_and_cache(config: PipelineConfig, prepared: Path) -> tuple[Path, Path]:
     """The (fine-tuned, when enabled) teacher and its cache, each reused when up to date."""
-    import torch
-
     from atkd_core.models.build import materialize_model
-    from atkd_core.scoring import run_scoring_stage
-    from atkd_core.training.loop import TrainJob
+    from atkd_core.scoring import score_from_config
+    from atkd_core.training.loop import finetune_job
     from infra.launcher import launch_training
 
     teacher = Path(
         materialize_model(config.teacher, prepared / "tokenizer", config.workdir / "models" / "teacher-init")
     )
     if config.finetune.enabled:
-        job = TrainJob(
-            stage="finetune",
-            config=config,
-            prepared_dir=prepared,
-            init_dir=teacher,
-            output_dir=config.workdir / "models" / "teacher",
-            checkpoint_dir=config.workdir / "checkpoints" / "finetune",
-        )
+        job = finetune_job(config, prepared, teacher)
         launch_training(job, lambda metrics, step: None)
         teacher = job.output_dir
-    output = config.workdir / "teacher_cache"
-    manifest, reused = run_scoring_stage(
-        teacher,
-        prepared,
-        output,
-        top_k=config.scoring.top_k,
-        temperature=config.loss.temperature,
-        storage_dtype=config.scoring.storage_dtype,
-        shard_size=config.scoring.shard_size,
-        batch_size=config.scoring.batch_size,
-        hard_fraction=config.loss.hard_fraction,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-    )
+    output, manifest, reused = score_from_config(config, teacher, prepared)
     print(
         f"score_teacher: {'reused' if reused else 'wrote'} {output}: {manifest['tokens']} tokens, "
         f"{manifest['cache_bytes'] / 2**20:.1f} MiB, UNC median {manifest['unc_quantiles']['0.5']:.3f}"
@@ -155,7 +134,7 @@ def _teacher_and_cache(config: PipelineConfig, prepared: Path) -> tuple[Path, Pa
 
 def _cmd_train(config: PipelineConfig, stage: str) -> int:
     from atkd_core.models.build import materialize_model
-    from atkd_core.training.loop import TrainJob
+    from atkd_core.training.loop import distill_job
     from infra.launcher import launch_training
 
     prepared = _cmd_data_prepare(config)
@@ -165,20 +144,10 @@ def _cmd_train(config: PipelineConfig, stage: str) -> int:
         print(f"finetune: {teacher}")
         return 0
     teacher, cache = _teacher_and_cache(config, prepared)
-    student = materialize_model(
-        config.student, prepared / "tokenizer", config.workdir / "models" / "student-init"
+    student = Path(
+        materialize_model(config.student, prepared / "tokenizer", config.workdir / "models" / "student-init")
     )
-    offline = config.distill.teacher_source == "offline"
-    job = TrainJob(
-        stage="distill",
-        config=config,
-        prepared_dir=prepared,
-        init_dir=Path(student),
-        output_dir=config.workdir / "models" / "student",
-        checkpoint_dir=config.workdir / "checkpoints" / "distill",
-        cache_dir=cache if offline else None,
-        teacher_dir=None if offline else teacher,
-    )
+    job = distill_job(config, prepared, student, cache, teacher)
     manifest = launch_training(job, lambda metrics, step: None)
     print(f"distill: {job.output_dir}: final {manifest.get('final', {})}")
     return 0

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
 from atkd_core.reports import token_difficulty_report
-from atkd_core.scoring import TeacherCache, run_scoring_stage
+from atkd_core.scoring import TeacherCache, score_from_config
 from infra.tracking import stage_run
-
-
-def cache_dir(config: PipelineConfig) -> Path:
-    """Where score_teacher writes the teacher cache."""
-    return config.workdir / "teacher_cache"
 
 
 @task(name="materialize_teacher")
@@ -33,7 +27,6 @@ def score_teacher_task(
 ) -> str:
     """Score the teacher over the training split into a verified sparse cache; return its path."""
     logger = get_run_logger()
-    output = cache_dir(config)
     scoring = config.scoring
     with stage_run(config, parent_run_id, "score_teacher") as run:
         run.log_params(
@@ -45,18 +38,8 @@ def score_teacher_task(
                 "shard_size": scoring.shard_size,
             }
         )
-        manifest, reused = run_scoring_stage(
-            Path(teacher_dir),
-            Path(prepared_dir),
-            output,
-            top_k=scoring.top_k,
-            temperature=config.loss.temperature,
-            storage_dtype=scoring.storage_dtype,
-            shard_size=scoring.shard_size,
-            batch_size=scoring.batch_size,
-            hard_fraction=config.loss.hard_fraction,
-            device="cuda" if torch.cuda.is_available() else "cpu",
-            log=logger.info,
+        output, manifest, reused = score_from_config(
+            config, Path(teacher_dir), Path(prepared_dir), logger.info
         )
         logger.info(
             "score_teacher: %s %s (%d tokens)", "reused" if reused else "wrote", output, manifest["tokens"]

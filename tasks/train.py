@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
-from atkd_core.training.loop import TrainJob
+from atkd_core.training.loop import TrainJob, distill_job, finetune_job
 from infra.launcher import launch_training
 from infra.tracking import RunHandle, flatten, stage_run
 
@@ -47,14 +47,7 @@ def finetune_teacher_task(
     if not config.finetune.enabled:
         return teacher_init
     logger = get_run_logger()
-    job = TrainJob(
-        stage="finetune",
-        config=config,
-        prepared_dir=Path(prepared_dir),
-        init_dir=Path(teacher_init),
-        output_dir=config.workdir / "models" / "teacher",
-        checkpoint_dir=config.workdir / "checkpoints" / "finetune",
-    )
+    job = finetune_job(config, Path(prepared_dir), Path(teacher_init))
     with stage_run(config, parent_run_id, "finetune_teacher") as run:
         _train(job, run, logger)
     return str(job.output_dir)
@@ -69,17 +62,7 @@ def distill_student_task(
     student_init = materialize_model(
         config.student, Path(prepared_dir) / "tokenizer", config.workdir / "models" / "student-init"
     )
-    offline = config.distill.teacher_source == "offline"
-    job = TrainJob(
-        stage="distill",
-        config=config,
-        prepared_dir=Path(prepared_dir),
-        init_dir=Path(student_init),
-        output_dir=config.workdir / "models" / "student",
-        checkpoint_dir=config.workdir / "checkpoints" / "distill",
-        cache_dir=Path(cache_dir) if offline else None,
-        teacher_dir=None if offline else Path(teacher_dir),
-    )
+    job = distill_job(config, Path(prepared_dir), Path(student_init), Path(cache_dir), Path(teacher_dir))
     with stage_run(config, parent_run_id, "distill_student") as run:
         run.log_params(flatten(config.loss.model_dump(mode="json"), "loss."))
         _train(job, run, logger)

@@ -515,3 +515,32 @@ def cleanup(state: TrainState) -> None:
         state.engine.destroy()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def finetune_job(config: PipelineConfig, prepared_dir: Path, teacher_init: Path) -> TrainJob:
+    """The teacher fine-tuning stage in the run's standard layout under ``workdir``."""
+    return TrainJob(
+        stage="finetune",
+        config=config,
+        prepared_dir=prepared_dir,
+        init_dir=teacher_init,
+        output_dir=config.workdir / "models" / "teacher",
+        checkpoint_dir=config.workdir / "checkpoints" / "finetune",
+    )
+
+
+def distill_job(
+    config: PipelineConfig, prepared_dir: Path, student_init: Path, cache_dir: Path, teacher_dir: Path
+) -> TrainJob:
+    """The distillation stage in the run's standard layout; the cache offline, the teacher online."""
+    offline = config.distill.teacher_source == "offline"
+    return TrainJob(
+        stage="distill",
+        config=config,
+        prepared_dir=prepared_dir,
+        init_dir=student_init,
+        output_dir=config.workdir / "models" / "student",
+        checkpoint_dir=config.workdir / "checkpoints" / "distill",
+        cache_dir=cache_dir if offline else None,
+        teacher_dir=None if offline else teacher_dir,
+    )

@@ -23,7 +23,13 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     by_stage = {c.data.tags["mlflow.runName"]: c for c in children}
-    assert set(by_stage) == {"prepare_data", "finetune_teacher", "score_teacher", "distill_student", "evaluate"}
+    assert set(by_stage) == {
+        "prepare_data",
+        "finetune_teacher",
+        "score_teacher",
+        "distill_student",
+        "evaluate",
+    }
     evaluation = by_stage["evaluate"].data.metrics
     assert "eval/student/atkd_add/rougeL" in evaluation and "eval/teacher/atkd_add/exact_match" in evaluation
     assert "difficulty/hard/forward_kl" in evaluation
