@@ -137,13 +137,18 @@ def read_hub_split(
 def encode_example(
     prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one example: labels are IGNORE_INDEX on the prompt, kept on response + EOS.
+    """Token ids and labels for one example: IGNORE_INDEX on the prompt, kept on the response + EOS.
 
+    The prompt's trailing whitespace (the newline after "### Response:") is trained as the start of
+    the response, and the split is made as lm-evaluation-harness makes it (context tokens, then the
+    rest of the whole text's tokens), so the harness scores exactly the tokens trained here.
     When too long, the prompt is truncated first, from its start, so the template's response marker
     right before the answer survives; a response longer than ``max_length - 1`` keeps its beginning.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    context = prompt.rstrip()
+    prompt_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole_ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+    response_ids = whole_ids[len(prompt_ids) :] + [tokenizer.eos_token_id]
     response_ids = response_ids[: max_length - 1]
     prompt_budget = max_length - len(response_ids)
     prompt_ids = prompt_ids[max(0, len(prompt_ids) - prompt_budget) :]

@@ -8,10 +8,8 @@ the run's, so their paths are absolute) into ``<output>/tasks`` and loaded with 
   stop at EOS or newline, exact match and ROUGE-L;
 * ``atkd_instruct_<name>``: the same protocol (ROUGE-L, greedy, up to ``eval.max_new_tokens``)
   for each user JSONL in ``eval.instruction_files`` (Dolly / Alpaca fields);
-
-Validation perplexity is not a harness task: lm-eval moves a context's trailing whitespace into the
-continuation, so with prompts ending in "### Response:\n" it would score the newline, a prompt
-token no model here is trained to predict. It is computed in :mod:`atkd_core.evaluation.analysis`.
+* ``atkd_validation_ll``: the reference responses' log-likelihood on the validation split
+  (pooled per-token perplexity, greedy match), scoring exactly the tokens prepare_data trains.
 
 Named harness tasks (``eval.harness_tasks``) pass straight through, each on its own so that one
 that cannot be loaded offline is reported and the others' results are kept.
@@ -32,7 +30,9 @@ from atkd_core.data.prepare import format_prompt, read_rows
 from atkd_core.errors import UserError
 
 TEMPLATES = Path(__file__).parent / "templates"
-UTILS_SHIM = "from atkd_core.evaluation.metrics import generation_results  # noqa: F401\n"
+UTILS_SHIM = (
+    "from atkd_core.evaluation.metrics import generation_results, loglikelihood_results  # noqa: F401\n"
+)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -85,6 +85,21 @@ def write_tasks(config: PipelineConfig, prepared_dir: Path, tasks_dir: Path, tok
         rows, _ = read_rows(Path(path), config.data.field_map())
         generation_task(f"atkd_instruct_{Path(path).stem.replace('-', '_')}", rows, [eos_token])
 
+    validation_rows, _ = read_rows(raw / "validation.jsonl", FieldMap())
+    docs = docs_of(validation_rows)
+    for doc in docs:
+        # The tokens the harness scores: the whole text's beyond the stripped prompt's (its split).
+        context = len(tokenizer(doc["prompt"].rstrip(), add_special_tokens=False)["input_ids"])
+        whole = len(tokenizer(doc["prompt"] + doc["response"], add_special_tokens=False)["input_ids"])
+        doc["scored_tokens"] = whole - context
+    _write_jsonl(tasks_dir / "atkd_validation_ll.jsonl", docs)
+    _render(
+        "loglikelihood.yaml",
+        tasks_dir / "atkd_validation_ll.yaml",
+        task="atkd_validation_ll",
+        data_file=(tasks_dir / "atkd_validation_ll.jsonl").resolve(),
+    )
+    names.append("atkd_validation_ll")
     return names
 
 

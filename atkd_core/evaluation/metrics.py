@@ -27,3 +27,13 @@ def generation_results(doc: dict[str, Any], results: list[str]) -> dict[str, flo
     prediction = results[0].strip()
     reference = str(doc["response"]).strip()
     return {"exact_match": float(prediction == reference), "rougeL": rouge_l(reference, prediction)}
+
+
+def loglikelihood_results(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, Any]:
+    """lm-eval ``process_results`` for the log-likelihood task: per-token perplexity and greedy match.
+
+    ``token_perplexity`` is aggregated by the harness's ``weighted_perplexity``:
+    exp(-sum(log-likelihood) / sum(scored tokens)) over the split.
+    """
+    loglikelihood, is_greedy = results[0]
+    return {"token_perplexity": (loglikelihood, int(doc["scored_tokens"])), "acc": float(is_greedy)}

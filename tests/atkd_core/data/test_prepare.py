@@ -26,11 +26,14 @@ def test_labels_mask_prompt_and_keep_response_and_eos():
     tokenizer = _tokenizer()
     prompt = format_prompt(DataConfig(), "Write these letters in reverse order.", "a b c")
     input_ids, labels = encode_example(prompt, "c b a", tokenizer, max_length=64)
-    prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
-    assert labels[prompt_len:] == input_ids[prompt_len:]
+    # The prompt's trailing newline is trained with the response (as the harness will score it).
+    context_len = len(tokenizer(prompt.rstrip(), add_special_tokens=False)["input_ids"])
+    assert labels[:context_len] == [IGNORE_INDEX] * context_len
+    assert labels[context_len:] == input_ids[context_len:]
     assert input_ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(input_ids[prompt_len:-1]) == "c b a"
+    assert tokenizer.decode(input_ids[:context_len]) == prompt.rstrip()
+    assert tokenizer.decode(input_ids[context_len:-1]) == "\nc b a"
+    assert tokenizer.decode(input_ids[:-1]) == prompt + "c b a"
 
 
 def test_truncation_cuts_the_prompt_first_and_keeps_the_response_marker():
@@ -39,7 +42,7 @@ def test_truncation_cuts_the_prompt_first_and_keeps_the_response_marker():
     input_ids, labels = encode_example(prompt, "1 2 3", tokenizer, max_length=24)
     assert len(input_ids) == 24
     kept = [t for t in labels if t != IGNORE_INDEX]
-    assert tokenizer.decode(kept[:-1]) == "1 2 3" and kept[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(kept[:-1]) == "\n1 2 3" and kept[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(input_ids).split("1 2 3")[0].endswith("### Response:\n")
 
 
