@@ -335,6 +335,15 @@ class DistillConfig(StrictModel):
         "ground_truth",
         description="Supervised KD / SeqKD / ImitKD / GKD-style mixing (generated ones need online).",
     )
+    generation_max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="Longest teacher response for teacher_generated data. Range: 1..4096."
+    )
+    generation_temperature: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Sampling temperature of teacher_generated data; 0 is greedy. Range: [0, 10].",
+    )
     on_policy_ratio: float = Field(
         0.5, ge=0, le=1, description="Share of student-generated batches (on_policy). Range: [0, 1]."
     )
@@ -342,12 +351,12 @@ class DistillConfig(StrictModel):
 
     @model_validator(mode="after")
     def _generated_needs_online(self) -> DistillConfig:
-        if self.data_source != "ground_truth":
+        if self.data_source in ("student_generated", "on_policy"):
             raise ValueError(
-                f"data_source: {self.data_source!r} (SeqKD / ImitKD / GKD data) is not implemented yet; "
-                "only 'ground_truth' is supported"
+                f"data_source: {self.data_source!r} (ImitKD / GKD data) is not implemented yet; "
+                "'ground_truth' (Supervised KD) and 'teacher_generated' (SeqKD) are"
             )
-        if self.data_source != "ground_truth" and self.teacher_source != "online":
+        if self.data_source in ("student_generated", "on_policy") and self.teacher_source != "online":
             raise ValueError(
                 f"teacher_source: 'offline' cannot serve data_source {self.data_source!r}; set teacher_source: online"
             )

@@ -110,8 +110,10 @@ def _cmd_data_prepare(config: PipelineConfig) -> Path:
     return output
 
 
-def _teacher_and_cache(config: PipelineConfig, prepared: Path) -> tuple[Path, Path]:
-    """The (fine-tuned, when enabled) teacher and its cache, each reused when up to date."""
+def _teacher_and_cache(config: PipelineConfig, prepared: Path) -> tuple[Path, Path, Path]:
+    """(teacher, its cache, the training data): the teacher fine-tuned when enabled, the data the
+    teacher's own responses for SeqKD; each stage reused when up to date."""
+    from atkd_core.data.generate import generate_teacher_data
     from atkd_core.models.build import materialize_model
     from atkd_core.scoring import score_from_config
     from atkd_core.training.loop import finetune_job
@@ -124,12 +126,16 @@ def _teacher_and_cache(config: PipelineConfig, prepared: Path) -> tuple[Path, Pa
         job = finetune_job(config, prepared, teacher)
         launch_training(job, lambda metrics, step: None)
         teacher = job.output_dir
+    if config.distill.data_source == "teacher_generated":
+        generated = config.workdir / "prepared_teacher_generated"
+        generate_teacher_data(config, prepared, teacher, generated)
+        prepared = generated
     output, manifest, reused = score_from_config(config, teacher, prepared)
     print(
         f"score_teacher: {'reused' if reused else 'wrote'} {output}: {manifest['tokens']} tokens, "
         f"{manifest['cache_bytes'] / 2**20:.1f} MiB, UNC median {manifest['unc_quantiles']['0.5']:.3f}"
     )
-    return teacher, output
+    return teacher, output, prepared
 
 
 def _cmd_train(config: PipelineConfig, stage: str) -> int:
@@ -140,10 +146,10 @@ def _cmd_train(config: PipelineConfig, stage: str) -> int:
     prepared = _cmd_data_prepare(config)
     if stage == "finetune":
         config = config.model_copy(update={"finetune": config.finetune.model_copy(update={"enabled": True})})
-        teacher, _ = _teacher_and_cache(config, prepared)
+        teacher, _, _ = _teacher_and_cache(config, prepared)
         print(f"finetune: {teacher}")
         return 0
-    teacher, cache = _teacher_and_cache(config, prepared)
+    teacher, cache, prepared = _teacher_and_cache(config, prepared)
     student = Path(
         materialize_model(config.student, prepared / "tokenizer", config.workdir / "models" / "student-init")
     )

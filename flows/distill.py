@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from atkd_core.config import PipelineConfig
 from infra.tracking import pipeline_run
-from tasks.data import prepare_data_task
+from tasks.data import generate_teacher_data_task, prepare_data_task
 from tasks.evaluate import evaluate_task
 from tasks.scoring import materialize_teacher_task, score_teacher_task
 from tasks.train import distill_student_task, finetune_teacher_task
@@ -37,8 +37,12 @@ def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResul
         prepared = prepare_data_task(config, parent.run_id)
         teacher_init = materialize_teacher_task(config, prepared)
         teacher = finetune_teacher_task(config, prepared, teacher_init, parent.run_id)
-        cache = score_teacher_task(config, prepared, teacher, parent.run_id)
-        student = distill_student_task(config, prepared, cache, teacher, parent.run_id)
+        # SeqKD trains on the teacher's own responses; everything else on the ground truth.
+        train_data = prepared
+        if config.distill.data_source == "teacher_generated":
+            train_data = generate_teacher_data_task(config, prepared, teacher, parent.run_id)
+        cache = score_teacher_task(config, train_data, teacher, parent.run_id)
+        student = distill_student_task(config, train_data, cache, teacher, parent.run_id)
         outputs = {
             "prepare_data": prepared,
             "finetune_teacher": teacher,

@@ -34,3 +34,41 @@ def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
         )
         run.log_artifact(output / "manifest.json")
     return str(output)
+
+
+@task(name="generate_teacher_data")
+def generate_teacher_data_task(
+    config: PipelineConfig, prepared_dir: str, teacher_dir: str, parent_run_id: str | None
+) -> str:
+    """SeqKD: the teacher's responses to the training prompts as a prepared-data directory; return its path."""
+    import torch
+
+    from atkd_core.data.generate import generate_teacher_data
+
+    logger = get_run_logger()
+    output = config.workdir / "prepared_teacher_generated"
+    with stage_run(config, parent_run_id, "generate_teacher_data") as run:
+        manifest, reused = generate_teacher_data(
+            config,
+            Path(prepared_dir),
+            Path(teacher_dir),
+            output,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            log=logger.info,
+        )
+        logger.info("generate_teacher_data: %s %s", "reused" if reused else "wrote", output)
+        run.log_params(
+            {
+                "teacher": teacher_dir,
+                "max_new_tokens": config.distill.generation_max_new_tokens,
+                "temperature": config.distill.generation_temperature,
+            }
+        )
+        run.log_metrics(
+            {
+                "train/rows": manifest["counts"]["train"]["rows"],
+                "empty_responses": manifest["empty_responses"],
+            }
+        )
+        run.log_artifact(output / "raw" / "train.jsonl")
+    return str(output)

@@ -236,6 +236,35 @@ def prepare_inputs_fingerprint(config: PipelineConfig) -> str:
     )
 
 
+def tokenize_splits(
+    config: PipelineConfig,
+    rows: dict[str, list[dict[str, str]]],
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: Path,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, int]]:
+    """Tokenise every split's rows into ``output_dir/dataset`` (a DatasetDict); return counts per split."""
+    splits, counts = {}, {}
+    for split in SPLITS:
+        columns: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "category": []}
+        for index, row in enumerate(rows[split]):
+            prompt = format_prompt(config.data, row["instruction"], row["context"])
+            input_ids, labels = encode_example(prompt, row["response"], tokenizer, config.data.max_length)
+            columns["id"].append(f"{split}-{index}")
+            columns["input_ids"].append(input_ids)
+            columns["labels"].append(labels)
+            columns["category"].append(row["category"])
+        splits[split] = Dataset.from_dict(columns)
+        counts[split] = {
+            "rows": len(columns["id"]),
+            "tokens": sum(map(len, columns["input_ids"])),
+            "label_tokens": sum(sum(t != IGNORE_INDEX for t in lab) for lab in columns["labels"]),
+        }
+        log(f"prepare_data: {split}: {counts[split]['rows']} rows, {counts[split]['tokens']} tokens")
+    DatasetDict(splits).save_to_disk(str(output_dir / "dataset"))
+    return counts
+
+
 def prepare_data(
     config: PipelineConfig, output_dir: Path, *, force: bool = False, log: Callable[[str], None] = print
 ) -> tuple[dict[str, Any], bool]:
@@ -249,24 +278,7 @@ def prepare_data(
         for line in preflight(tokenizer, {"teacher": config.teacher, "student": config.student}):
             log(f"prepare_data: tokenizer preflight: {line}")
         tokenizer.save_pretrained(staging / "tokenizer")
-        splits, counts = {}, {}
-        for split in SPLITS:
-            columns: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "category": []}
-            for index, row in enumerate(rows[split]):
-                prompt = format_prompt(config.data, row["instruction"], row["context"])
-                input_ids, labels = encode_example(prompt, row["response"], tokenizer, config.data.max_length)
-                columns["id"].append(f"{split}-{index}")
-                columns["input_ids"].append(input_ids)
-                columns["labels"].append(labels)
-                columns["category"].append(row["category"])
-            splits[split] = Dataset.from_dict(columns)
-            counts[split] = {
-                "rows": len(columns["id"]),
-                "tokens": sum(map(len, columns["input_ids"])),
-                "label_tokens": sum(sum(t != IGNORE_INDEX for t in lab) for lab in columns["labels"]),
-            }
-            log(f"prepare_data: {split}: {counts[split]['rows']} rows, {counts[split]['tokens']} tokens")
-        DatasetDict(splits).save_to_disk(str(staging / "dataset"))
+        counts = tokenize_splits(config, rows, tokenizer, staging, log)
         return {
             "source": config.data.source,
             "skipped_rows": len(skipped),

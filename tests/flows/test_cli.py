@@ -1,0 +1,50 @@
+"""The ``atkd`` stage commands, end to end on a tiny config (no Prefect, no MLflow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atkd_core.config import config_to_yaml
+from flows.cli import main
+from tests.conftest import tiny_config
+
+
+@pytest.mark.slow
+def test_atkd_train_runs_seqkd_distillation(tmp_path, capsys):
+    training = {
+        "zero_stage": 2,
+        "batch_size": 16,
+        "micro_batch_size": 16,
+        "max_steps": 6,
+        "optim": {"lr": 3e-3},
+    }
+    config = tiny_config(
+        tmp_path / "work",
+        finetune={"training": training},
+        distill={"data_source": "teacher_generated", "generation_max_new_tokens": 8, "training": training},
+        loss={"objective": "atkd", "setting": "reverse"},
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(config))
+    assert main(["train", str(path), "--stage", "distill"]) == 0
+    out = capsys.readouterr().out
+    assert "distill:" in out and "score_teacher: wrote" in out
+    work = tmp_path / "work"
+    assert (work / "prepared_teacher_generated" / "manifest.json").is_file()
+    cache = json.loads((work / "teacher_cache" / "manifest.json").read_text())
+    generated = json.loads((work / "prepared_teacher_generated" / "manifest.json").read_text())
+    # The cache was scored on the teacher's responses, not on the ground truth.
+    assert cache["spec"]["prepared_data_sha256"] == generated["content_sha256"]
+    metrics = (work / "models" / "student" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 6
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
+    config = tiny_config(tmp_path, data={"source": "files", "train_files": [str(tmp_path / "missing.jsonl")]})
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(config))
+    assert main(["data", "prepare", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"atkd: {tmp_path / 'missing.jsonl'}: file does not exist"
