@@ -351,11 +351,6 @@ class DistillConfig(StrictModel):
 
     @model_validator(mode="after")
     def _generated_needs_online(self) -> DistillConfig:
-        if self.data_source in ("student_generated", "on_policy"):
-            raise ValueError(
-                f"data_source: {self.data_source!r} (ImitKD / GKD data) is not implemented yet; "
-                "'ground_truth' (Supervised KD) and 'teacher_generated' (SeqKD) are"
-            )
         if self.data_source in ("student_generated", "on_policy") and self.teacher_source != "online":
             raise ValueError(
                 f"teacher_source: 'offline' cannot serve data_source {self.data_source!r}; set teacher_source: online"

@@ -91,6 +91,7 @@ class TrainState:
     cache: Any = None
     teacher: Any = None
     start_step: int = 0
+    generates: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -188,6 +189,10 @@ def setup(job: TrainJob, log: Callable[[str], None]) -> TrainState:
         label_counts=label_counts,
         hard_counts=None,
     )
+    state.generates = job.stage == "distill" and job.config.distill.data_source in (
+        "student_generated",
+        "on_policy",
+    )
     _attach_teacher(job, state, log)
     state.start_step = _resume(job, state, log)
     return state
@@ -254,13 +259,83 @@ def _micro_batches(state: TrainState, job: TrainJob, indices: list[int]) -> list
     return [mine[i : i + size] for i in range(0, len(mine), size)]
 
 
+def _ground_truth_batch(state: TrainState, rows: list[int]) -> dict[str, Any]:
+    """The prepared examples ``rows`` as a padded batch on the engine's device, with their ids."""
+    examples = [state.train[i] for i in rows]
+    batch = {k: v.to(state.engine.device) for k, v in collate(examples, state.tokenizer.pad_token_id).items()}
+    return {**batch, "ids": [e["id"] for e in examples]}
+
+
+@torch.no_grad()
+def _student_generated_batch(job: TrainJob, state: TrainState, rows: list[int]) -> dict[str, Any]:
+    """The same prompts answered by the student itself (ImitKD / GKD): prompt + sampled response.
+
+    Labels cover the generated tokens (up to and including EOS when it comes); the teacher then
+    grades the student's own tokens, online.
+    """
+    tokenizer, distill = state.tokenizer, job.config.distill
+    prompts = []
+    for i in rows:
+        labels = state.train[i]["labels"]
+        start = next((j for j, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+        prompts.append(state.train[i]["input_ids"][:start])
+    width = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):  # left padding: generation continues every row at the end
+        input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    module = state.engine.module
+    module.eval()
+    sampling = (
+        {"do_sample": True, "temperature": distill.generation_temperature}
+        if distill.generation_temperature > 0
+        else {"do_sample": False}
+    )
+    output = module.generate(
+        input_ids=input_ids.to(state.engine.device),
+        attention_mask=attention_mask.to(state.engine.device),
+        max_new_tokens=distill.generation_max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+    module.train()
+    examples = []
+    for row, prompt in enumerate(prompts):
+        generated = output[row, width:].tolist()
+        if tokenizer.eos_token_id in generated:
+            generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+        else:
+            generated = [t for t in generated if t != tokenizer.pad_token_id]
+        examples.append({"input_ids": prompt + generated, "labels": [IGNORE_INDEX] * len(prompt) + generated})
+    batch = {k: v.to(state.engine.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+    return {**batch, "ids": [state.train[i]["id"] for i in rows]}
+
+
+def _step_batches(job: TrainJob, state: TrainState, step: int, indices: list[int]) -> list[dict[str, Any]]:
+    """This rank's micro-batches of ``step``: ground truth, or (some) answered by the student.
+
+    GKD's choice of on-policy micro-batches is seeded by (seed, step, rank, micro-batch), so a
+    resumed run makes the same choices.
+    """
+    source = job.config.distill.data_source if job.stage == "distill" else "ground_truth"
+    batches = []
+    for micro, rows in enumerate(_micro_batches(state, job, indices)):
+        chooser = random.Random(f"{job.training.seed}:{step}:{state.rank}:{micro}")
+        on_policy = source == "student_generated" or (
+            source == "on_policy" and chooser.random() < job.config.distill.on_policy_ratio
+        )
+        batches.append(
+            _student_generated_batch(job, state, rows) if on_policy else _ground_truth_batch(state, rows)
+        )
+    return batches
+
+
 def _micro_loss(
-    job: TrainJob, state: TrainState, rows: list[int], denominators: dict[str, float]
+    job: TrainJob, state: TrainState, batch: dict[str, Any], denominators: dict[str, float]
 ) -> tuple[Tensor, float, dict[str, float]]:
     """(loss, its cross-entropy part, diagnostics) of one micro-batch, scaled for the step-wide normalisation."""
-    examples = [state.train[i] for i in rows]
-    batch = collate(examples, state.tokenizer.pad_token_id)
-    batch = {k: v.to(state.engine.device) for k, v in batch.items()}
     outputs = state.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     vocab = len(state.tokenizer)
     logits = next_token_logits(outputs.logits, vocab)
@@ -273,7 +348,7 @@ def _micro_loss(
     if job.objective == "sft":
         return ce, ce.item(), {}
     if state.cache is not None:
-        teacher = state.cache.sparse_teacher([e["id"] for e in examples], targets)
+        teacher = state.cache.sparse_teacher(batch["ids"], targets)
     else:
         with torch.no_grad():
             teacher_out = state.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -296,9 +371,7 @@ def _micro_loss(
             **params,
         )
     else:
-        group_counts = (
-            (denominators["easy"], denominators["hard"]) if loss_config.split_scope == "threshold" else None
-        )
+        group_counts = (denominators["easy"], denominators["hard"]) if "hard" in denominators else None
         out = atkd_loss(
             logits,
             teacher,
@@ -312,8 +385,9 @@ def _micro_loss(
             chunk_size=loss_config.chunk_size,
             group_counts=group_counts,
         )
-        # Batch / sequence scope: a per-micro-batch mean, which DeepSpeed's averaging over
-        # micro-batches and ranks turns into their mean (the paper's micro-batch split).
+        # Without step-wide group counts (batch / sequence scope, or a threshold with an online
+        # teacher): a per-micro-batch mean, which DeepSpeed's averaging over micro-batches and
+        # ranks turns into their mean (the paper's micro-batch split).
         kd = out.loss
         diagnostics = {
             "tkd_easy": float(out.tkd_easy),
@@ -342,7 +416,13 @@ def train(
     for step in range(state.start_step, state.total_steps):
         started = time.perf_counter()
         indices = _step_indices(state, training, step)
-        tokens = sum(state.label_counts[i] for i in indices)
+        batches = _step_batches(job, state, step, indices)
+        if state.generates:
+            # Generated lengths are known only now, and differ by rank: count them across ranks.
+            local = sum(int((shift_targets(b["labels"]) != IGNORE_INDEX).sum()) for b in batches)
+            tokens = round(_all_reduce_sum(float(local), state))
+        else:
+            tokens = sum(state.label_counts[i] for i in indices)
         denominators = {"tokens": max(tokens, 1) / micro_per_step}
         if state.hard_counts is not None:
             hard = sum(state.hard_counts[i] for i in indices)
@@ -350,8 +430,8 @@ def train(
             denominators["easy"] = max(tokens - hard, 1) / micro_per_step
         step_loss = step_ce = 0.0
         diagnostics: dict[str, list[float]] = {}
-        for rows in _micro_batches(state, job, indices):
-            loss, ce, micro_diagnostics = _micro_loss(job, state, rows, denominators)
+        for batch in batches:
+            loss, ce, micro_diagnostics = _micro_loss(job, state, batch, denominators)
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / micro_per_step

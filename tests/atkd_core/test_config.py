@@ -82,8 +82,8 @@ def test_every_problem_gets_its_own_line():
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="unc_threshold"):
         load_config(None, ["loss.split_scope=threshold"])
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        load_config(None, ["distill.data_source=student_generated", "distill.teacher_source=online"])
+    with pytest.raises(ConfigError, match="teacher_source"):
+        load_config(None, ["distill.data_source=student_generated"])
     with pytest.raises(ConfigError, match="train_files"):
         load_config(None, ["data.source=files"])
     with pytest.raises(ConfigError, match="exactly one of preset and path"):

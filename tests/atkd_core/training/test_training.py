@@ -184,6 +184,35 @@ def test_every_objective_lowers_its_loss(inputs, tmp_path, loss, teacher_source)
     assert sum(values[-3:]) / 3 < sum(values[:3]) / 3, values
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("source", "zero"), [("student_generated", 2), ("on_policy", 2), ("student_generated", 3)]
+)
+def test_student_generated_data_trains(inputs, tmp_path, source, zero):
+    job = make_job(
+        inputs,
+        tmp_path,
+        training={"max_steps": 6, "zero_stage": zero, "micro_batch_size": 4},
+        loss={"objective": "atkd", "setting": "reverse"},
+        teacher_source="online",
+        name=source,
+    )
+    job.config.distill.data_source = source
+    job.config.distill.generation_max_new_tokens = 6
+    job.config.distill.generation_temperature = 1.0
+    manifest = run_training(job, lambda m, s: None, quiet)
+    records = [json.loads(line) for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert manifest["steps"] == 6 and all(r["loss"] == r["loss"] and r["loss"] >= 0 for r in records)
+    assert all(r["num_easy"] + r["num_hard"] > 0 for r in records)
+
+
+def test_generated_data_needs_the_online_teacher():
+    from atkd_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="teacher_source: 'offline' cannot serve data_source 'on_policy'"):
+        load_config(None, ["distill.data_source=on_policy"])
+
+
 def test_offline_and_online_teachers_give_the_same_atkd_losses(inputs, tmp_path):
     offline = make_job(inputs, tmp_path, name="offline")
     online = make_job(inputs, tmp_path, teacher_source="online", name="online")
