@@ -35,16 +35,10 @@ def child_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
 
 
-def launcher_command(job: TrainJob, config_path: Path, hostfile: Path | None = None) -> list[str]:
-    """The ``deepspeed`` command line that runs ``atkd_core.training.main`` on every rank."""
-    command = [str(Path(sys.executable).with_name("deepspeed"))]
-    if hostfile is not None:
-        command += ["--hostfile", str(hostfile)]
-    else:
-        command += ["--num_gpus", str(job.training.num_processes), "--master_addr", "127.0.0.1"]
-    command += ["--master_port", str(_free_port()), "--module", "atkd_core.training.main"]
-    command += ["--config", str(config_path), "--stage", job.stage, "--prepared", str(job.prepared_dir)]
-    command += [
+def entry_arguments(job: TrainJob, config_path: Path) -> list[str]:
+    """The arguments of ``atkd_core.training.main`` for ``job`` (its config saved at ``config_path``)."""
+    arguments = ["--config", str(config_path), "--stage", job.stage, "--prepared", str(job.prepared_dir)]
+    arguments += [
         "--init",
         str(job.init_dir),
         "--out",
@@ -53,10 +47,21 @@ def launcher_command(job: TrainJob, config_path: Path, hostfile: Path | None = N
         str(job.checkpoint_dir),
     ]
     if job.cache_dir is not None:
-        command += ["--cache", str(job.cache_dir)]
+        arguments += ["--cache", str(job.cache_dir)]
     if job.teacher_dir is not None:
-        command += ["--teacher", str(job.teacher_dir)]
-    return command
+        arguments += ["--teacher", str(job.teacher_dir)]
+    return arguments
+
+
+def launcher_command(job: TrainJob, config_path: Path, hostfile: Path | None = None) -> list[str]:
+    """The ``deepspeed`` command line that runs ``atkd_core.training.main`` on every rank."""
+    command = [str(Path(sys.executable).with_name("deepspeed"))]
+    if hostfile is not None:
+        command += ["--hostfile", str(hostfile)]
+    else:
+        command += ["--num_gpus", str(job.training.num_processes), "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(_free_port()), "--module", "atkd_core.training.main"]
+    return command + entry_arguments(job, config_path)
 
 
 def launch_training(

@@ -18,7 +18,7 @@ from atkd_core.models.build import materialize_model
 from atkd_core.scoring import run_scoring_stage
 from atkd_core.training.loop import CheckpointError, TrainJob
 from atkd_core.training.main import run_training
-from infra.launcher import child_environment, launch_training
+from infra.launcher import child_environment, entry_arguments, launch_training
 from tests.conftest import REPO_ROOT, tiny_config
 
 
@@ -229,25 +229,7 @@ def test_a_finished_stage_is_reused(inputs, tmp_path):
 
 
 def _train_command(job, config_path):
-    return [
-        sys.executable,
-        "-m",
-        "atkd_core.training.main",
-        "--config",
-        str(config_path),
-        "--stage",
-        job.stage,
-        "--prepared",
-        str(job.prepared_dir),
-        "--init",
-        str(job.init_dir),
-        "--out",
-        str(job.output_dir),
-        "--checkpoints",
-        str(job.checkpoint_dir),
-        "--cache",
-        str(job.cache_dir),
-    ]
+    return [sys.executable, "-m", "atkd_core.training.main", *entry_arguments(job, config_path)]
 
 
 @pytest.mark.slow
