@@ -177,6 +177,12 @@ class ModelConfig(StrictModel):
 class OptimConfig(StrictModel):
     """Optimiser and learning-rate schedule."""
 
+    name: Literal["adamw_torch", "adamw_deepspeed"] = Field(
+        "adamw_torch",
+        description="adamw_torch: torch AdamW as DeepSpeed's client optimizer (no op compilation); "
+        "adamw_deepspeed: DeepSpeed's own AdamW (FusedAdam on GPU, CPU-Adam on CPU or when offloaded; "
+        "compiled on first use, ~85 s on CPU).",
+    )
     lr: float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate. Range: (0, 1].")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay. Range: [0, 1].")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
@@ -203,6 +209,10 @@ class TrainingConfig(StrictModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
     num_processes: int = Field(1, ge=1, le=4096, description="Processes (ranks) per node. Range: 1..4096.")
+    hostfile: Path | None = Field(
+        None,
+        description="DeepSpeed hostfile for several nodes ('host slots=N' lines); null: this machine only.",
+    )
     batch_size: int = Field(
         16, ge=1, le=1_000_000, description="Global batch in sequences per optimizer step."
     )

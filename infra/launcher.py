@@ -72,6 +72,7 @@ def launch_training(
     from atkd_core.manifest import read_manifest
     from atkd_core.training.main import job_fingerprint, run_training
 
+    hostfile = hostfile or job.training.hostfile
     if job.training.num_processes == 1 and hostfile is None:
         return run_training(job, log_metrics, log)
     existing = read_manifest(job.output_dir)

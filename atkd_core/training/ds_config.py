@@ -34,8 +34,9 @@ def resolve_precision(training: TrainingConfig, device: str) -> str:
 def render_ds_config(training: TrainingConfig, device: str) -> dict[str, Any]:
     """The DeepSpeed config dict: ZeRO stage, offload, precision, batch sizes, clipping.
 
-    The optimizer and schedule are passed to ``deepspeed.initialize`` as client objects (torch
-    AdamW needs no op compilation), so they are not in this dict.
+    With ``adamw_torch`` the optimizer is a client object passed to ``deepspeed.initialize`` (no op
+    compilation); with ``adamw_deepspeed`` DeepSpeed builds it from this dict. The schedule is always
+    a client LambdaLR.
     """
     precision = resolve_precision(training, device)
     zero: dict[str, Any] = {"stage": training.zero_stage}
@@ -53,6 +54,19 @@ def render_ds_config(training: TrainingConfig, device: str) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if training.optim.name == "adamw_deepspeed":
+        # DeepSpeed builds its own optimizer (CPU-Adam when offloaded or on CPU, FusedAdam on GPU).
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": training.optim.lr,
+                "betas": list(training.optim.betas),
+                "weight_decay": training.optim.weight_decay,
+            },
+        }
+    elif training.zero_stage >= 1 and training.offload_optimizer:
+        # torch AdamW steps the offloaded fp32 states on the CPU (slower than CPU-Adam, no compile).
+        config["zero_force_ds_cpu_optimizer"] = False
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":

@@ -163,15 +163,22 @@ def setup(job: TrainJob, log: Callable[[str], None]) -> TrainState:
     model = load_model(job.init_dir)
     steps_per_epoch = len(train) // training.batch_size
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=training.optim.lr,
-        betas=training.optim.betas,
-        weight_decay=training.optim.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(training, total_steps))
+    schedule = _schedule(training, total_steps)
+    optimizer = None
+    if training.optim.name == "adamw_torch":
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=training.optim.lr,
+            betas=training.optim.betas,
+            weight_decay=training.optim.weight_decay,
+        )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=render_ds_config(training, device)
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer,
+        # A callable: DeepSpeed hands it whichever optimizer it ends up with.
+        lr_scheduler=lambda built: torch.optim.lr_scheduler.LambdaLR(built, schedule),
+        config=render_ds_config(training, device),
     )
     # Rows as plain lists once: Arrow row access per micro-batch costs more than a small student's step.
     train, validation = _rows(train), _rows(validation)

@@ -288,3 +288,21 @@ def test_wrong_process_count_is_refused(inputs, tmp_path):
     job = make_job(inputs, tmp_path, training={"num_processes": 2, "micro_batch_size": 4}, name="count")
     with pytest.raises(UserError, match="num_processes is 2 but 1"):
         run_training(job, lambda m, s: None, quiet)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"zero_stage": 2, "offload_optimizer": True},
+        {"zero_stage": 2, "optim": {"name": "adamw_deepspeed", "lr": 1e-3}},
+        {"zero_stage": 3, "offload_optimizer": True, "optim": {"name": "adamw_deepspeed", "lr": 1e-3}},
+    ],
+)
+def test_optimizer_choices_and_offload_match_torch_adamw(inputs, tmp_path, settings):
+    # DeepSpeed's CPU-Adam is compiled on first use (about 85 s on these machines, once).
+    reference = make_job(inputs, tmp_path, stage="finetune", name="reference")
+    other = make_job(inputs, tmp_path, stage="finetune", training=settings, name="other")
+    run_training(reference, lambda m, s: None, quiet)
+    run_training(other, lambda m, s: None, quiet)
+    assert losses(other) == pytest.approx(losses(reference), rel=1e-4)
