@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from atkd_core.data.batching import IGNORE_INDEX, collate, shift_targets
+from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.errors import CacheError
 from atkd_core.losses import SparseTeacher
 from atkd_core.manifest import MANIFEST_NAME, fingerprint, read_manifest, sha256_file, sha256_tree
@@ -165,8 +166,8 @@ def score_teacher(
     world_size: int = 1,
     log: Callable[[str], None] = print,
     stop_after_shards: int | None = None,
-) -> dict[str, Any] | None:
-    """Score the training split into ``output_dir``; return the manifest (rank 0) or None.
+) -> None:
+    """Score this rank's shards of the training split into ``output_dir``'s partial directory.
 
     Shards are dealt round-robin to ranks; every rank writes its own into the shared partial
     directory. The caller synchronises ranks before rank 0 calls :func:`finalize_cache`.
@@ -174,7 +175,7 @@ def score_teacher(
     """
     dataset = load_from_disk(str(prepared_dir / "dataset"))["train"]
     tokenizer_vocab = json.loads((prepared_dir / MANIFEST_NAME).read_text())["vocab_size"]
-    pad_id = _pad_id(prepared_dir)
+    pad_id = load_tokenizer(prepared_dir / "tokenizer").pad_token_id
     partial = _partial_dir(output_dir)
     _claim_partial(partial, spec, rank)
     num_shards = math.ceil(len(dataset) / spec.shard_size)
@@ -207,13 +208,6 @@ def score_teacher(
             progress.update(len(rows), int(sum(per_row)))
         _write_shard(partial, shard, list(dataset["id"][start:end]), parts, counts, dtype)
     progress.close()
-    return None
-
-
-def _pad_id(prepared_dir: Path) -> int:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(prepared_dir / "tokenizer").pad_token_id
 
 
 def _partial_dir(output_dir: Path) -> Path:

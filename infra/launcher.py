@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -70,15 +71,15 @@ def launch_training(
     """Train ``job``; return its output manifest. Several processes: stream the launcher's log,
     then replay rank 0's metrics file through ``log_metrics``; a failed rank fails the stage."""
     from atkd_core.manifest import read_manifest
-    from atkd_core.training.main import job_fingerprint, run_training
+    from atkd_core.training.main import finished_output, run_training
 
     hostfile = hostfile or job.training.hostfile
     if job.training.num_processes == 1 and hostfile is None:
         return run_training(job, log_metrics, log)
-    existing = read_manifest(job.output_dir)
-    if existing is not None and existing.get("input_fingerprint") == job_fingerprint(job):
+    finished = finished_output(job)
+    if finished is not None:
         log(f"{job.stage}: reused {job.output_dir}")
-        return {**existing, "reused": True}
+        return finished
     job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     config_path = job.checkpoint_dir / "config.yaml"
     config_path.write_text(config_to_yaml(job.config))
@@ -106,8 +107,6 @@ def launch_training(
     manifest = read_manifest(job.output_dir)
     if manifest is None:
         raise UserError(f"{job.stage}: the launcher finished but wrote no model to {job.output_dir}")
-    import json
-
     for line in (job.output_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])

@@ -8,12 +8,12 @@ from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
-from atkd_core.training.loop import TrainJob, distill_job, finetune_job
+from atkd_core.training.loop import MetricsFn, TrainJob, distill_job, finetune_job
 from infra.launcher import launch_training
 from infra.tracking import RunHandle, flatten, stage_run
 
 
-def _safe_metrics(run: RunHandle, logger) -> callable:
+def _safe_metrics(run: RunHandle, logger) -> MetricsFn:
     """A metrics callback that never lets a tracking failure kill training (it warns once)."""
     failed = []
 

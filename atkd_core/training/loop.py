@@ -35,7 +35,7 @@ from atkd_core.data.batching import IGNORE_INDEX, collate, next_token_logits, sh
 from atkd_core.errors import UserError
 from atkd_core.losses import atkd_loss, divergence_loss
 from atkd_core.progress import Progress
-from atkd_core.training.ds_config import render_ds_config, resolve_device
+from atkd_core.training.ds_config import render_ds_config, resolve_device, resolve_precision
 
 MetricsFn = Callable[[dict[str, float], int], None]
 
@@ -240,7 +240,7 @@ def _attach_teacher(job: TrainJob, state: TrainState, log: Callable[[str], None]
             "train_micro_batch_size_per_gpu": job.training.micro_batch_size,
             "zero_optimization": {"stage": 3},
         }
-        if "bf16" in render_ds_config(job.training, state.device.split(":")[0]):
+        if resolve_precision(job.training, state.device.split(":")[0]) == "bf16":
             inference["bf16"] = {"enabled": True}
         teacher = deepspeed.initialize(model=teacher, config=inference)[0]
     else:

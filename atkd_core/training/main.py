@@ -53,13 +53,20 @@ def model_card(job: TrainJob, history: list[dict[str, float]]) -> str:
     )
 
 
+def finished_output(job: TrainJob) -> dict[str, Any] | None:
+    """The manifest of an output already trained from the same settings and inputs, marked reused."""
+    existing = read_manifest(job.output_dir)
+    if existing is not None and existing.get("input_fingerprint") == job_fingerprint(job):
+        return {**existing, "reused": True}
+    return None
+
+
 def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], None] = print) -> dict[str, Any]:
     """setup -> train -> save -> cleanup; returns the output manifest (rank 0) or {}."""
-    identity = job_fingerprint(job)
-    existing = read_manifest(job.output_dir)
-    if existing is not None and existing.get("input_fingerprint") == identity:
+    finished = finished_output(job)
+    if finished is not None:
         log(f"{job.stage}: reused {job.output_dir}")
-        return {**existing, "reused": True}
+        return finished
     state = setup(job, log)
     try:
         history = train(job, state, log_metrics, log)
@@ -75,7 +82,7 @@ def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], Non
     )
     manifest = {
         "stage": job.stage,
-        "input_fingerprint": identity,
+        "input_fingerprint": job_fingerprint(job),
         "objective": job.objective,
         "steps": len(history) and history[-1]["step"],
         "final": history[-1] if history else {},
