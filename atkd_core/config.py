@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from atkd_core.errors import ConfigError
+from atkd_core.layout import RunLayout
 
 
 class StrictModel(BaseModel):
@@ -394,6 +395,16 @@ class TrackingConfig(StrictModel):
     )
     experiment_name: str = Field("atkd", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="Name of the pipeline's parent run; null: generated.")
+    register_model: bool = Field(
+        True,
+        description="Log the distilled student's weights and register them in the MLflow model registry.",
+    )
+    registered_model_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Model registry name of the student; null: '<name>-student'.",
+    )
 
 
 class PipelineConfig(StrictModel):
@@ -429,6 +440,11 @@ class PipelineConfig(StrictModel):
                 "tokenizer.source: 'train' with a pretrained teacher would not match its vocabulary; use 'teacher'"
             )
         return self
+
+    @property
+    def layout(self) -> RunLayout:
+        """Where each stage writes under ``workdir``."""
+        return RunLayout(self.workdir)
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of the named sections (what a stage's cache key depends on)."""

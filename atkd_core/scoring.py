@@ -414,7 +414,7 @@ def score_from_config(
 ) -> tuple[Path, dict[str, Any], bool]:
     """The score_teacher stage with the pipeline config's settings into ``<workdir>/teacher_cache``;
     returns (cache directory, manifest, reused)."""
-    output = config.workdir / "teacher_cache"
+    output = config.layout.teacher_cache
     manifest, reused = run_scoring_stage(
         teacher_dir,
         prepared_dir,

@@ -8,12 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from infra.settings import apply_environment_defaults
-
-apply_environment_defaults()
-
-from atkd_core.config import PipelineConfig, config_to_yaml, load_config  # noqa: E402
-from atkd_core.errors import ConfigError, UserError  # noqa: E402
+from atkd_core.config import PipelineConfig, config_to_yaml, load_config
+from atkd_core.errors import ConfigError, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -78,12 +74,14 @@ def _cmd_run(config: PipelineConfig) -> int:
     for stage, path in result.outputs.items():
         print(f"  {stage:<16} {path}")
     if result.mlflow_run_id:
-        print(f"  MLflow run       {result.mlflow_run_id}  ({result.mlflow_tracking_uri})")
-        print(f"  MLflow UI        mlflow ui --backend-store-uri {result.mlflow_tracking_uri}")
-    print(f"  Prefect run      {result.prefect_flow_run_id}")
-    summary = Path(result.outputs.get("evaluate", "")) / "summary.md"
-    if "evaluate" in result.outputs and summary.is_file():
-        print("\nEvaluation (lm-evaluation-harness; gap = student - teacher):\n" + summary.read_text())
+        print(f"  MLflow run       {result.mlflow_run_url or result.mlflow_run_id}")
+        if result.mlflow_run_url is None:
+            print(f"  MLflow UI        mlflow ui --backend-store-uri {result.mlflow_tracking_uri}")
+    if result.registered_model:
+        print(f"  Registered model {result.registered_model}")
+    print(f"  Prefect run      {result.prefect_flow_run_url or result.prefect_flow_run_id}")
+    if result.summary:
+        print("\nEvaluation (lm-evaluation-harness; gap = student - teacher):\n" + result.summary)
     return 0
 
 
@@ -99,7 +97,7 @@ def _cmd_data_build(config: PipelineConfig, out: Path | None) -> int:
 def _cmd_data_prepare(config: PipelineConfig) -> Path:
     from atkd_core.data.prepare import prepare_data
 
-    output = config.workdir / "prepared"
+    output = config.layout.prepared
     manifest, reused = prepare_data(config, output)
     print(
         f"prepare_data: {'reused' if reused else 'wrote'} {output}: "
@@ -119,15 +117,13 @@ def _teacher_and_cache(config: PipelineConfig, prepared: Path) -> tuple[Path, Pa
     from atkd_core.training.loop import finetune_job
     from infra.launcher import launch_training
 
-    teacher = Path(
-        materialize_model(config.teacher, prepared / "tokenizer", config.workdir / "models" / "teacher-init")
-    )
+    teacher = Path(materialize_model(config.teacher, prepared / "tokenizer", config.layout.teacher_init))
     if config.finetune.enabled:
         job = finetune_job(config, prepared, teacher)
         launch_training(job, lambda metrics, step: None)
         teacher = job.output_dir
     if config.distill.data_source == "teacher_generated":
-        generated = config.workdir / "prepared_teacher_generated"
+        generated = config.layout.teacher_generated
         generate_teacher_data(config, prepared, teacher, generated)
         prepared = generated
     output, manifest, reused = score_from_config(config, teacher, prepared)
@@ -150,9 +146,7 @@ def _cmd_train(config: PipelineConfig, stage: str) -> int:
         print(f"finetune: {teacher}")
         return 0
     teacher, cache, prepared = _teacher_and_cache(config, prepared)
-    student = Path(
-        materialize_model(config.student, prepared / "tokenizer", config.workdir / "models" / "student-init")
-    )
+    student = Path(materialize_model(config.student, prepared / "tokenizer", config.layout.student_init))
     job = distill_job(config, prepared, student, cache, teacher)
     manifest = launch_training(job, lambda metrics, step: None)
     print(f"distill: {job.output_dir}: final {manifest.get('final', {})}")

@@ -1,20 +1,36 @@
 """The pipeline flow: prepare_data -> finetune_teacher -> score_teacher -> distill_student -> evaluate.
 
 Its one parameter is the pipeline config model, so the Prefect UI renders it as a validated form.
+The stages come in two groups, the teacher side and the student side, which the comparison flow
+(flows/compare.py) runs as sub-flows so that many students share one teacher's outputs.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
+from prefect.runtime import flow_run as current_flow_run
 from pydantic import BaseModel, Field
 
 from atkd_core.config import PipelineConfig
-from infra.tracking import pipeline_run
+from infra.tracking import RunHandle, pipeline_run
 from tasks.data import generate_teacher_data_task, prepare_data_task
 from tasks.evaluate import evaluate_task
+from tasks.policies import cached
+from tasks.publish import publish_summary_task, register_student_task, registered_model_name
 from tasks.scoring import materialize_teacher_task, score_teacher_task
 from tasks.train import distill_student_task, finetune_teacher_task
+
+
+class TeacherOutputs(BaseModel):
+    """What the teacher side of the pipeline made: the student side's inputs."""
+
+    prepared: str = Field(description="prepare_data's output (tokenizer, splits).")
+    teacher: str = Field(description="The (fine-tuned) teacher model directory or hub id.")
+    train_data: str = Field(description="The prepared data the student trains on (SeqKD: the teacher's).")
+    cache: str = Field(description="The teacher cache over train_data.")
 
 
 class PipelineResult(BaseModel):
@@ -24,38 +40,107 @@ class PipelineResult(BaseModel):
     outputs: dict[str, str] = Field(description="Stage name -> output directory.")
     mlflow_tracking_uri: str | None = Field(description="MLflow tracking URI (null when tracking is off).")
     mlflow_run_id: str | None = Field(description="The parent MLflow run (null when tracking is off).")
+    mlflow_run_url: str | None = Field(None, description="The run's MLflow UI page when on a server.")
+    registered_model: str | None = Field(None, description="'name/version' in the MLflow model registry.")
     prefect_flow_run_id: str | None = Field(description="The Prefect flow run.")
+    prefect_flow_run_url: str | None = Field(None, description="The flow run's page in the Prefect UI.")
+    summary: str = Field("", description="The evaluation summary table (Markdown).")
+
+
+def prepare(config: PipelineConfig, run_id: str | None) -> str:
+    """The prepare_data stage (cached); returns its output directory."""
+    return cached(prepare_data_task, config.layout.prepared / "manifest.json")(config, run_id)
+
+
+def teacher_stages(config: PipelineConfig, prepared: str, run_id: str | None) -> TeacherOutputs:
+    """materialize -> finetune -> [SeqKD generation] -> score, each cached on its inputs."""
+    layout = config.layout
+    teacher_init = cached(materialize_teacher_task, layout.teacher_init / "manifest.json")(config, prepared)
+    finetuned = layout.teacher if config.finetune.enabled else Path(teacher_init)
+    teacher = cached(finetune_teacher_task, finetuned / "manifest.json")(
+        config, prepared, teacher_init, run_id
+    )
+    # SeqKD trains on the teacher's own responses; everything else on the ground truth.
+    train_data = prepared
+    if config.distill.data_source == "teacher_generated":
+        train_data = cached(generate_teacher_data_task, layout.teacher_generated / "manifest.json")(
+            config, prepared, teacher, run_id
+        )
+    cache = cached(score_teacher_task, layout.teacher_cache / "manifest.json")(
+        config, train_data, teacher, run_id
+    )
+    return TeacherOutputs(prepared=prepared, teacher=teacher, train_data=train_data, cache=cache)
+
+
+def student_stages(config: PipelineConfig, upstream: TeacherOutputs, run_id: str | None) -> dict[str, str]:
+    """distill -> evaluate, each cached on its inputs; returns stage -> output directory."""
+    layout = config.layout
+    student = cached(distill_student_task, layout.student / "manifest.json")(
+        config, upstream.train_data, upstream.cache, upstream.teacher, run_id
+    )
+    outputs = {"distill_student": student}
+    if config.eval.enabled:
+        outputs["evaluate"] = cached(evaluate_task, layout.eval / "errors.json")(
+            config, upstream.prepared, student, upstream.teacher, run_id
+        )
+    return outputs
+
+
+def read_summary(outputs: dict[str, str]) -> str:
+    """The evaluation summary table of a run's outputs ('' when evaluation was off)."""
+    summary = Path(outputs.get("evaluate", "")) / "summary.md"
+    return summary.read_text() if "evaluate" in outputs and summary.is_file() else ""
+
+
+def publish(config: PipelineConfig, run: RunHandle, outputs: dict[str, str]) -> tuple[str | None, str]:
+    """Register the student (when tracking and registration are on) and write the Prefect summary
+    artifact; returns ('name/version' or None, the summary table)."""
+    summary = read_summary(outputs)
+    version = None
+    if run.run_id is not None and config.tracking.register_model:
+        version = register_student_task(config, run.run_id, outputs["distill_student"], summary)
+    publish_summary_task(config, run.run_id, version, summary)
+    return version, summary
+
+
+def flow_run_links() -> tuple[str, str | None]:
+    """(id, UI URL or None) of the current Prefect flow run."""
+    return str(get_run_context().flow_run.id), current_flow_run.ui_url
+
+
+def run_tags(flow_run_id: str, flow_run_url: str | None) -> dict[str, str]:
+    """MLflow tags that lead from a run back to its Prefect flow run."""
+    tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": current_flow_run.name or ""}
+    if flow_run_url:
+        tags["prefect.flow_run_url"] = flow_run_url
+    return tags
 
 
 @flow(name="distill_pipeline")
 def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:  # noqa: B008 (UI form default)
     """Run every stage of the ATKD pipeline on ``config``; return the output paths and run ids."""
     logger = get_run_logger()
-    flow_run_id = str(get_run_context().flow_run.id)
+    flow_run_id, flow_run_url = flow_run_links()
     config.workdir.mkdir(parents=True, exist_ok=True)
-    with pipeline_run(config, tags={"prefect.flow_run_id": flow_run_id}) as parent:
-        prepared = prepare_data_task(config, parent.run_id)
-        teacher_init = materialize_teacher_task(config, prepared)
-        teacher = finetune_teacher_task(config, prepared, teacher_init, parent.run_id)
-        # SeqKD trains on the teacher's own responses; everything else on the ground truth.
-        train_data = prepared
-        if config.distill.data_source == "teacher_generated":
-            train_data = generate_teacher_data_task(config, prepared, teacher, parent.run_id)
-        cache = score_teacher_task(config, train_data, teacher, parent.run_id)
-        student = distill_student_task(config, train_data, cache, teacher, parent.run_id)
+    with pipeline_run(config, tags=run_tags(flow_run_id, flow_run_url)) as parent:
+        prepared = prepare(config, parent.run_id)
+        upstream = teacher_stages(config, prepared, parent.run_id)
         outputs = {
             "prepare_data": prepared,
-            "finetune_teacher": teacher,
-            "score_teacher": cache,
-            "distill_student": student,
+            "finetune_teacher": upstream.teacher,
+            "score_teacher": upstream.cache,
+            **student_stages(config, upstream, parent.run_id),
         }
-        if config.eval.enabled:
-            outputs["evaluate"] = evaluate_task(config, prepared, student, teacher, parent.run_id)
+        version, summary = publish(config, parent, outputs)
     logger.info("pipeline finished: %s", outputs)
     return PipelineResult(
         workdir=str(config.workdir),
         outputs=outputs,
         mlflow_tracking_uri=parent.tracking_uri,
         mlflow_run_id=parent.run_id,
+        mlflow_run_url=parent.web_url(),
+        registered_model=None if version is None else f"{registered_model_name(config)}/{version}",
         prefect_flow_run_id=flow_run_id,
+        prefect_flow_run_url=flow_run_url,
+        summary=summary,
     )

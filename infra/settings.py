@@ -19,6 +19,12 @@ ENVIRONMENT_DEFAULTS = {
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     # MLflow's own git probing warns on every run outside a git checkout.
     "GIT_PYTHON_REFRESH": "quiet",
+    # MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) make an unreachable
+    # tracking server look like a hang of several minutes; these give up after ~7 s, and the
+    # Prefect task's retries add the longer wait.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 

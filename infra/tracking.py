@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,19 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from atkd_core.config import PipelineConfig
+from atkd_core.errors import UserError
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 MAX_PARAM_LENGTH = 6000
+METRICS_PER_BATCH = 1000
+
+
+class TrackingUnavailable(UserError):
+    """The MLflow tracking server cannot be reached (after the client's own retries)."""
+
+    # Prefect retries a task that failed on this; other user errors would fail the same way again.
+    transient = True
 
 
 def resolve_tracking_uri(config: PipelineConfig) -> str:
@@ -64,12 +73,20 @@ class RunHandle:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log finite numeric metrics at ``step``."""
+        self.send_metrics(metric_records(metrics, step))
+
+    def send_metrics(self, records: list[Metric]) -> None:
+        """Send already timestamped metric records, in batches MLflow accepts."""
         if self.client is None:
             return
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        for start in range(0, len(records), METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=records[start : start + METRICS_PER_BATCH])
+
+    def web_url(self) -> str | None:
+        """The run's page in the MLflow UI when the tracking URI is a server, else None."""
+        if self.run_id is None or not str(self.tracking_uri).startswith(("http://", "https://")):
+            return None
+        return f"{str(self.tracking_uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set tags on the run."""
@@ -91,6 +108,127 @@ class RunHandle:
             self.client.log_text(self.run_id, text, artifact_file)
 
 
+def metric_records(metrics: Mapping[str, float], step: int) -> list[Metric]:
+    """MLflow metric records of the finite values in ``metrics``, stamped now."""
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+
+
+class MetricsBuffer:
+    """Training metrics sent to a run in batches; a failed send keeps them for the next attempt.
+
+    Training calls it once per step and never sees a tracking error: an outage is reported once
+    through ``warn``, the values wait (up to ``max_pending``, oldest dropped first), and
+    ``close`` says how many never arrived (they are still in the stage's ``metrics.jsonl``).
+    """
+
+    def __init__(
+        self,
+        run: RunHandle,
+        warn: Callable[[str], None],
+        flush_every_steps: int = 10,
+        max_pending: int = 200_000,
+    ) -> None:
+        self.run = run
+        self.warn = warn
+        self.flush_every_steps = flush_every_steps
+        self.max_pending = max_pending
+        self.pending: list[Metric] = []
+        self.dropped = 0
+        self.failures = 0
+        self._steps_since_flush = 0
+        self._in_outage = False
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        """Record one step's metrics; send every ``flush_every_steps`` steps."""
+        self.pending.extend(metric_records(metrics, step))
+        overflow = len(self.pending) - self.max_pending
+        if overflow > 0:
+            del self.pending[:overflow]
+            self.dropped += overflow
+        self._steps_since_flush += 1
+        if self._steps_since_flush >= self.flush_every_steps:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what is pending; True when nothing is left pending."""
+        self._steps_since_flush = 0
+        if not self.pending:
+            return True
+        try:
+            self.run.send_metrics(self.pending)
+        except Exception as exc:  # the tracking server's errors are not the training's
+            self.failures += 1
+            if not self._in_outage:
+                self.warn(f"MLflow metrics logging failed, training continues and will retry: {exc}")
+            self._in_outage = True
+            return False
+        if self._in_outage:
+            self.warn("MLflow metrics logging recovered; buffered metrics sent")
+        self._in_outage = False
+        self.pending.clear()
+        return True
+
+    def close(self) -> int:
+        """Send the rest; return (and warn about) the number of values that never reached MLflow."""
+        self.flush()
+        lost = len(self.pending) + self.dropped
+        if lost:
+            self.warn(
+                f"{lost} metric values could not be sent to MLflow after {self.failures} failed attempts; "
+                "they are in the stage's metrics.jsonl"
+            )
+        return lost
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client for ``uri`` that has answered one request; TrackingUnavailable when it does not.
+
+    Without this probe an unreachable server surfaces as an obscure error from whichever call
+    happens to come first.
+    """
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingUnavailable(
+            f"MLflow tracking at {uri} is unreachable ({type(exc).__name__}: {reason[:300]}). "
+            "Start it (`atkd serve`), fix tracking.tracking_uri, or set tracking.enabled: false."
+        ) from exc
+    return client
+
+
+def register_model(
+    run: RunHandle, model_dir: Path, name: str, description: str, content_hash: str
+) -> str | None:
+    """Log ``model_dir`` as the run's ``model`` artifact and register it as a version of ``name``.
+
+    A version already registered for the same weights (``content_hash``) is reused, so re-running
+    a fully cached pipeline does not pile up identical versions. Returns the version, or None when
+    tracking is off.
+    """
+    if run.client is None:
+        return None
+    client = run.client
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="Students distilled by the ATKD pipeline.")
+    existing = client.search_model_versions(f"name = '{name}' and tags.content_sha256 = '{content_hash}'")
+    if existing:
+        version = existing[0]
+        client.update_model_version(name, version.version, description=description)
+        return str(version.version)
+    run.log_artifact(model_dir, "model")
+    version = client.create_model_version(
+        name,
+        source=f"runs:/{run.run_id}/model",
+        run_id=run.run_id,
+        description=description,
+        tags={"content_sha256": content_hash},
+    )
+    return str(version.version)
+
+
 def _experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
     name = config.tracking.experiment_name
     experiment = client.get_experiment_by_name(name)
@@ -102,20 +240,35 @@ def _experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
 
 
 @contextmanager
-def pipeline_run(config: PipelineConfig, tags: Mapping[str, str] | None = None) -> Iterator[RunHandle]:
-    """The parent run of one pipeline run; marks it FINISHED or FAILED on exit."""
+def pipeline_run(
+    config: PipelineConfig, tags: Mapping[str, str] | None = None, parent_run_id: str | None = None
+) -> Iterator[RunHandle]:
+    """The parent run of one pipeline run (nested in ``parent_run_id``, e.g. a comparison's run);
+    marks it FINISHED or FAILED on exit."""
     if not config.tracking.enabled:
         yield RunHandle(client=None, run_id=None)
         return
     uri = resolve_tracking_uri(config)
-    client = MlflowClient(tracking_uri=uri)
+    client = connect(uri)
     experiment_id = _experiment_id(client, config)
     run_tags = {RUN_NAME_TAG: config.tracking.run_name or config.name, **(tags or {})}
+    if parent_run_id is not None:
+        run_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id, tags=run_tags)
     handle = RunHandle(client=client, run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id)
     handle.log_params(flatten(config.model_dump(mode="json")))
     with _terminate_on_exit(handle):
         yield handle
+
+
+def attach_run(config: PipelineConfig, run_id: str | None) -> RunHandle:
+    """A handle on an existing run (a no-op handle when tracking is off or ``run_id`` is None)."""
+    if not config.tracking.enabled or run_id is None:
+        return RunHandle(client=None, run_id=None)
+    uri = resolve_tracking_uri(config)
+    client = connect(uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return RunHandle(client=client, run_id=run_id, tracking_uri=uri, experiment_id=experiment_id)
 
 
 @contextmanager
@@ -130,7 +283,7 @@ def stage_run(
         yield RunHandle(client=None, run_id=None)
         return
     uri = resolve_tracking_uri(config)
-    client = MlflowClient(tracking_uri=uri)
+    client = connect(uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     run = client.create_run(experiment_id, tags={PARENT_TAG: parent_run_id, RUN_NAME_TAG: stage})
     handle = RunHandle(client=client, run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id)
@@ -145,6 +298,8 @@ def _terminate_on_exit(handle: RunHandle) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        handle.client.set_terminated(handle.run_id, status="FAILED")
+        # The stage's own error is the one to report, even when the server went away with it.
+        with suppress(Exception):
+            handle.client.set_terminated(handle.run_id, status="FAILED")
         raise
     handle.client.set_terminated(handle.run_id, status="FINISHED")

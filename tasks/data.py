@@ -9,18 +9,14 @@ from prefect import get_run_logger, task
 from atkd_core.config import PipelineConfig
 from atkd_core.data.prepare import prepare_data
 from infra.tracking import stage_run
+from tasks.policies import IO_RETRIES, StageInputs, sections
 
 
-def prepared_dir(config: PipelineConfig) -> Path:
-    """Where prepare_data writes its output."""
-    return config.workdir / "prepared"
-
-
-@task(name="prepare_data", retries=1, retry_delay_seconds=2)
+@task(name="prepare_data", cache_policy=StageInputs(config_fields=sections("data", "tokenizer")), **IO_RETRIES)
 def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
     """Build the suite (or read the user's files), tokenizer and tokenised splits; return the output path."""
     logger = get_run_logger()
-    output = prepared_dir(config)
+    output = config.layout.prepared
     with stage_run(config, parent_run_id, "prepare_data") as run:
         manifest, reused = prepare_data(config, output, log=logger.info)
         logger.info("prepare_data: %s %s", "reused" if reused else "wrote", output)
@@ -36,7 +32,15 @@ def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
     return str(output)
 
 
-@task(name="generate_teacher_data")
+def _generation_fields(config: PipelineConfig) -> dict:
+    return {
+        "max_new_tokens": config.distill.generation_max_new_tokens,
+        "temperature": config.distill.generation_temperature,
+        "seed": config.distill.training.seed,
+    }
+
+
+@task(name="generate_teacher_data", cache_policy=StageInputs(config_fields=_generation_fields), **IO_RETRIES)
 def generate_teacher_data_task(
     config: PipelineConfig, prepared_dir: str, teacher_dir: str, parent_run_id: str | None
 ) -> str:
@@ -46,7 +50,7 @@ def generate_teacher_data_task(
     from atkd_core.data.generate import generate_teacher_data
 
     logger = get_run_logger()
-    output = config.workdir / "prepared_teacher_generated"
+    output = config.layout.teacher_generated
     with stage_run(config, parent_run_id, "generate_teacher_data") as run:
         manifest, reused = generate_teacher_data(
             config,

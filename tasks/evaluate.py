@@ -10,15 +10,16 @@ from prefect import get_run_logger, task
 from atkd_core.config import PipelineConfig
 from atkd_core.evaluation.harness import run_evaluation
 from infra.tracking import stage_run
+from tasks.policies import StageInputs, sections
 
 
-@task(name="evaluate")
+@task(name="evaluate", cache_policy=StageInputs(config_fields=sections("eval")))
 def evaluate_task(
     config: PipelineConfig, prepared_dir: str, student_dir: str, teacher_dir: str, parent_run_id: str | None
 ) -> str:
     """Score the student (and the teacher as reference) with lm-evaluation-harness; return the output path."""
     logger = get_run_logger()
-    output = config.workdir / "eval"
+    output = config.layout.eval
     models = {"student": Path(student_dir)}
     if config.eval.include_teacher:
         models["teacher"] = Path(teacher_dir)

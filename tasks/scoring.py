@@ -11,17 +11,24 @@ from atkd_core.models.build import materialize_model
 from atkd_core.reports import token_difficulty_report
 from atkd_core.scoring import TeacherCache, score_from_config
 from infra.tracking import stage_run
+from tasks.policies import IO_RETRIES, StageInputs, sections
 
 
-@task(name="materialize_teacher")
+def _scoring_fields(config: PipelineConfig) -> dict:
+    return {
+        "scoring": config.model_dump(mode="json", include={"scoring"}),
+        "temperature": config.loss.temperature,
+        "hard_fraction": config.loss.hard_fraction,
+    }
+
+
+@task(name="materialize_teacher", cache_policy=StageInputs(config_fields=sections("teacher")))
 def materialize_teacher_task(config: PipelineConfig, prepared_dir: str) -> str:
     """The teacher as a save_pretrained directory (a preset is built once with the run's tokenizer)."""
-    return materialize_model(
-        config.teacher, Path(prepared_dir) / "tokenizer", config.workdir / "models" / "teacher-init"
-    )
+    return materialize_model(config.teacher, Path(prepared_dir) / "tokenizer", config.layout.teacher_init)
 
 
-@task(name="score_teacher", retries=1, retry_delay_seconds=2)
+@task(name="score_teacher", cache_policy=StageInputs(config_fields=_scoring_fields), **IO_RETRIES)
 def score_teacher_task(
     config: PipelineConfig, prepared_dir: str, teacher_dir: str, parent_run_id: str | None
 ) -> str:
@@ -48,7 +55,7 @@ def score_teacher_task(
             TeacherCache(output),
             Path(prepared_dir),
             config.loss.hard_fraction,
-            config.workdir / "reports" / "teacher",
+            config.layout.teacher_report,
         )
         run.log_metrics(
             {
@@ -61,5 +68,5 @@ def score_teacher_task(
             }
         )
         run.log_artifact(output / "manifest.json")
-        run.log_artifact(config.workdir / "reports" / "teacher", "difficulty")
+        run.log_artifact(config.layout.teacher_report, "difficulty")
     return str(output)

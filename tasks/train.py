@@ -8,38 +8,37 @@ from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
-from atkd_core.training.loop import MetricsFn, TrainJob, distill_job, finetune_job
+from atkd_core.training.loop import TrainJob, distill_job, finetune_job
 from infra.launcher import launch_training
-from infra.tracking import RunHandle, flatten, stage_run
+from infra.tracking import MetricsBuffer, RunHandle, flatten, stage_run
+from tasks.policies import StageInputs, sections
 
-
-def _safe_metrics(run: RunHandle, logger) -> MetricsFn:
-    """A metrics callback that never lets a tracking failure kill training (it warns once)."""
-    failed = []
-
-    def log_metrics(metrics: dict[str, float], step: int) -> None:
-        try:
-            run.log_metrics(metrics, step)
-        except Exception as exc:  # the tracking server's errors are not the training's
-            if not failed:
-                logger.warning("metrics logging failed, training continues: %s", exc)
-            failed.append(step)
-
-    return log_metrics
+# Small files that describe a trained model; the weights themselves are logged once, by the
+# register_student task, so a large teacher is not copied into the artifact store on every run.
+MODEL_METADATA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "ds_config.json",
+    "metrics.jsonl",
+    "README.md",
+)
 
 
 def _train(job: TrainJob, run: RunHandle, logger) -> dict:
     run.log_params(flatten(job.training.model_dump(mode="json"), "training."))
-    manifest = launch_training(job, _safe_metrics(run, logger), logger.info)
-    for name in ("ds_config.json", "metrics.jsonl", "README.md", "manifest.json"):
+    metrics = MetricsBuffer(run, logger.warning)
+    try:
+        manifest = launch_training(job, metrics, logger.info)
+    finally:
+        metrics.close()
+    for name in (*MODEL_METADATA_FILES, "manifest.json"):
         if (job.output_dir / name).is_file():
-            run.log_artifact(job.output_dir / name)
-    run.log_artifact(job.output_dir, "model")
+            run.log_artifact(job.output_dir / name, "model")
     run.log_metrics({f"final_{k}": v for k, v in manifest.get("final", {}).items() if k != "step"})
     return manifest
 
 
-@task(name="finetune_teacher")
+@task(name="finetune_teacher", cache_policy=StageInputs(config_fields=sections("teacher", "finetune")))
 def finetune_teacher_task(
     config: PipelineConfig, prepared_dir: str, teacher_init: str, parent_run_id: str | None
 ) -> str:
@@ -53,14 +52,14 @@ def finetune_teacher_task(
     return str(job.output_dir)
 
 
-@task(name="distill_student")
+@task(name="distill_student", cache_policy=StageInputs(config_fields=sections("student", "loss", "distill")))
 def distill_student_task(
     config: PipelineConfig, prepared_dir: str, cache_dir: str, teacher_dir: str, parent_run_id: str | None
 ) -> str:
     """Distil the student from the teacher (cache offline, or live online); return the student's directory."""
     logger = get_run_logger()
     student_init = materialize_model(
-        config.student, Path(prepared_dir) / "tokenizer", config.workdir / "models" / "student-init"
+        config.student, Path(prepared_dir) / "tokenizer", config.layout.student_init
     )
     job = distill_job(config, Path(prepared_dir), Path(student_init), Path(cache_dir), Path(teacher_dir))
     with stage_run(config, parent_run_id, "distill_student") as run:

@@ -611,8 +611,8 @@ def finetune_job(config: PipelineConfig, prepared_dir: Path, teacher_init: Path)
         config=config,
         prepared_dir=prepared_dir,
         init_dir=teacher_init,
-        output_dir=config.workdir / "models" / "teacher",
-        checkpoint_dir=config.workdir / "checkpoints" / "finetune",
+        output_dir=config.layout.teacher,
+        checkpoint_dir=config.layout.checkpoints("finetune"),
     )
 
 
@@ -626,8 +626,8 @@ def distill_job(
         config=config,
         prepared_dir=prepared_dir,
         init_dir=student_init,
-        output_dir=config.workdir / "models" / "student",
-        checkpoint_dir=config.workdir / "checkpoints" / "distill",
+        output_dir=config.layout.student,
+        checkpoint_dir=config.layout.checkpoints("distill"),
         cache_dir=cache_dir if offline else None,
         teacher_dir=None if offline else teacher_dir,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from atkd_core.config import load_config
-from atkd_core.manifest import fingerprint, read_manifest
+from atkd_core.manifest import fingerprint, read_manifest, sha256_file
 from atkd_core.training.ds_config import render_ds_config, resolve_device
 from atkd_core.training.loop import MetricsFn, TrainJob, cleanup, save_model, setup, train
 
@@ -87,7 +87,13 @@ def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], Non
         "steps": len(history) and history[-1]["step"],
         "final": history[-1] if history else {},
         "world_size": state.world_size,
-        "content_sha256": fingerprint(sorted(p.name for p in job.output_dir.iterdir())),
+        # The weights and architecture only: metrics.jsonl carries timings that differ run to run.
+        "content_sha256": fingerprint(
+            {
+                p.name: sha256_file(p)
+                for p in sorted(job.output_dir.glob("*.safetensors")) + [job.output_dir / "config.json"]
+            }
+        ),
     }
     (job.output_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

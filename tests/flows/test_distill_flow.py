@@ -51,6 +51,28 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(result.outputs["distill_student"]).num_parameters() > 0
 
+    # The student is registered with the summary table as its description, and is loadable from there.
+    assert result.registered_model == "test-student/1" and parent.data.tags["registered_model"] == "test-student/1"
+    version = client.get_model_version("test-student", "1")
+    assert version.run_id == parent.info.run_id and "| atkd_add |" in version.description
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"runs:/{parent.info.run_id}/model", tracking_uri=result.mlflow_tracking_uri
+    )
+    assert AutoModelForCausalLM.from_pretrained(local).num_parameters() > 0
+
+    # The Prefect side links back: a Markdown artifact naming the MLflow run, with the table.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect_client:
+        artifacts = prefect_client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["atkd-test"]))
+        )
+    mine = [a for a in artifacts if str(a.flow_run_id) == result.prefect_flow_run_id]
+    assert len(mine) == 1 and result.mlflow_run_id in mine[0].data and "| atkd_add |" in mine[0].data
+
 
 def test_flow_parameter_schema_is_the_config_model():
     from prefect.utilities.callables import parameter_schema
@@ -58,3 +80,52 @@ def test_flow_parameter_schema_is_the_config_model():
     schema = parameter_schema(distill_pipeline.fn).model_dump()
     assert "config" in schema["properties"]
     assert "PipelineConfig" in str(schema)
+
+
+def _task_states(flow_run_id: str) -> dict[str, str]:
+    """Task name -> final state name of one flow run, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+STAGES = (
+    "prepare_data",
+    "materialize_teacher",
+    "finetune_teacher",
+    "score_teacher",
+    "distill_student",
+    "evaluate",
+)
+
+
+def test_second_run_hits_the_caches_and_a_loss_change_reruns_only_training_and_evaluation(
+    prefect_harness, tmp_path
+):
+    config = tiny_config(tmp_path, eval={"limit": 4, "max_new_tokens": 8})
+    first = distill_pipeline(config)
+    assert {stage: _task_states(first.prefect_flow_run_id)[stage] for stage in STAGES} == dict.fromkeys(
+        STAGES, "Completed"
+    )
+    again = distill_pipeline(config)
+    assert {stage: _task_states(again.prefect_flow_run_id)[stage] for stage in STAGES} == dict.fromkeys(
+        STAGES, "Cached"
+    )
+    assert again.outputs == first.outputs
+
+    changed = config.model_copy(update={"loss": config.loss.model_copy(update={"lam": 0.7})})
+    states = _task_states(distill_pipeline(changed).prefect_flow_run_id)
+    rerun = {stage for stage in STAGES if states[stage] == "Completed"}
+    assert rerun == {"distill_student", "evaluate"}
+    assert {states[stage] for stage in STAGES if stage not in rerun} == {"Cached"}
+
+    # A deleted output is rebuilt rather than served from a cache record pointing at nothing.
+    import shutil
+
+    shutil.rmtree(tmp_path / "eval")
+    states = _task_states(distill_pipeline(changed).prefect_flow_run_id)
+    assert states["evaluate"] == "Completed" and states["distill_student"] == "Cached"
+    assert (tmp_path / "eval" / "summary.md").is_file()
