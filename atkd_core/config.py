@@ -463,17 +463,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. loss.lam=0.5")
         key, _, text = item.partition("=")
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"--set {item!r}: empty key")
-        node = raw
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        set_field(raw, key, yaml.safe_load(text) if text.strip() else None, f"--set {item!r}")
     return raw
+
+
+def set_field(raw: dict[str, Any], dotted_key: str, value: Any, what: str) -> None:
+    """Set ``a.b.c`` in a raw config dict, creating sections; ``what`` names the change in errors."""
+    parts = [p for p in dotted_key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"{what}: empty key")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -481,23 +486,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
     Raises ConfigError with one line per problem; never a traceback for user error.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-        raw = loaded or {}
-    apply_overrides(raw, overrides or [])
+    raw = read_yaml_mapping(path) if path is not None else {}
+    return validate_config(apply_overrides(raw, overrides or []), str(path) if path else "config")
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; ConfigError when it is missing, invalid or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def validate_config(raw: dict[str, Any], source: str) -> PipelineConfig:
+    """A PipelineConfig from a raw mapping; ConfigError (one line per problem, named by ``source``)."""
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source=str(path) if path else "config")) from None
+        raise ConfigError(format_validation_error(exc, source=source)) from None
 
 
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:

@@ -70,3 +70,49 @@ def token_difficulty_report(
     figure.savefig(output_dir / "unc_histogram.png", dpi=110)
     plt.close(figure)
     return report
+
+
+def cache_unc(cache: TeacherCache, prepared_dir: Path) -> torch.Tensor:
+    """Every training token's teacher UNC from a cache, in dataset order. [num_tokens] float64."""
+    train = load_from_disk(str(prepared_dir / "dataset"))["train"]
+    return torch.cat([cache.field(example_id, "unc") for example_id in train["id"]]).double()
+
+
+@torch.no_grad()
+def kl_decomposition_magnitudes(
+    cache: TeacherCache, prepared_dir: Path, student_dir: Path, max_examples: int = 256, batch_size: int = 32
+) -> dict[str, float]:
+    """Mean per-token forward KL terms of ``student_dir`` against the cached teacher on the first
+    ``max_examples`` training examples: TKD, DKD, the UNC-weighted (1 - p_g)·DKD that KD actually
+    optimises, and that term's share of the KL. With the same student for every teacher this shows
+    how much of the KD signal each teacher's diversity term carries."""
+    from atkd_core.data.batching import collate, next_token_logits, shift_targets
+    from atkd_core.data.tokenizer import load_tokenizer
+    from atkd_core.losses import decompose_kl
+    from atkd_core.models.build import load_model
+
+    tokenizer = load_tokenizer(prepared_dir / "tokenizer")
+    model = load_model(student_dir).eval()
+    train = load_from_disk(str(prepared_dir / "dataset"))["train"]
+    rows = train.select(range(min(max_examples, len(train))))
+    totals = {"tkd": 0.0, "dkd": 0.0, "weighted_dkd": 0.0, "kl": 0.0}
+    tokens = 0
+    for start in range(0, len(rows), batch_size):
+        examples = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        batch = collate(examples, tokenizer.pad_token_id)
+        logits = next_token_logits(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, len(tokenizer)
+        )
+        targets = shift_targets(batch["labels"])
+        teacher = cache.sparse_teacher([e["id"] for e in examples], targets)
+        parts = decompose_kl(logits, teacher, targets)
+        valid = targets != -100
+        weighted = parts.rest_mass * parts.dkd
+        totals["tkd"] += float(parts.tkd[valid].sum())
+        totals["dkd"] += float(parts.dkd[valid].sum())
+        totals["weighted_dkd"] += float(weighted[valid].sum())
+        totals["kl"] += float((parts.tkd + weighted)[valid].sum())
+        tokens += int(valid.sum())
+    means = {name: value / max(tokens, 1) for name, value in totals.items()}
+    means["weighted_dkd_share"] = means["weighted_dkd"] / means["kl"] if means["kl"] > 0 else float("nan")
+    return means

@@ -48,6 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
         data.add_parser("prepare", help="run the prepare_data stage alone (no Prefect, no MLflow)")
     )
 
+    compare = commands.add_parser(
+        "compare", help="run a comparison grid (objectives x teachers x seeds, or an ablation) and report it"
+    )
+    _add_config_args(compare)
+    compare.add_argument(
+        "--ablation",
+        default=None,
+        metavar="NAME",
+        help="run the named ablation of the config instead of its axes",
+    )
+    compare.add_argument(
+        "--list",
+        action="store_true",
+        help="print the grid's runs and shared teachers without running anything",
+    )
+
     _add_config_args(
         commands.add_parser(
             "score", help="run prepare_data, finetune_teacher and score_teacher (reusing outputs)"
@@ -82,6 +98,31 @@ def _cmd_run(config: PipelineConfig) -> int:
     print(f"  Prefect run      {result.prefect_flow_run_url or result.prefect_flow_run_id}")
     if result.summary:
         print("\nEvaluation (lm-evaluation-harness; gap = student - teacher):\n" + result.summary)
+    return 0
+
+
+def _cmd_compare(path: Path, overrides: list[str], ablation: str | None, list_only: bool) -> int:
+    from atkd_core.compare import load_grid, teacher_label
+
+    grid = load_grid(path, overrides, ablation)
+    if list_only:
+        for config in grid.teacher_configs.values():
+            print(f"teacher  {teacher_label(config):<32} {config.workdir}")
+        for cell in grid.cells:
+            print(f"run      {cell.label + ' seed ' + str(cell.seed):<32} {cell.config.workdir}")
+        print(f"{len(grid.cells)} runs, {len(grid.teacher_configs)} teacher group(s)")
+        return 0
+    from flows.compare import compare
+
+    started = time.perf_counter()
+    result = compare(str(path), overrides, ablation)
+    minutes, seconds = divmod(time.perf_counter() - started, 60)
+    print(f"\n=== atkd compare: {result.cells} runs done in {int(minutes)}m{int(seconds):02d}s ===")
+    print(f"  report           {Path(result.report_dir) / 'report.md'}")
+    if result.mlflow_run_id:
+        print(f"  MLflow run       {result.mlflow_run_id}")
+    print(f"  Prefect run      {result.prefect_flow_run_id}")
+    print("\n" + (Path(result.report_dir) / "report.md").read_text())
     return 0
 
 
@@ -165,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config" and args.config_command == "schema":
             print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
             return 0
+        if args.command == "compare":
+            return _cmd_compare(args.config, args.overrides, args.ablation, args.list)
         config = load_config(args.config, args.overrides)
         if args.command == "config":
             print(config_to_yaml(config), end="")

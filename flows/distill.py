@@ -80,10 +80,16 @@ def student_stages(config: PipelineConfig, upstream: TeacherOutputs, run_id: str
     )
     outputs = {"distill_student": student}
     if config.eval.enabled:
-        outputs["evaluate"] = cached(evaluate_task, layout.eval / "errors.json")(
-            config, upstream.prepared, student, upstream.teacher, run_id
-        )
+        models = {"student": student}
+        if config.eval.include_teacher:
+            models["teacher"] = upstream.teacher
+        outputs["evaluate"] = evaluate(config, upstream.prepared, models, run_id)
     return outputs
+
+
+def evaluate(config: PipelineConfig, prepared: str, models: dict[str, str], run_id: str | None) -> str:
+    """The evaluate stage (cached) on ``models`` into ``<workdir>/eval``; returns that directory."""
+    return cached(evaluate_task, config.layout.eval / "errors.json")(config, prepared, models, run_id)
 
 
 def read_summary(outputs: dict[str, str]) -> str:

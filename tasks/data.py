@@ -12,7 +12,9 @@ from infra.tracking import stage_run
 from tasks.policies import IO_RETRIES, StageInputs, sections
 
 
-@task(name="prepare_data", cache_policy=StageInputs(config_fields=sections("data", "tokenizer")), **IO_RETRIES)
+@task(
+    name="prepare_data", cache_policy=StageInputs(config_fields=sections("data", "tokenizer")), **IO_RETRIES
+)
 def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
     """Build the suite (or read the user's files), tokenizer and tokenised splits; return the output path."""
     logger = get_run_logger()

@@ -15,14 +15,12 @@ from tasks.policies import StageInputs, sections
 
 @task(name="evaluate", cache_policy=StageInputs(config_fields=sections("eval")))
 def evaluate_task(
-    config: PipelineConfig, prepared_dir: str, student_dir: str, teacher_dir: str, parent_run_id: str | None
+    config: PipelineConfig, prepared_dir: str, models: dict[str, str], parent_run_id: str | None
 ) -> str:
-    """Score the student (and the teacher as reference) with lm-evaluation-harness; return the output path."""
+    """Score ``models`` (name -> directory: the student, the teacher as reference, or the teacher
+    alone) with lm-evaluation-harness into ``<workdir>/eval``; return that path."""
     logger = get_run_logger()
     output = config.layout.eval
-    models = {"student": Path(student_dir)}
-    if config.eval.include_teacher:
-        models["teacher"] = Path(teacher_dir)
     with stage_run(config, parent_run_id, "evaluate") as run:
         run.log_params(
             {
@@ -35,7 +33,7 @@ def evaluate_task(
         report = run_evaluation(
             config,
             Path(prepared_dir),
-            models,
+            {name: Path(directory) for name, directory in models.items()},
             output,
             device="cuda" if torch.cuda.is_available() else "cpu",
             log=logger.info,
@@ -51,7 +49,7 @@ def evaluate_task(
             for group in ("easy", "hard"):
                 for key in ("forward_kl", "top1_agreement", "teacher_unc"):
                     metrics[f"difficulty/{group}/{key}"] = report["difficulty"][group][key]
-            for model in ("student", "teacher"):
+            for model in models:
                 metrics[f"eval/{model}/validation_perplexity"] = report["difficulty"][
                     f"{model}_validation_perplexity"
                 ]

@@ -42,8 +42,12 @@ IO_RETRIES = {
 }
 
 
-def _manifest_hash(value: Any) -> str | None:
-    """The hash of a stage output's manifest when ``value`` is the path of one, else None."""
+def _manifest_hash(value: Any) -> Any:
+    """The hash of a stage output's manifest when ``value`` is the path of one (per entry for a
+    mapping of paths), else None."""
+    if isinstance(value, dict):
+        hashes = {key: _manifest_hash(item) for key, item in sorted(value.items())}
+        return hashes if any(h is not None for h in hashes.values()) else None
     if not isinstance(value, str):
         return None
     manifest = Path(value) / MANIFEST_NAME

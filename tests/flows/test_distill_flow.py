@@ -52,7 +52,10 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(result.outputs["distill_student"]).num_parameters() > 0
 
     # The student is registered with the summary table as its description, and is loadable from there.
-    assert result.registered_model == "test-student/1" and parent.data.tags["registered_model"] == "test-student/1"
+    assert (
+        result.registered_model == "test-student/1"
+        and parent.data.tags["registered_model"] == "test-student/1"
+    )
     version = client.get_model_version("test-student", "1")
     assert version.run_id == parent.info.run_id and "| atkd_add |" in version.description
     import mlflow.artifacts

@@ -1,0 +1,117 @@
+"""The comparison grid: expansion, shared groups, validation, and its statistics against scipy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+from scipy import stats
+
+from atkd_core.compare import (
+    OBJECTIVES,
+    confidence_interval,
+    load_grid,
+    paired_differences,
+    pivot_markdown,
+    summarize,
+)
+from atkd_core.config import config_to_yaml
+from atkd_core.errors import ConfigError
+from tests.conftest import tiny_config
+
+
+def write_comparison(tmp_path, **fields) -> str:
+    """A base pipeline YAML and a comparison YAML over it in ``tmp_path``; returns the latter's path."""
+    (tmp_path / "base.yaml").write_text(config_to_yaml(tiny_config(tmp_path / "unused")))
+    raw = {
+        "name": "grid",
+        "workdir": str(tmp_path / "grid"),
+        "base": "base.yaml",
+        "axes": {"teacher.preset": ["neox-tiny", "llama-tiny"], "objective": ["kd", "atkd"]},
+        "seeds": [0, 1, 2],
+        "pairs": [["kd", "atkd"]],
+        "ablations": {"lam": {"objective": ["atkd"], "loss.lam": [0.0, 0.5]}},
+        **fields,
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def test_grid_expands_axes_and_seeds_and_shares_data_and_teachers(tmp_path):
+    grid = load_grid(write_comparison(tmp_path))
+    assert len(grid.cells) == 2 * 2 * 3
+    first = grid.cells[0]
+    assert first.values == {"teacher.preset": "neox-tiny", "objective": "kd"} and first.seed == 0
+    assert first.config.loss.objective == "kd" and first.config.loss.divergence == "forward_kl"
+    assert first.config.distill.training.seed == 0 and first.config.student.init_seed == 0
+    assert first.config.workdir == tmp_path / "grid" / "cells" / "neox-tiny" / "kd" / "seed0"
+    rkd_atkd = load_grid(write_comparison(tmp_path, axes={"objective": ["rkd_atkd"]})).cells[0].config
+    assert (rkd_atkd.loss.objective, rkd_atkd.loss.setting) == ("atkd", "reverse")
+    # One prepared dataset, one teacher per preset: objectives and seeds do not retrain teachers.
+    assert len(grid.data_configs) == 1 and len(grid.teacher_configs) == 2
+    assert {c.teacher_key for c in grid.cells if c.values["teacher.preset"] == "neox-tiny"} == {
+        grid.cells[0].teacher_key
+    }
+    # Every run logs to the comparison's store, so the runs nest under its MLflow run.
+    assert {c.config.tracking.tracking_uri for c in grid.cells} == {
+        f"sqlite:///{(tmp_path / 'grid' / 'mlflow.db').resolve()}"
+    }
+    assert not any(c.config.eval.include_teacher for c in grid.cells)
+
+
+def test_ablation_replaces_the_axes(tmp_path):
+    grid = load_grid(write_comparison(tmp_path), ablation="lam")
+    assert [c.config.loss.lam for c in grid.cells] == [0.0] * 3 + [0.5] * 3
+    assert grid.output_dir == tmp_path / "grid" / "report-lam"
+    with pytest.raises(ConfigError, match=r"--ablation 'k' is not defined; defined: \['lam'\]"):
+        load_grid(write_comparison(tmp_path), ablation="k")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"axes": {"objective": ["kd", "dpo"]}}, "axes.objective"),
+        ({"seeds": [0, 0]}, "seeds must be distinct"),
+        ({"axes": {"loss.lam": [0.1, 0.1]}}, "no repeats"),
+        ({"pairs": [["kd", "nope"]]}, "pairs"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_comparison_configs_name_the_field(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        load_grid(write_comparison(tmp_path, **fields))
+
+
+def test_a_bad_axis_value_names_the_cell(tmp_path):
+    path = write_comparison(tmp_path, axes={"loss.lam": [0.5, 1.5]})
+    with pytest.raises(ConfigError) as error:
+        load_grid(path)
+    assert "loss.lam=1.5, seed 0" in str(error.value) and "loss.lam = 1.5" in str(error.value)
+
+
+def test_paired_differences_match_a_scipy_t_interval():
+    scores = {("kd", 0): 10.0, ("kd", 1): 12.0, ("kd", 2): 11.0, ("atkd", 0): 11.5, ("atkd", 1): 12.5, ("atkd", 2): 13.0}
+    results = [
+        {"values": {"objective": objective}, "seed": seed, "score": value} for (objective, seed), value in scores.items()
+    ]
+    (row,) = paired_differences(results, ["objective"], [("kd", "atkd")], "score")
+    diffs = [1.5, 0.5, 2.0]
+    low, high = stats.t.interval(0.95, 2, loc=sum(diffs) / 3, scale=stats.sem(diffs))
+    assert row["pair"] == "atkd - kd" and row["n"] == 3
+    assert row["mean"] == pytest.approx(4 / 3) and (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+    assert confidence_interval([1.0])[1] == -math.inf
+
+
+def test_summary_and_pivot_table():
+    results = [
+        {"values": {"t": t, "objective": o}, "seed": s, "score": float(i)}
+        for i, (t, o, s) in enumerate((t, o, s) for t in ("a", "b") for o in ("kd", "atkd") for s in (0, 1))
+    ]
+    rows = summarize(results, ["t", "objective"], "score")
+    assert rows[0] == {"t": "a", "objective": "kd", "mean": 0.5, "std": pytest.approx(math.sqrt(0.5)), "n": 2}
+    table = pivot_markdown(rows, ["t", "objective"])
+    assert table.splitlines()[0] == "| t | kd | atkd |"
+    assert table.splitlines()[3] == "| b | 4.50 ± 0.71 | 6.50 ± 0.71 |"
+    assert set(OBJECTIVES) == {"sft", "kd", "atkd", "rkd", "rkd_atkd"}

@@ -1,0 +1,68 @@
+"""The comparison flow on a tiny grid: shared teacher, nested MLflow runs, report and artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.compare import compare
+from tests.atkd_core.test_compare import write_comparison
+
+
+@pytest.mark.slow
+def test_compare_runs_cells_on_one_shared_teacher_and_reports(prefect_harness, tmp_path):
+    path = write_comparison(
+        tmp_path,
+        axes={"teacher.preset": ["neox-tiny"], "objective": ["kd", "atkd"]},
+        seeds=[0, 1],
+        base_set=["eval.limit=4", "eval.max_new_tokens=6"],
+    )
+    result = compare(path)
+    grid_dir = tmp_path / "grid"
+    assert result.cells == 4 and result.failed == []
+    (teacher_dir,) = (grid_dir / "teachers").iterdir()
+    assert (teacher_dir / "models" / "teacher" / "manifest.json").is_file()
+    assert (teacher_dir / "eval" / "teacher.json").is_file()
+    students = sorted(p.relative_to(grid_dir) for p in grid_dir.glob("cells/*/*/seed*/models/student"))
+    assert [str(p) for p in students] == [
+        f"cells/neox-tiny/{o}/seed{s}/models/student" for o in ("atkd", "kd") for s in (0, 1)
+    ]
+    # No cell trained or scored a teacher of its own.
+    assert not list(grid_dir.glob("cells/**/models/teacher")) and not list(grid_dir.glob("cells/**/teacher_cache"))
+
+    report = (grid_dir / "report" / "report.md").read_text()
+    assert "| teacher.preset | kd | atkd |" in report and "| neox-tiny |" in report
+    assert "atkd - kd" in report and "95%" in report and "(1-p_g)·DKD" in report
+    for name in ("scores.png", "unc.png", "results.csv", "summary.json"):
+        assert (grid_dir / "report" / name).is_file(), name
+    summary = json.loads((grid_dir / "report" / "summary.json").read_text())
+    assert [row["n"] for row in summary["scores"]] == [2, 2]
+    (teacher,) = summary["teachers"]
+    assert 0 <= teacher["unc_median"] <= 1 and teacher["kl"] == pytest.approx(
+        teacher["tkd"] + teacher["weighted_dkd"], rel=1e-4
+    )
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(grid_dir / 'mlflow.db').resolve()}")
+    root = client.get_run(result.mlflow_run_id)
+    assert root.data.tags["atkd.kind"] == "comparison" and root.data.params["compare.seeds"] == "[0, 1]"
+    nested = client.search_runs(
+        [root.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{root.info.run_id}'"
+    )
+    names = sorted(run.data.tags["mlflow.runName"] for run in nested)
+    assert names == [
+        "neox-tiny/atkd seed 0",
+        "neox-tiny/atkd seed 1",
+        "neox-tiny/kd seed 0",
+        "neox-tiny/kd seed 1",
+        "prepare_data",
+        f"teacher {teacher_dir.name}",
+    ]
+    cell = next(r for r in nested if r.data.tags["mlflow.runName"] == "neox-tiny/atkd seed 0")
+    assert "student_score" in cell.data.metrics
+    stages = client.search_runs(
+        [root.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{cell.info.run_id}'"
+    )
+    assert sorted(r.data.tags["mlflow.runName"] for r in stages) == ["distill_student", "evaluate"]
+    assert "report/report.md" in [a.path for a in client.list_artifacts(root.info.run_id, "report")]
