@@ -218,7 +218,9 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, ablation: st
             cell.config.model_copy(
                 update={
                     "workdir": comparison.workdir / "teachers" / teacher_label(cell.config),
-                    "eval": cell.config.eval.model_copy(update={"include_teacher": base.eval.include_teacher}),
+                    "eval": cell.config.eval.model_copy(
+                        update={"include_teacher": base.eval.include_teacher}
+                    ),
                 }
             ),
         )

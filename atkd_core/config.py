@@ -391,7 +391,8 @@ class TrackingConfig(StrictModel):
 
     enabled: bool = Field(True, description="Log runs to MLflow.")
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; null: sqlite:///<workdir>/mlflow.db."
+        None,
+        description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI when set, else sqlite:///<workdir>/mlflow.db.",
     )
     experiment_name: str = Field("atkd", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="Name of the pipeline's parent run; null: generated.")

@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the grid's runs and shared teachers without running anything",
     )
 
+    serve = commands.add_parser(
+        "serve", help="start (or --stop) a local Prefect server, MLflow server and process worker"
+    )
+    serve.add_argument("--stop", action="store_true", help="stop the servers recorded in --dir")
+    serve.add_argument(
+        "--dir", type=Path, default=Path(".atkd-serve"), help="state: databases, artifacts, logs, pids"
+    )
+    serve.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port on 127.0.0.1")
+    serve.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port on 127.0.0.1")
+
     _add_config_args(
         commands.add_parser(
             "score", help="run prepare_data, finetune_teacher and score_teacher (reusing outputs)"
@@ -123,6 +133,26 @@ def _cmd_compare(path: Path, overrides: list[str], ablation: str | None, list_on
         print(f"  MLflow run       {result.mlflow_run_id}")
     print(f"  Prefect run      {result.prefect_flow_run_id}")
     print("\n" + (Path(result.report_dir) / "report.md").read_text())
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from infra.servers import start, stop
+
+    if args.stop:
+        if not stop(args.dir):
+            print(f"atkd: no servers recorded in {args.dir}", file=sys.stderr)
+            return 1
+        return 0
+    servers = start(args.dir, args.prefect_port, args.mlflow_port)
+    exports = " ".join(f"{key}={value}" for key, value in servers.environment().items())
+    print(
+        f"Prefect UI    {servers.prefect_ui_url}\n"
+        f"MLflow UI     {servers.mlflow_url}\n"
+        f"worker        polling work pool '{servers.work_pool}' (logs: {servers.state_dir}/worker.log)\n"
+        f"state         {servers.state_dir} (stop with: atkd serve --stop)\n\n"
+        f"Point this shell at them:\n  export {exports}"
+    )
     return 0
 
 
@@ -206,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config" and args.config_command == "schema":
             print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
             return 0
+        if args.command == "serve":
+            return _cmd_serve(args)
         if args.command == "compare":
             return _cmd_compare(args.config, args.overrides, args.ablation, args.list)
         config = load_config(args.config, args.overrides)

@@ -14,7 +14,7 @@ from prefect.context import get_run_context
 from prefect.runtime import flow_run as current_flow_run
 from pydantic import BaseModel, Field
 
-from atkd_core.config import PipelineConfig
+from atkd_core.config import PipelineConfig, load_config
 from infra.tracking import RunHandle, pipeline_run
 from tasks.data import generate_teacher_data_task, prepare_data_task
 from tasks.evaluate import evaluate_task
@@ -150,3 +150,12 @@ def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResul
         prefect_flow_run_url=flow_run_url,
         summary=summary,
     )
+
+
+@flow(name="distill_config_file")
+def distill_config_file(
+    config_path: str = "configs/demo.yaml", overrides: list[str] | None = None
+) -> PipelineResult:
+    """Run the pipeline on a config file of the checkout with ``--set``-style overrides (for
+    scheduled deployments, whose parameters should follow the file rather than copy it)."""
+    return distill_pipeline(load_config(config_path, overrides))

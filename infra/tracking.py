@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -35,10 +36,13 @@ class TrackingUnavailable(UserError):
 
 
 def resolve_tracking_uri(config: PipelineConfig) -> str:
-    """The configured tracking URI, or a SQLite store inside the workdir."""
-    if config.tracking.tracking_uri:
-        return config.tracking.tracking_uri
-    return f"sqlite:///{(config.workdir / 'mlflow.db').resolve()}"
+    """The configured tracking URI, else ``MLFLOW_TRACKING_URI`` (as MLflow users expect; ``atkd
+    serve`` prints it), else a SQLite store inside the workdir."""
+    return (
+        config.tracking.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{(config.workdir / 'mlflow.db').resolve()}"
+    )
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -234,7 +238,9 @@ def _experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    # An explicit artifact location: otherwise artifacts land in ./mlruns of whatever the cwd is.
+    if str(client.tracking_uri).startswith(("http://", "https://")):
+        return client.create_experiment(name)  # the server decides (and serves) artifact storage
+    # A local store needs an explicit location: otherwise artifacts land in ./mlruns of the cwd.
     artifacts = (config.workdir / "mlartifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifacts)
 

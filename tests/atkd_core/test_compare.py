@@ -92,15 +92,25 @@ def test_a_bad_axis_value_names_the_cell(tmp_path):
 
 
 def test_paired_differences_match_a_scipy_t_interval():
-    scores = {("kd", 0): 10.0, ("kd", 1): 12.0, ("kd", 2): 11.0, ("atkd", 0): 11.5, ("atkd", 1): 12.5, ("atkd", 2): 13.0}
+    scores = {
+        ("kd", 0): 10.0,
+        ("kd", 1): 12.0,
+        ("kd", 2): 11.0,
+        ("atkd", 0): 11.5,
+        ("atkd", 1): 12.5,
+        ("atkd", 2): 13.0,
+    }
     results = [
-        {"values": {"objective": objective}, "seed": seed, "score": value} for (objective, seed), value in scores.items()
+        {"values": {"objective": objective}, "seed": seed, "score": value}
+        for (objective, seed), value in scores.items()
     ]
     (row,) = paired_differences(results, ["objective"], [("kd", "atkd")], "score")
     diffs = [1.5, 0.5, 2.0]
     low, high = stats.t.interval(0.95, 2, loc=sum(diffs) / 3, scale=stats.sem(diffs))
     assert row["pair"] == "atkd - kd" and row["n"] == 3
-    assert row["mean"] == pytest.approx(4 / 3) and (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+    assert row["mean"] == pytest.approx(4 / 3) and (row["ci_low"], row["ci_high"]) == pytest.approx(
+        (low, high)
+    )
     assert confidence_interval([1.0])[1] == -math.inf
 
 

@@ -30,7 +30,9 @@ def test_compare_runs_cells_on_one_shared_teacher_and_reports(prefect_harness, t
         f"cells/neox-tiny/{o}/seed{s}/models/student" for o in ("atkd", "kd") for s in (0, 1)
     ]
     # No cell trained or scored a teacher of its own.
-    assert not list(grid_dir.glob("cells/**/models/teacher")) and not list(grid_dir.glob("cells/**/teacher_cache"))
+    assert not list(grid_dir.glob("cells/**/models/teacher")) and not list(
+        grid_dir.glob("cells/**/teacher_cache")
+    )
 
     report = (grid_dir / "report" / "report.md").read_text()
     assert "| teacher.preset | kd | atkd |" in report and "| neox-tiny |" in report
