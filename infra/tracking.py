@@ -195,12 +195,19 @@ def connect(uri: str) -> MlflowClient:
     try:
         client.search_experiments(max_results=1)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingUnavailable(
-            f"MLflow tracking at {uri} is unreachable ({type(exc).__name__}: {reason[:300]}). "
+            f"MLflow tracking at {uri} is unreachable ({_root_cause(exc)}). "
             "Start it (`atkd serve`), fix tracking.tracking_uri, or set tracking.enabled: false."
         ) from exc
     return client
+
+
+def _root_cause(error: BaseException) -> str:
+    """'Type: message' of the innermost exception in a chain (the HTTP stack wraps it three deep)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 def register_model(

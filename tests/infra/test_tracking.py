@@ -1,0 +1,97 @@
+"""Tracking failures: an unreachable server is a clear error after retries; a flaky one never
+costs training its metrics until the end, and what was lost is reported."""
+
+from __future__ import annotations
+
+import pytest
+from prefect import flow
+
+from infra.tracking import MetricsBuffer, RunHandle, TrackingUnavailable, connect
+from tasks.data import prepare_data_task
+from tests.conftest import free_port, tiny_config
+
+
+class FlakyRun(RunHandle):
+    """A run handle whose sends fail while ``down`` is set."""
+
+    def __init__(self):
+        super().__init__(client=None, run_id="fake")
+        self.down = False
+        self.received = []
+
+    def send_metrics(self, records):
+        if self.down:
+            raise ConnectionError("server went away")
+        self.received.extend(records)
+
+
+@flow
+def run_one_stage(config, parent_run_id):
+    """prepare_data in a flow; (failed, its error, the task run id) without failing the flow."""
+    state = prepare_data_task(config, parent_run_id, return_state=True)
+    return state.is_failed(), state.result(raise_on_failure=False), state.state_details.task_run_id
+
+
+def run_count(task_run_id) -> int:
+    """How many times Prefect ran a task run (1 + retries taken)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_run(task_run_id).run_count
+
+
+def test_buffer_keeps_metrics_through_an_outage_and_sends_them_in_order():
+    run, warnings = FlakyRun(), []
+    buffer = MetricsBuffer(run, warnings.append, flush_every_steps=2)
+    for step in range(1, 4):
+        buffer({"loss": float(step)}, step)
+    run.down = True
+    for step in range(4, 9):
+        buffer({"loss": float(step)}, step)
+    assert [m.step for m in run.received] == [1, 2]
+    assert len(warnings) == 1 and "will retry" in warnings[0]
+    run.down = False
+    buffer({"loss": 9.0}, 9)
+    buffer({"loss": 10.0}, 10)
+    assert [m.step for m in run.received] == list(range(1, 11)) and "recovered" in warnings[-1]
+    assert buffer.close() == 0
+
+
+def test_buffer_reports_what_never_arrived():
+    run, warnings = FlakyRun(), []
+    buffer = MetricsBuffer(run, warnings.append, flush_every_steps=100, max_pending=3)
+    run.down = True
+    for step in range(1, 6):
+        buffer({"loss": float(step), "lr": 0.1}, step)
+    assert buffer.close() == 10
+    assert "10 metric values could not be sent" in warnings[-1] and "metrics.jsonl" in warnings[-1]
+
+
+def test_connect_names_the_unreachable_server(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingUnavailable, match=rf"MLflow tracking at {uri} is unreachable .*atkd serve"):
+        connect(uri)
+
+
+def test_a_stage_fails_with_the_clear_error_after_its_retries(prefect_harness, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"
+    config = tiny_config(tmp_path, tracking={"experiment_name": "x", "tracking_uri": uri})
+
+    failed, error, task_run_id = run_one_stage(config, "some-parent-run")
+    assert failed and isinstance(error, TrackingUnavailable)
+    assert str(error).startswith(f"MLflow tracking at {uri} is unreachable (ConnectionRefusedError")
+    assert run_count(task_run_id) == 3  # the first attempt and two retries
+
+
+def test_user_errors_are_not_retried(prefect_harness, tmp_path):
+    config = tiny_config(
+        tmp_path,
+        data={"source": "files", "train_files": [str(tmp_path / "missing.jsonl")]},
+        tracking={"enabled": False},
+    )
+
+    failed, error, task_run_id = run_one_stage(config, None)
+    assert failed and "does not exist" in str(error)
+    assert run_count(task_run_id) == 1
