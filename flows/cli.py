@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the grid's runs and shared teachers without running anything",
     )
+    compare.add_argument(
+        "--report-to",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also copy the report (report.md, figures, tables) into DIR, e.g. a docs folder",
+    )
 
     serve = commands.add_parser(
         "serve", help="start (or --stop) a local Prefect server, MLflow server and process worker"
@@ -111,7 +119,9 @@ def _cmd_run(config: PipelineConfig) -> int:
     return 0
 
 
-def _cmd_compare(path: Path, overrides: list[str], ablation: str | None, list_only: bool) -> int:
+def _cmd_compare(
+    path: Path, overrides: list[str], ablation: str | None, list_only: bool, report_to: Path | None
+) -> int:
     from atkd_core.compare import load_grid, teacher_label
 
     grid = load_grid(path, overrides, ablation)
@@ -129,6 +139,9 @@ def _cmd_compare(path: Path, overrides: list[str], ablation: str | None, list_on
     minutes, seconds = divmod(time.perf_counter() - started, 60)
     print(f"\n=== atkd compare: {result.cells} runs done in {int(minutes)}m{int(seconds):02d}s ===")
     print(f"  report           {Path(result.report_dir) / 'report.md'}")
+    if report_to is not None:
+        shutil.copytree(result.report_dir, report_to, dirs_exist_ok=True)
+        print(f"  copied to        {report_to}")
     if result.mlflow_run_id:
         print(f"  MLflow run       {result.mlflow_run_id}")
     print(f"  Prefect run      {result.prefect_flow_run_id}")
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _cmd_serve(args)
         if args.command == "compare":
-            return _cmd_compare(args.config, args.overrides, args.ablation, args.list)
+            return _cmd_compare(args.config, args.overrides, args.ablation, args.list, args.report_to)
         config = load_config(args.config, args.overrides)
         if args.command == "config":
             print(config_to_yaml(config), end="")
