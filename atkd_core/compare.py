@@ -239,7 +239,12 @@ def _cell(grid: Grid, base_raw: dict[str, Any], values: dict[str, Any], seed: in
     name = f"{grid.comparison.name}-{label.replace('/', '-')}-s{seed}"
     raw["name"] = name[:100]
     raw["workdir"] = str(grid.comparison.workdir / "cells" / label / f"seed{seed}")
-    raw.setdefault("tracking", {})["run_name"] = f"{label} seed {seed}"
+    tracking = raw.setdefault("tracking", {})
+    tracking["run_name"] = f"{label} seed {seed}"
+    # One registered model per comparison, a version per run, rather than a model per run.
+    tracking["registered_model_name"] = (
+        tracking.get("registered_model_name") or f"{grid.comparison.name}-student"
+    )
     # The teacher group evaluates its teacher once; every cell repeating it would double the grid's time.
     raw.setdefault("eval", {})["include_teacher"] = False
     source = f"{grid.comparison.base} with {', '.join(f'{k}={v}' for k, v in values.items())}, seed {seed}"

@@ -19,7 +19,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from atkd_core.config import PipelineConfig
+from atkd_core.config import PipelineConfig, config_to_yaml
 from atkd_core.errors import UserError
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -270,6 +270,7 @@ def pipeline_run(
     run = client.create_run(experiment_id, tags=run_tags)
     handle = RunHandle(client=client, run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id)
     handle.log_params(flatten(config.model_dump(mode="json")))
+    handle.log_text(config_to_yaml(config), "config.yaml")
     with _terminate_on_exit(handle):
         yield handle
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
+from atkd_core.config import load_config
 from flows.distill import distill_pipeline
 from tests.conftest import tiny_config
 
@@ -18,6 +19,8 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
     parent = client.get_run(result.mlflow_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["loss.lam"] == "0.2"
+    resolved = client.download_artifacts(parent.info.run_id, "config.yaml", str(tmp_path / "downloaded"))
+    assert load_config(resolved) == config
     assert parent.data.tags["prefect.flow_run_id"] == result.prefect_flow_run_id
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
