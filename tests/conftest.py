@@ -50,3 +50,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+PIPELINE_STAGES = {"prepare_data", "finetune_teacher", "score_teacher", "distill_student", "evaluate"}
+
+
+def child_runs(client, parent) -> dict:
+    """The MLflow runs nested directly under ``parent``, by run name."""
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    return {child.data.tags["mlflow.runName"]: child for child in children}

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.compare import compare
 from tests.atkd_core.test_compare import write_comparison
+from tests.conftest import child_runs
 
 
 @pytest.mark.slow
@@ -49,11 +50,8 @@ def test_compare_runs_cells_on_one_shared_teacher_and_reports(prefect_harness, t
     client = MlflowClient(tracking_uri=f"sqlite:///{(grid_dir / 'mlflow.db').resolve()}")
     root = client.get_run(result.mlflow_run_id)
     assert root.data.tags["atkd.kind"] == "comparison" and root.data.params["compare.seeds"] == "[0, 1]"
-    nested = client.search_runs(
-        [root.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{root.info.run_id}'"
-    )
-    names = sorted(run.data.tags["mlflow.runName"] for run in nested)
-    assert names == [
+    nested = child_runs(client, root)
+    assert sorted(nested) == [
         "neox-tiny/atkd seed 0",
         "neox-tiny/atkd seed 1",
         "neox-tiny/kd seed 0",
@@ -61,10 +59,7 @@ def test_compare_runs_cells_on_one_shared_teacher_and_reports(prefect_harness, t
         "prepare_data",
         f"teacher {teacher_dir.name}",
     ]
-    cell = next(r for r in nested if r.data.tags["mlflow.runName"] == "neox-tiny/atkd seed 0")
+    cell = nested["neox-tiny/atkd seed 0"]
     assert "student_score" in cell.data.metrics
-    stages = client.search_runs(
-        [root.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{cell.info.run_id}'"
-    )
-    assert sorted(r.data.tags["mlflow.runName"] for r in stages) == ["distill_student", "evaluate"]
+    assert sorted(child_runs(client, cell)) == ["distill_student", "evaluate"]
     assert "report/report.md" in [a.path for a in client.list_artifacts(root.info.run_id, "report")]

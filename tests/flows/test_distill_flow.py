@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 
 from atkd_core.config import load_config
 from flows.distill import distill_pipeline
-from tests.conftest import tiny_config
+from tests.conftest import PIPELINE_STAGES, child_runs, tiny_config
 
 
 def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
@@ -22,23 +22,14 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
     resolved = client.download_artifacts(parent.info.run_id, "config.yaml", str(tmp_path / "downloaded"))
     assert load_config(resolved) == config
     assert parent.data.tags["prefect.flow_run_id"] == result.prefect_flow_run_id
-    children = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-    )
-    by_stage = {c.data.tags["mlflow.runName"]: c for c in children}
-    assert set(by_stage) == {
-        "prepare_data",
-        "finetune_teacher",
-        "score_teacher",
-        "distill_student",
-        "evaluate",
-    }
+    by_stage = child_runs(client, parent)
+    assert set(by_stage) == PIPELINE_STAGES
     evaluation = by_stage["evaluate"].data.metrics
     assert "eval/student/atkd_add/rougeL" in evaluation and "eval/teacher/atkd_add/exact_match" in evaluation
     assert "difficulty/hard/forward_kl" in evaluation
     eval_artifacts = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "eval")]
     assert {"eval/summary.md", "eval/summary.png", "eval/student.json"} <= set(eval_artifacts)
-    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.info.status == "FINISHED" for c in by_stage.values())
     assert by_stage["prepare_data"].data.metrics["train/rows"] == 64
     assert by_stage["score_teacher"].data.metrics["tokens"] > 0
     assert "manifest.json" in [a.path for a in client.list_artifacts(by_stage["prepare_data"].info.run_id)]

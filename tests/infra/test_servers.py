@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.servers import _alive, read_state, start, stop
-from tests.conftest import REPO_ROOT, free_port, tiny_config
+from tests.conftest import PIPELINE_STAGES, REPO_ROOT, child_runs, free_port, tiny_config
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
@@ -75,17 +75,8 @@ def test_deployment_runs_through_the_worker_and_lands_in_mlflow(tmp_path):
         assert parent.info.status == "FINISHED" and parent.data.params["loss.objective"] == "atkd"
         url = parent.data.tags["prefect.flow_run_url"]
         assert url.startswith(servers.prefect_ui_url) and url.endswith(f"/flow-run/{flow_run_id}")
-        children = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-        )
-        by_stage = {c.data.tags["mlflow.runName"]: c for c in children}
-        assert set(by_stage) == {
-            "prepare_data",
-            "finetune_teacher",
-            "score_teacher",
-            "distill_student",
-            "evaluate",
-        }
+        by_stage = child_runs(client, parent)
+        assert set(by_stage) == PIPELINE_STAGES
         history = client.get_metric_history(by_stage["distill_student"].info.run_id, "loss")
         assert len(history) == 12 and [m.step for m in history] == list(range(1, 13))
         assert "eval/student/atkd_add/rougeL" in by_stage["evaluate"].data.metrics
