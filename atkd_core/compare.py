@@ -444,6 +444,8 @@ TEACHER_COLUMNS = (
     ("parameters", "params", "{:,}"),
     ("teacher_score", "teacher score", "{:.2f}"),
     ("teacher_perplexity", "val ppl", "{:.2f}"),
+    ("val_loss", "final val loss", "{:.3f}"),
+    ("val_loss_change_last_quarter", "Δ last 25% of steps", "{:+.1%}"),
     ("unc_mean", "UNC mean", "{:.3f}"),
     ("unc_median", "UNC median", "{:.3f}"),
     ("easy_share", "share UNC < 0.1", "{:.1%}"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,20 @@ from atkd_core.reports import cache_unc, kl_decomposition_magnitudes
 from atkd_core.scoring import TeacherCache
 from infra.tracking import attach_run
 from tasks.policies import IO_RETRIES
+
+
+def validation_convergence(metrics_path: Path) -> dict[str, float]:
+    """A training run's final validation loss and its relative change over the last quarter of
+    the steps (how flat the curve was at the end); empty when the run logged no validation loss."""
+    if not metrics_path.is_file():
+        return {}
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    curve = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not curve:
+        return {}
+    final_step, final = curve[-1]
+    earlier = [loss for step, loss in curve if step <= 0.75 * final_step] or [curve[0][1]]
+    return {"val_loss": final, "val_loss_change_last_quarter": final / earlier[-1] - 1}
 
 
 def teacher_analysis(
@@ -35,6 +50,7 @@ def teacher_analysis(
             "unc_median": float(unc.median()),
             "easy_share": float((unc < 0.1).double().mean()),
         }
+        row.update(validation_convergence(Path(upstream.teacher) / "metrics.jsonl"))
         if (config.layout.eval / "summary.csv").is_file():
             scores = cell_scores(config.layout.eval, grid.comparison.score_metric)
             row.update(teacher_score=scores["teacher_score"], teacher_perplexity=scores["teacher_perplexity"])

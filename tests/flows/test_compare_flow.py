@@ -43,6 +43,7 @@ def test_compare_runs_cells_on_one_shared_teacher_and_reports(prefect_harness, t
     summary = json.loads((grid_dir / "report" / "summary.json").read_text())
     assert [row["n"] for row in summary["scores"]] == [2, 2]
     (teacher,) = summary["teachers"]
+    assert teacher["val_loss"] > 0 and "val_loss_change_last_quarter" in teacher
     assert 0 <= teacher["unc_median"] <= 1 and teacher["kl"] == pytest.approx(
         teacher["tkd"] + teacher["weighted_dkd"], rel=1e-4
     )
