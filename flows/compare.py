@@ -11,6 +11,7 @@ finished, and the flow then fails naming the ones that did not.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,9 @@ def student_flow(
 
 
 def _run_cells(
-    grid: Grid, teachers: dict[str, TeacherOutputs], run_id: str | None, logger
-) -> tuple[list, list]:
+    grid: Grid, teachers: dict[str, TeacherOutputs], run_id: str | None, logger: logging.LoggerAdapter
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every cell as a sub-flow, in grid order; (finished cells' results, failed cells' lines)."""
     results, failed = [], []
     for index, cell in enumerate(grid.cells, start=1):
         logger.info("cell %d/%d: %s seed %d", index, len(grid.cells), cell.label, cell.seed)

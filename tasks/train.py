@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -24,7 +25,7 @@ MODEL_METADATA_FILES = (
 )
 
 
-def _train(job: TrainJob, run: RunHandle, logger) -> dict:
+def _train(job: TrainJob, run: RunHandle, logger: logging.LoggerAdapter) -> dict:
     run.log_params(flatten(job.training.model_dump(mode="json"), "training."))
     metrics = MetricsBuffer(run, logger.warning)
     try:
