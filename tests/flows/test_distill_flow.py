@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from atkd_core.config import load_config
@@ -99,6 +100,7 @@ STAGES = (
 )
 
 
+@pytest.mark.slow
 def test_second_run_hits_the_caches_and_a_loss_change_reruns_only_training_and_evaluation(
     prefect_harness, tmp_path
 ):

@@ -74,6 +74,7 @@ def test_connect_names_the_unreachable_server(monkeypatch):
         connect(uri)
 
 
+@pytest.mark.slow
 def test_a_stage_fails_with_the_clear_error_after_its_retries(prefect_harness, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{free_port()}"
