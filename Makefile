@@ -32,6 +32,7 @@ demo: setup
 # lam ablations, under an hour on 2 cores. Outside `make test`; a tiny grid of it is in the tests.
 reproduce: setup
 	$(BIN)/atkd compare configs/reproduce.yaml --report-to docs/reproduction/grid
+	$(BIN)/atkd compare configs/reproduce.yaml --ablation warm_student --report-to docs/reproduction/warm_student
 	$(BIN)/atkd compare configs/reproduce.yaml --ablation k --report-to docs/reproduction/k
 	$(BIN)/atkd compare configs/reproduce.yaml --ablation lam --report-to docs/reproduction/lam
 

@@ -358,6 +358,16 @@ class DistillConfig(StrictModel):
     on_policy_ratio: float = Field(
         0.5, ge=0, le=1, description="Share of student-generated batches (on_policy). Range: [0, 1]."
     )
+    sft_warmup_epochs: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description=(
+            "Epochs of plain cross-entropy on the training responses before the distillation loss "
+            "takes over, added to training's budget (the same for every objective): a stand-in for "
+            "the pretrained student the paper starts from. Range: [0, 100]."
+        ),
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Its training settings.")
 
     @model_validator(mode="after")
@@ -365,6 +375,11 @@ class DistillConfig(StrictModel):
         if self.data_source in ("student_generated", "on_policy") and self.teacher_source != "online":
             raise ValueError(
                 f"teacher_source: 'offline' cannot serve data_source {self.data_source!r}; set teacher_source: online"
+            )
+        if self.sft_warmup_epochs > 0 and self.data_source in ("student_generated", "on_policy"):
+            raise ValueError(
+                f"sft_warmup_epochs: {self.sft_warmup_epochs} needs fixed responses; data_source "
+                f"{self.data_source!r} generates them during training (use ground_truth or teacher_generated)"
             )
         return self
 

@@ -86,6 +86,8 @@ class TrainState:
     device: str
     total_steps: int
     steps_per_epoch: int
+    # Leading steps trained on cross-entropy alone (distill.sft_warmup_epochs), inside total_steps.
+    warmup_steps: int
     label_counts: list[int]
     hard_counts: list[int] | None
     cache: Any = None
@@ -162,7 +164,10 @@ def setup(job: TrainJob, log: Callable[[str], None]) -> TrainState:
     tokenizer = load_tokenizer(job.prepared_dir / "tokenizer")
     model = load_model(job.init_dir)
     steps_per_epoch = len(train) // training.batch_size
-    total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
+    warmup_steps = (
+        round(job.config.distill.sft_warmup_epochs * steps_per_epoch) if job.stage == "distill" else 0
+    )
+    total_steps = warmup_steps + (training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch)))
     schedule = _schedule(training, total_steps)
     optimizer = None
     if training.optim.name == "adamw_torch":
@@ -193,6 +198,7 @@ def setup(job: TrainJob, log: Callable[[str], None]) -> TrainState:
         device=str(engine.device),
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
+        warmup_steps=warmup_steps,
         label_counts=label_counts,
         hard_counts=None,
     )
@@ -340,9 +346,14 @@ def _step_batches(job: TrainJob, state: TrainState, step: int, indices: list[int
 
 
 def _micro_loss(
-    job: TrainJob, state: TrainState, batch: dict[str, Any], denominators: dict[str, float]
+    job: TrainJob,
+    state: TrainState,
+    batch: dict[str, Any],
+    denominators: dict[str, float],
+    cross_entropy_only: bool = False,
 ) -> tuple[Tensor, float, dict[str, float]]:
-    """(loss, its cross-entropy part, diagnostics) of one micro-batch, scaled for the step-wide normalisation."""
+    """(loss, its cross-entropy part, diagnostics) of one micro-batch, scaled for the step-wide
+    normalisation; the cross-entropy alone for sft and during the SFT warm-up of a distillation."""
     outputs = state.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     vocab = len(state.tokenizer)
     logits = next_token_logits(outputs.logits, vocab)
@@ -352,7 +363,7 @@ def _micro_loss(
         logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     ce = ce / denominators["tokens"]
-    if job.objective == "sft":
+    if job.objective == "sft" or cross_entropy_only:
         return ce, ce.item(), {}
     if state.cache is not None:
         teacher = state.cache.sparse_teacher(batch["ids"], targets)
@@ -438,7 +449,9 @@ def train(
         step_loss = step_ce = 0.0
         diagnostics: dict[str, list[float]] = {}
         for batch in batches:
-            loss, ce, micro_diagnostics = _micro_loss(job, state, batch, denominators)
+            loss, ce, micro_diagnostics = _micro_loss(
+                job, state, batch, denominators, cross_entropy_only=step < state.warmup_steps
+            )
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / micro_per_step

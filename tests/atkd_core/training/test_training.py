@@ -306,3 +306,33 @@ def test_optimizer_choices_and_offload_match_torch_adamw(inputs, tmp_path, setti
     run_training(reference, lambda m, s: None, quiet)
     run_training(other, lambda m, s: None, quiet)
     assert losses(other) == pytest.approx(losses(reference), rel=1e-4)
+
+
+def test_sft_warmup_trains_cross_entropy_first_then_distils(inputs, tmp_path):
+    """With distill.sft_warmup_epochs, the first steps are SFT's steps exactly (same batches,
+    same updates), the distillation loss then takes over, and the budget grows by the warm-up."""
+    runs = {}
+    for objective in ("sft", "atkd"):
+        job = make_job(inputs, tmp_path, loss={"objective": objective}, name=objective)
+        job.config.distill.sft_warmup_epochs = 1.0  # 64 examples / batch 8: 8 warm-up steps
+        run_training(job, lambda m, s: None, quiet)
+        runs[objective] = [
+            json.loads(line) for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()
+        ]
+    sft, atkd = runs["sft"], runs["atkd"]
+    assert len(sft) == len(atkd) == 8 + 4
+    assert [r["loss"] for r in atkd[:8]] == pytest.approx([r["loss"] for r in sft[:8]], rel=1e-6)
+    assert all(r["loss"] == pytest.approx(r["ce"]) and "tkd_hard" not in r for r in atkd[:8])
+    assert all("tkd_hard" in r and r["loss"] != pytest.approx(r["ce"]) for r in atkd[8:])
+
+
+def test_sft_warmup_refuses_generated_responses():
+    with pytest.raises(ValueError, match="sft_warmup_epochs: 1.0 needs fixed responses"):
+        tiny_config(
+            Path("unused"),
+            distill={
+                "sft_warmup_epochs": 1.0,
+                "data_source": "student_generated",
+                "teacher_source": "online",
+            },
+        )
