@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,10 +195,11 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, ablation: st
     if not comparison.base.is_absolute():
         comparison.base = Path(path).parent / comparison.base
     base_raw = apply_overrides(read_yaml_mapping(comparison.base), comparison.base_set)
-    # Every run of the grid logs to one store, so the cells nest under the comparison's run (the
-    # default store is per workdir).
+    # Every run of the grid logs to one store, so the cells nest under the comparison's run: the
+    # configured one, else $MLFLOW_TRACKING_URI (a server), else one SQLite store for the whole
+    # grid (the pipeline's own fallback is per workdir, i.e. per cell).
     tracking = base_raw.setdefault("tracking", {})
-    if not tracking.get("tracking_uri"):
+    if not tracking.get("tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
         tracking["tracking_uri"] = f"sqlite:///{(comparison.workdir / 'mlflow.db').resolve()}"
     base = validate_config(base_raw, str(comparison.base))
     grid = Grid(comparison=comparison, ablation=ablation, base=base, cells=[])

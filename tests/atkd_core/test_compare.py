@@ -39,7 +39,14 @@ def write_comparison(tmp_path, **fields) -> str:
     return str(path)
 
 
-def test_grid_expands_axes_and_seeds_and_shares_data_and_teachers(tmp_path):
+def test_grid_logs_to_the_tracking_server_named_by_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    grid = load_grid(write_comparison(tmp_path))
+    assert {c.config.tracking.tracking_uri for c in grid.cells} == {None}
+
+
+def test_grid_expands_axes_and_seeds_and_shares_data_and_teachers(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     grid = load_grid(write_comparison(tmp_path))
     assert len(grid.cells) == 2 * 2 * 3
     first = grid.cells[0]
