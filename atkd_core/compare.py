@@ -489,9 +489,11 @@ def write_report(
     comparison = grid.comparison
     out = grid.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    axes = list(grid.axes)
+    # Axes with a single value are constants of this grid: they would only add a column of one
+    # value to the tables, so the tables and plot lay out the varying axes alone.
+    axes = [name for name, values in grid.axes.items() if len(values) > 1] or list(grid.axes)[-1:]
     metric = comparison.score_metric
-    columns = ["label", *axes, "seed", "student_score", "student_perplexity", "workdir"]
+    columns = ["label", *grid.axes, "seed", "student_score", "student_perplexity", "workdir"]
     with (out / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -510,6 +512,7 @@ def write_report(
     if unc_by_teacher:
         plot_unc(unc_by_teacher, out / "unc.png")
     minutes, seconds = divmod(int(elapsed_s), 60)
+    reused = sum(1 for r in results if r.get("reused"))
     title = f"# Comparison `{comparison.name}`" + (f", ablation `{grid.ablation}`" if grid.ablation else "")
     lines = [
         title,
@@ -519,7 +522,12 @@ def write_report(
         + (f" with `{' '.join(comparison.base_set)}`" if comparison.base_set else ""),
         f"- Grid: {' x '.join(f'{name} {values}' for name, values in grid.axes.items())}, seeds {comparison.seeds}: "
         f"{len(grid.cells)} runs, {len(results)} finished, {len(failed)} failed",
-        f"- Run time: {minutes} min {seconds:02d} s",
+        f"- Run time: {minutes} min {seconds:02d} s"
+        + (
+            f" ({reused} of {len(results)} runs reused from an earlier invocation's outputs)"
+            if reused
+            else ""
+        ),
         "",
         f"## Student score: {metric} averaged over the generation tasks (mean ± std over seeds)",
         "",

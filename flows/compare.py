@@ -85,7 +85,11 @@ def student_flow(
 
 
 def _run_cells(
-    grid: Grid, teachers: dict[str, TeacherOutputs], run_id: str | None, logger: logging.LoggerAdapter
+    grid: Grid,
+    teachers: dict[str, TeacherOutputs],
+    run_id: str | None,
+    logger: logging.LoggerAdapter,
+    started_unix: float,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every cell as a sub-flow, in grid order; (finished cells' results, failed cells' lines)."""
     results, failed = [], []
@@ -101,20 +105,24 @@ def _run_cells(
             return_state=True,
         )
         if state.is_completed():
-            results.append(_result_row(cell, state.result()))
+            results.append(_result_row(cell, state.result(), started_unix))
         else:
             failed.append(f"{cell.label} seed {cell.seed}: {state.message}")
             logger.error("cell %s seed %d failed: %s", cell.label, cell.seed, state.message)
     return results, failed
 
 
-def _result_row(cell: Cell, outcome: dict[str, Any]) -> dict[str, Any]:
+def _result_row(cell: Cell, outcome: dict[str, Any], started_unix: float) -> dict[str, Any]:
+    manifest = cell.config.layout.student / "manifest.json"
     return {
         "label": cell.label,
         "values": cell.values,
         "seed": cell.seed,
         "teacher_key": cell.teacher_key,
         "workdir": str(cell.config.workdir),
+        # A student trained before this invocation started came from the caches: the report's run
+        # time then is not the grid's cost.
+        "reused": manifest.is_file() and manifest.stat().st_mtime < started_unix,
         **outcome,
     }
 
@@ -125,7 +133,7 @@ def compare(
 ) -> ComparisonResult:
     """Run the grid of the comparison config at ``config_path`` (or its named ablation) and report it."""
     logger = get_run_logger()
-    started = time.perf_counter()
+    started, started_unix = time.perf_counter(), time.time()
     grid = load_grid(config_path, overrides, ablation)
     comparison = grid.comparison
     logger.info(
@@ -152,7 +160,7 @@ def compare(
         for key, config in grid.teacher_configs.items():
             data_key = next(c.data_key for c in grid.cells if c.teacher_key == key)
             teachers[key] = teacher_flow(config, prepared[data_key], run.run_id, label=teacher_label(config))
-        results, failed = _run_cells(grid, teachers, run.run_id, logger)
+        results, failed = _run_cells(grid, teachers, run.run_id, logger, started_unix)
         elapsed = time.perf_counter() - started
         command = "atkd compare " + " ".join(
             [
