@@ -234,7 +234,11 @@ def _cell(grid: Grid, base_raw: dict[str, Any], values: dict[str, Any], seed: in
     for axis, value in values.items():
         settings.update(OBJECTIVES[value] if axis == OBJECTIVE_AXIS else {axis: value})
     settings.update(dict.fromkeys(grid.comparison.seed_fields, seed))
-    label = "/".join(slug(v) for v in values.values())
+    # A name stands for itself in the cell's path; a number needs its field, or two ablations
+    # (k = 0.5 and lam = 0.5) would share a folder and one's checkpoints would meet the other's.
+    label = "/".join(
+        slug(value) if isinstance(value, str) else f"{axis}={slug(value)}" for axis, value in values.items()
+    )
     raw = json.loads(json.dumps(base_raw, default=str))
     for key, value in settings.items():
         set_field(raw, key, value, f"axis {key}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -34,10 +35,15 @@ from atkd_core.config import PipelineConfig, TrainingConfig
 from atkd_core.data.batching import IGNORE_INDEX, collate, next_token_logits, shift_targets
 from atkd_core.errors import UserError
 from atkd_core.losses import atkd_loss, divergence_loss
+from atkd_core.manifest import fingerprint, read_manifest
 from atkd_core.progress import Progress
 from atkd_core.training.ds_config import render_ds_config, resolve_device, resolve_precision
 
 MetricsFn = Callable[[dict[str, float], int], None]
+
+
+# Beside the checkpoints: the fingerprint of the job that made them (TrainJob.fingerprint).
+CHECKPOINT_FINGERPRINT = "job_fingerprint"
 
 
 class CheckpointError(UserError):
@@ -71,6 +77,21 @@ class TrainJob:
     def objective(self) -> str:
         """sft for fine-tuning, else the configured loss objective."""
         return "sft" if self.stage == "finetune" else self.config.loss.objective
+
+    def fingerprint(self) -> str:
+        """What the trained model depends on: its settings and its inputs' manifests."""
+        sections = ["finetune"] if self.stage == "finetune" else ["loss", "distill"]
+        inputs = [self.prepared_dir, self.init_dir, self.cache_dir, self.teacher_dir]
+        return fingerprint(
+            {
+                "stage": self.stage,
+                "config": self.config.section_hash(*sections),
+                "inputs": [
+                    None if p is None else (read_manifest(p) or {}).get("content_sha256", str(p))
+                    for p in inputs
+                ],
+            }
+        )
 
 
 @dataclass
@@ -534,19 +555,41 @@ def save_checkpoint(job: TrainJob, state: TrainState, step: int) -> None:
 
 
 def _resume(job: TrainJob, state: TrainState, log: Callable[[str], None]) -> int:
-    """The step to start from: 0, or the newest checkpoint's step (per ``training.resume``)."""
+    """The step to start from: 0, or the newest checkpoint's step (per ``training.resume``).
+
+    Only checkpoints made by this job (same settings and inputs, recorded beside them) are resumed:
+    a checkpoint of other settings in the same directory would otherwise be continued as if it were
+    this run's, silently giving the other run's model.
+    """
     mode = job.training.resume
     latest = job.checkpoint_dir / "latest"
-    if mode == "never" or not latest.is_file():
+    recorded = job.checkpoint_dir / CHECKPOINT_FINGERPRINT
+    foreign = latest.is_file() and (
+        not recorded.is_file() or recorded.read_text().strip() != job.fingerprint()
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank has decided before rank 0 may clear the directory
+    if foreign:
         if mode == "require":
+            raise CheckpointError(
+                f"training.resume is 'require' but the checkpoints in {job.checkpoint_dir} were made with "
+                "other settings or inputs than this run's; delete them or set training.resume: auto"
+            )
+        if mode == "auto":
+            log(
+                f"{job.stage}: checkpoints in {job.checkpoint_dir} are from other settings or inputs; starting clean"
+            )
+    if mode == "never" or not latest.is_file() or foreign:
+        if mode == "require" and not latest.is_file():
             raise CheckpointError(
                 f"training.resume is 'require' but {job.checkpoint_dir} holds no checkpoint"
             )
-        if mode == "never" and job.checkpoint_dir.exists() and state.rank == 0:
+        if (mode == "never" or foreign) and job.checkpoint_dir.exists() and state.rank == 0:
             shutil.rmtree(job.checkpoint_dir)
         job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if state.rank == 0:
             (job.checkpoint_dir / "metrics.jsonl").unlink(missing_ok=True)
+            recorded.write_text(job.fingerprint() + "\n")
         return 0
     tag = latest.read_text().strip()
     try:

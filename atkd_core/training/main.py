@@ -19,21 +19,6 @@ from atkd_core.training.ds_config import render_ds_config, resolve_device
 from atkd_core.training.loop import MetricsFn, TrainJob, cleanup, save_model, setup, train
 
 
-def job_fingerprint(job: TrainJob) -> str:
-    """What the trained model depends on: its settings and its inputs' manifests."""
-    sections = ["finetune"] if job.stage == "finetune" else ["loss", "distill"]
-    inputs = [job.prepared_dir, job.init_dir, job.cache_dir, job.teacher_dir]
-    return fingerprint(
-        {
-            "stage": job.stage,
-            "config": job.config.section_hash(*sections),
-            "inputs": [
-                None if p is None else (read_manifest(p) or {}).get("content_sha256", str(p)) for p in inputs
-            ],
-        }
-    )
-
-
 def model_card(job: TrainJob, history: list[dict[str, float]]) -> str:
     """A short README saying how the model was made."""
     final = history[-1] if history else {}
@@ -56,7 +41,7 @@ def model_card(job: TrainJob, history: list[dict[str, float]]) -> str:
 def finished_output(job: TrainJob) -> dict[str, Any] | None:
     """The manifest of an output already trained from the same settings and inputs, marked reused."""
     existing = read_manifest(job.output_dir)
-    if existing is not None and existing.get("input_fingerprint") == job_fingerprint(job):
+    if existing is not None and existing.get("input_fingerprint") == job.fingerprint():
         return {**existing, "reused": True}
     return None
 
@@ -82,7 +67,7 @@ def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], Non
     )
     manifest = {
         "stage": job.stage,
-        "input_fingerprint": job_fingerprint(job),
+        "input_fingerprint": job.fingerprint(),
         "objective": job.objective,
         "steps": len(history) and history[-1]["step"],
         "final": history[-1] if history else {},

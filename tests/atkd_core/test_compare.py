@@ -71,6 +71,7 @@ def test_grid_expands_axes_and_seeds_and_shares_data_and_teachers(tmp_path, monk
 def test_ablation_replaces_the_axes(tmp_path):
     grid = load_grid(write_comparison(tmp_path), ablation="lam")
     assert [c.config.loss.lam for c in grid.cells] == [0.0] * 3 + [0.5] * 3
+    assert grid.cells[3].config.workdir == tmp_path / "grid" / "cells" / "atkd" / "loss.lam=0.5" / "seed0"
     assert grid.output_dir == tmp_path / "grid" / "report-lam"
     with pytest.raises(ConfigError, match=r"--ablation 'k' is not defined; defined: \['lam'\]"):
         load_grid(write_comparison(tmp_path), ablation="k")

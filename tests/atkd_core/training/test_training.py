@@ -336,3 +336,23 @@ def test_sft_warmup_refuses_generated_responses():
                 "teacher_source": "online",
             },
         )
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(inputs, tmp_path):
+    """Same directories, a different lam: the old run's finished checkpoint must not be continued
+    (it would hand back the other run's model); auto starts clean, require refuses."""
+    first = make_job(inputs, tmp_path, loss={"lam": 0.2}, name="shared")
+    run_training(first, lambda m, s: None, quiet)
+    first_losses = losses(first)
+    messages = []
+    changed = make_job(inputs, tmp_path, loss={"lam": 0.9}, name="shared")
+    run_training(changed, lambda m, s: None, messages.append)
+    assert any("from other settings or inputs; starting clean" in m for m in messages)
+    fresh = make_job(inputs, tmp_path, loss={"lam": 0.9}, name="fresh")
+    run_training(fresh, lambda m, s: None, quiet)
+    assert losses(changed) == pytest.approx(losses(fresh), rel=1e-6)
+    assert losses(changed) != pytest.approx(first_losses, rel=1e-3)
+
+    again = make_job(inputs, tmp_path, loss={"lam": 0.5}, training={"resume": "require"}, name="shared")
+    with pytest.raises(CheckpointError, match="made with other settings or inputs than this run's"):
+        run_training(again, lambda m, s: None, quiet)
