@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from atkd_core.errors import UserError
+from infra.launcher import child_environment
 
 STATE_FILE = "servers.json"
 WORK_POOL = "atkd-local"
@@ -116,7 +117,9 @@ def start(
             )
     prefect_api = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-    base_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # Without the rendezvous variables an in-process training run may have left in this process:
+    # a flow run of the worker would inherit them and try to bind this process's port.
+    base_env = {**child_environment(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     base_env.pop("PREFECT_API_URL", None)
     started: list[subprocess.Popen] = []
     try:
