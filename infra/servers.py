@@ -214,7 +214,9 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie (exited, not yet reaped by its parent) answers signal 0 but runs nothing.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
 
 
 def _terminate_group(pid: int, grace_s: float = 15.0) -> None:
@@ -235,6 +237,12 @@ def _terminate_group(pid: int, grace_s: float = 15.0) -> None:
     # The leader may be gone while a child of its group lives on: finish the group either way.
     with suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+    # Reap the leader when it is our child (a test's servers), so that no zombie is left behind.
+    with suppress(ChildProcessError):
+        for _ in range(50):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                break
+            time.sleep(0.1)
 
 
 def stop(state_dir: Path, log: Callable[[str], None] = print) -> bool:
