@@ -21,7 +21,8 @@ class LaunchError(RuntimeError):
     """The DeepSpeed launcher (or one of its ranks) failed; the message ends with its last lines."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -61,7 +62,7 @@ def launcher_command(job: TrainJob, config_path: Path, hostfile: Path | None = N
         command += ["--hostfile", str(hostfile)]
     else:
         command += ["--num_gpus", str(job.training.num_processes), "--master_addr", "127.0.0.1"]
-    command += ["--master_port", str(_free_port()), "--module", "atkd_core.training.main"]
+    command += ["--master_port", str(free_port()), "--module", "atkd_core.training.main"]
     return command + entry_arguments(job, config_path)
 
 

@@ -296,11 +296,16 @@ def stage_run(
     if not config.tracking.enabled or parent_run_id is None:
         yield RunHandle(client=None, run_id=None)
         return
-    uri = resolve_tracking_uri(config)
-    client = connect(uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    run = client.create_run(experiment_id, tags={PARENT_TAG: parent_run_id, RUN_NAME_TAG: stage})
-    handle = RunHandle(client=client, run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id)
+    parent = attach_run(config, parent_run_id)
+    run = parent.client.create_run(
+        parent.experiment_id, tags={PARENT_TAG: parent_run_id, RUN_NAME_TAG: stage}
+    )
+    handle = RunHandle(
+        client=parent.client,
+        run_id=run.info.run_id,
+        tracking_uri=parent.tracking_uri,
+        experiment_id=parent.experiment_id,
+    )
     if params:
         handle.log_params(params)
     with _terminate_on_exit(handle):
