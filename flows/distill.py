@@ -111,7 +111,11 @@ def publish(config: PipelineConfig, run: RunHandle, outputs: dict[str, str]) -> 
 
 def flow_run_links() -> tuple[str, str | None]:
     """(id, UI URL or None) of the current Prefect flow run."""
-    return str(get_run_context().flow_run.id), current_flow_run.ui_url
+    url = current_flow_run.ui_url
+    # Without a UI (the temporary local API) Prefect renders the base as "None/flow-runs/...".
+    return str(get_run_context().flow_run.id), url if url and url.startswith(
+        ("http://", "https://")
+    ) else None
 
 
 def run_tags(flow_run_id: str, flow_run_url: str | None) -> dict[str, str]:
