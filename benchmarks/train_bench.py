@@ -20,7 +20,7 @@ from atkd_core.config import load_config
 from atkd_core.data.prepare import prepare_data
 from atkd_core.models.build import materialize_model
 from atkd_core.scoring import run_scoring_stage
-from atkd_core.training.loop import TrainJob
+from atkd_core.training.job import TrainJob
 from atkd_core.training.main import run_training
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from atkd_core.errors import UserError
-from infra.launcher import child_environment
+from atkd_core.training.distributed import child_environment
 
 STATE_FILE = "servers.json"
 WORK_POOL = "atkd-local"

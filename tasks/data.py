@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.data.prepare import prepare_data
+from atkd_core.training.distributed import default_device
 from infra.tracking import stage_run
 from tasks.policies import IO_RETRIES, StageInputs, sections
 
@@ -47,8 +48,6 @@ def generate_teacher_data_task(
     config: PipelineConfig, prepared_dir: str, teacher_dir: str, parent_run_id: str | None
 ) -> str:
     """SeqKD: the teacher's responses to the training prompts as a prepared-data directory; return its path."""
-    import torch
-
     from atkd_core.data.generate import generate_teacher_data
 
     logger = get_run_logger()
@@ -59,7 +58,7 @@ def generate_teacher_data_task(
             Path(prepared_dir),
             Path(teacher_dir),
             output,
-            device="cuda" if torch.cuda.is_available() else "cpu",
+            device=default_device(),
             log=logger.info,
         )
         logger.info("generate_teacher_data: %s %s", "reused" if reused else "wrote", output)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.evaluation.harness import run_evaluation
+from atkd_core.training.distributed import default_device
 from infra.tracking import stage_run
 from tasks.policies import StageInputs, sections
 
@@ -35,7 +35,7 @@ def evaluate_task(
             Path(prepared_dir),
             {name: Path(directory) for name, directory in models.items()},
             output,
-            device="cuda" if torch.cuda.is_available() else "cpu",
+            device=default_device(),
             log=logger.info,
         )
         metrics = {

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
-from atkd_core.training.loop import TrainJob, distill_job, finetune_job
+from atkd_core.training.job import TrainJob, distill_job, finetune_job
 from infra.launcher import launch_training
 from infra.tracking import MetricsBuffer, RunHandle, flatten, stage_run
 from tasks.policies import StageInputs, sections
@@ -25,7 +26,7 @@ MODEL_METADATA_FILES = (
 )
 
 
-def _train(job: TrainJob, run: RunHandle, logger: logging.LoggerAdapter) -> dict:
+def _train(job: TrainJob, run: RunHandle, logger: logging.Logger | logging.LoggerAdapter[Any]) -> dict:
     run.log_params(flatten(job.training.model_dump(mode="json"), "training."))
     metrics = MetricsBuffer(run, logger.warning)
     try:
@@ -43,9 +44,7 @@ def _train(job: TrainJob, run: RunHandle, logger: logging.LoggerAdapter) -> dict
 def finetune_teacher_task(
     config: PipelineConfig, prepared_dir: str, teacher_init: str, parent_run_id: str | None
 ) -> str:
-    """Supervised fine-tuning of the teacher on the training split; the teacher unchanged when disabled."""
-    if not config.finetune.enabled:
-        return teacher_init
+    """Supervised fine-tuning of the teacher on the training split; return the fine-tuned teacher's directory."""
     logger = get_run_logger()
     job = finetune_job(config, Path(prepared_dir), Path(teacher_init))
     with stage_run(config, parent_run_id, "finetune_teacher") as run:

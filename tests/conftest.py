@@ -15,6 +15,7 @@ from infra.settings import apply_environment_defaults  # noqa: E402
 apply_environment_defaults()
 
 from atkd_core.config import PipelineConfig  # noqa: E402
+from atkd_core.training.distributed import free_port  # noqa: E402, F401 (re-exported for tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,15 +42,6 @@ def tiny_config(workdir: Path, **sections) -> PipelineConfig:
     }
     raw.update(sections)
     return PipelineConfig.model_validate(raw)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for launchers and servers started by tests)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 PIPELINE_STAGES = {"prepare_data", "finetune_teacher", "score_teacher", "distill_student", "evaluate"}

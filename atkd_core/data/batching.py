@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -10,7 +11,7 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
-def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, Tensor]:
+def collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
     """Right-pad ``input_ids`` / ``labels`` of prepared examples.
 
     Returns input_ids [B, T] (pad_token_id), attention_mask [B, T] (1 on real tokens),

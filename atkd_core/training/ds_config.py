@@ -11,12 +11,13 @@ from typing import Any
 import torch
 
 from atkd_core.config import TrainingConfig
+from atkd_core.training.distributed import default_device
 
 
 def resolve_device(training: TrainingConfig) -> str:
     """``cuda`` or ``cpu`` for ``training.device`` (auto: cuda when available)."""
     if training.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
     if training.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("training.device is 'cuda' but no CUDA device is available")
     return training.device

@@ -1,7 +1,10 @@
-"""Entry point of a training stage: in-process, or on every rank under the DeepSpeed launcher.
+"""A training stage from start to finish, and its entry point on every launched rank.
 
-    deepspeed --num_gpus 2 --master_addr 127.0.0.1 --module atkd_core.training.main \
-        --config resolved.yaml --stage distill --prepared P --init S --out O --checkpoints C --cache K
+In-process, ``run_training(job, ...)``. Under the DeepSpeed launcher, every rank runs::
+
+    deepspeed --num_gpus 2 --master_addr 127.0.0.1 --module atkd_core.training.main --job job.json
+
+where ``job.json`` is ``TrainJob.save``'s file (the resolved config and the paths).
 """
 
 from __future__ import annotations
@@ -13,22 +16,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from atkd_core.config import load_config
 from atkd_core.manifest import fingerprint, read_manifest, sha256_file
+from atkd_core.training.checkpoint import METRICS_FILE, save_model
+from atkd_core.training.distributed import process_group
 from atkd_core.training.ds_config import render_ds_config, resolve_device
-from atkd_core.training.loop import MetricsFn, TrainJob, cleanup, save_model, setup, train
+from atkd_core.training.job import MetricsFn, TrainJob
+from atkd_core.training.loop import cleanup, setup, train
 
 
 def model_card(job: TrainJob, history: list[dict[str, float]]) -> str:
     """A short README saying how the model was made."""
     final = history[-1] if history else {}
-    loss = job.config.loss
-    how = (
-        "supervised fine-tuning (cross-entropy)"
-        if job.objective == "sft"
-        else f"{job.objective} ({loss.divergence if job.objective == 'kd' else loss.setting + ' setting'}, "
-        f"k={loss.hard_fraction}, lambda={loss.lam}, T={loss.temperature}), teacher {job.config.distill.teacher_source}"
-    )
+    how = job.build_objective().describe()
+    if job.stage == "distill" and job.objective != "sft":
+        how += f", teacher {job.config.distill.teacher_source}"
     return (
         f"# {job.config.name}: {job.stage}\n\nMade by the ATKD distillation pipeline by {how}.\n\n"
         f"- initial weights: `{job.init_dir}`\n- data: `{job.prepared_dir}`\n"
@@ -47,21 +48,32 @@ def finished_output(job: TrainJob) -> dict[str, Any] | None:
 
 
 def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """setup -> train -> save -> cleanup; returns the output manifest (rank 0) or {}."""
+    """setup -> train -> save -> cleanup on this rank; returns the output manifest (rank 0) or {}.
+
+    An output already trained from the same settings and inputs is reused, not trained again.
+    """
     finished = finished_output(job)
     if finished is not None:
         log(f"{job.stage}: reused {job.output_dir}")
         return finished
-    state = setup(job, log)
-    try:
-        history = train(job, state, log_metrics, log)
-        save_model(job, state, model_card(job, history))
-    finally:
-        cleanup(state)
-    if state.rank != 0:
-        return {}
-    shutil.copy(job.checkpoint_dir / "metrics.jsonl", job.output_dir / "metrics.jsonl")
     device = resolve_device(job.training)
+    with process_group(device) as (rank, world_size):
+        state = setup(job, rank, world_size, device, log)
+        try:
+            history = train(job, state, log_metrics, log)
+            save_model(job, state, model_card(job, history))
+        finally:
+            cleanup(state)
+    if rank != 0:
+        return {}
+    return _write_manifest(job, history, world_size, device)
+
+
+def _write_manifest(
+    job: TrainJob, history: list[dict[str, float]], world_size: int, device: str
+) -> dict[str, Any]:
+    """The output's metrics, DeepSpeed config and manifest beside the saved model."""
+    shutil.copy(job.checkpoint_dir / METRICS_FILE, job.output_dir / METRICS_FILE)
     (job.output_dir / "ds_config.json").write_text(
         json.dumps(render_ds_config(job.training, device), indent=2)
     )
@@ -71,7 +83,7 @@ def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], Non
         "objective": job.objective,
         "steps": len(history) and history[-1]["step"],
         "final": history[-1] if history else {},
-        "world_size": state.world_size,
+        "world_size": world_size,
         # The weights and architecture only: metrics.jsonl carries timings that differ run to run.
         "content_sha256": fingerprint(
             {
@@ -85,29 +97,12 @@ def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the launcher's arguments and run the stage on this rank."""
+    """Load the job file and run the stage on this rank."""
     parser = argparse.ArgumentParser(description="one training stage (every rank runs this)")
-    parser.add_argument("--config", type=Path, required=True, help="resolved pipeline YAML")
-    parser.add_argument("--stage", choices=["finetune", "distill"], required=True)
-    parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--init", type=Path, required=True, help="initial model directory")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--checkpoints", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, default=None, help="teacher cache (offline)")
-    parser.add_argument("--teacher", type=Path, default=None, help="teacher model (online)")
+    parser.add_argument("--job", type=Path, required=True, help="the job file TrainJob.save wrote")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    job = TrainJob(
-        stage=args.stage,
-        config=load_config(args.config),
-        prepared_dir=args.prepared,
-        init_dir=args.init,
-        output_dir=args.out,
-        checkpoint_dir=args.checkpoints,
-        cache_dir=args.cache,
-        teacher_dir=args.teacher,
-    )
-    run_training(job, log_metrics=lambda metrics, step: None)
+    run_training(TrainJob.load(args.job), log_metrics=lambda metrics, step: None)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from atkd_core.errors import CacheError
 from atkd_core.losses import atkd_loss
 from atkd_core.manifest import read_manifest
 from atkd_core.models.build import load_model, materialize_model
-from atkd_core.reports import token_difficulty_report
+from atkd_core.reports.difficulty import token_difficulty_report
 from atkd_core.scoring import ScoringSpec, TeacherCache, run_scoring_stage
 from tests.conftest import REPO_ROOT, free_port, tiny_config
 
@@ -196,7 +196,7 @@ def test_difficulty_report(setup, tmp_path):
 def test_two_processes_write_the_same_cache_as_one(setup, tmp_path):
     _, _, prepared, teacher_dir, _ = setup
     single, _ = score(prepared, teacher_dir, tmp_path / "single")
-    from infra.launcher import child_environment
+    from atkd_core.training.distributed import child_environment
 
     env = {**child_environment(), "OMP_NUM_THREADS": "1"}
     subprocess.run(

@@ -11,7 +11,7 @@ from atkd_core.data.prepare import prepare_data
 from atkd_core.evaluation.harness import run_evaluation
 from atkd_core.evaluation.metrics import generation_results, rouge_l
 from atkd_core.models.build import materialize_model
-from atkd_core.training.loop import TrainJob
+from atkd_core.training.job import TrainJob
 from atkd_core.training.main import run_training
 from tests.conftest import tiny_config
 

@@ -1,0 +1,185 @@
+"""Which examples each optimizer step trains on, on which rank, and how they become tensors.
+
+A step's global batch is a seeded permutation of the training split per epoch, so a resumed run
+needs only the step number; each rank takes its share and cuts it into micro-batches. A
+micro-batch is the prepared ground truth, or (ImitKD / GKD) the same prompts answered by the
+student itself. See docs/architecture.md, "From a batch to the loss".
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypedDict
+
+import torch
+from torch import Tensor
+
+from atkd_core.config import DistillConfig, TrainingConfig
+from atkd_core.data.batching import IGNORE_INDEX, collate
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class Example(TypedDict):
+    """One prepared example: its id, token ids and labels (IGNORE_INDEX on the prompt)."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+class Batch(TypedDict):
+    """A padded micro-batch on the training device: input_ids / attention_mask / labels [B, T]
+    and the examples' ids (the teacher cache's keys)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    ids: list[str]
+
+
+def examples_of(split: Dataset) -> list[Example]:
+    """A datasets split as plain examples (Arrow row access per micro-batch costs more than a
+    small student's step)."""
+    columns = split.select_columns(["id", "input_ids", "labels"]).to_dict()
+    return [
+        Example(id=example_id, input_ids=input_ids, labels=labels)
+        for example_id, input_ids, labels in zip(
+            columns["id"], columns["input_ids"], columns["labels"], strict=True
+        )
+    ]
+
+
+def label_count(example: Example) -> int:
+    """Valid next-token targets of an example (its labels after the first, not ignored)."""
+    return sum(1 for token in example["labels"][1:] if token != IGNORE_INDEX)
+
+
+@dataclass
+class BatchPlan:
+    """The schedule of examples: global batch per step, this rank's share, micro-batches.
+
+    hard_counts: per example, its hard tokens under a fixed UNC threshold (None when the objective
+    does not split by one), so every rank knows the step's easy / hard counts from the data alone.
+    """
+
+    train: list[Example]
+    training: TrainingConfig
+    rank: int
+    world_size: int
+    hard_counts: list[int] | None = None
+    label_counts: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.label_counts = [label_count(example) for example in self.train]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the training split (a partial last batch is dropped)."""
+        return len(self.train) // self.training.batch_size
+
+    def step_indices(self, step: int) -> list[int]:
+        """The global batch of ``step``: a seeded permutation per epoch."""
+        batch_size, seed = self.training.batch_size, self.training.seed
+        epoch, position = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train), generator=generator).tolist()
+        return order[position * batch_size : (position + 1) * batch_size]
+
+    def micro_batches(self, indices: list[int]) -> list[list[int]]:
+        """This rank's share of the global batch ``indices``, cut into micro-batches."""
+        per_rank = len(indices) // self.world_size
+        mine = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
+        size = self.training.micro_batch_size
+        return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+    def tokens(self, indices: list[int]) -> int:
+        """Valid target tokens of the examples ``indices``."""
+        return sum(self.label_counts[i] for i in indices)
+
+    def hard_tokens(self, indices: list[int]) -> int | None:
+        """Hard tokens of the examples ``indices`` under the fixed threshold, or None."""
+        return None if self.hard_counts is None else sum(self.hard_counts[i] for i in indices)
+
+
+def to_batch(examples: list[Example], ids: list[str], pad_token_id: int, device: torch.device) -> Batch:
+    """Pad ``examples`` (collate) and move them to ``device``; ``ids`` name them in the teacher cache."""
+    tensors = {key: value.to(device) for key, value in collate(examples, pad_token_id).items()}
+    return Batch(
+        input_ids=tensors["input_ids"],
+        attention_mask=tensors["attention_mask"],
+        labels=tensors["labels"],
+        ids=ids,
+    )
+
+
+@torch.no_grad()
+def student_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    distill: DistillConfig,
+    device: torch.device,
+) -> list[Example]:
+    """The examples' prompts answered by ``model`` (ImitKD / GKD): prompt + sampled response.
+
+    Labels cover the generated tokens (up to and including EOS when it comes); the teacher then
+    grades the student's own tokens, online.
+    """
+    prompts = []
+    for example in examples:
+        labels = example["labels"]
+        start = next((j for j, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+        prompts.append(example["input_ids"][:start])
+    width = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):  # left padding: generation continues every row at the end
+        input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    model.eval()
+    sampling = (
+        {"do_sample": True, "temperature": distill.generation_temperature}
+        if distill.generation_temperature > 0
+        else {"do_sample": False}
+    )
+    # Causal LM classes get generate() from GenerationMixin, which PreTrainedModel does not inherit.
+    output = model.generate(  # type: ignore[operator]
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=distill.generation_max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+    model.train()
+    answered = []
+    for row, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
+        generated = output[row, width:].tolist()
+        if tokenizer.eos_token_id in generated:
+            generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+        else:
+            generated = [t for t in generated if t != tokenizer.pad_token_id]
+        answered.append(
+            Example(
+                id=example["id"],
+                input_ids=prompt + generated,
+                labels=[IGNORE_INDEX] * len(prompt) + generated,
+            )
+        )
+    return answered
+
+
+def uses_student_answers(distill: DistillConfig, seed: int, step: int, rank: int, micro: int) -> bool:
+    """Whether micro-batch ``micro`` of ``step`` on ``rank`` is answered by the student.
+
+    GKD's choice is seeded by (seed, step, rank, micro-batch), so a resumed run makes the same choices.
+    """
+    if distill.data_source == "student_generated":
+        return True
+    if distill.data_source != "on_policy":
+        return False
+    return random.Random(f"{seed}:{step}:{rank}:{micro}").random() < distill.on_policy_ratio

@@ -1,0 +1,140 @@
+"""Checkpoints (save, resume only this job's) and the trained model in Hugging Face format.
+
+A checkpoint directory holds DeepSpeed's ``step-NNNNNNN`` tags, ``latest``, the fingerprint of the
+job that made them (``job_fingerprint``) and ``metrics.jsonl``. See docs/architecture.md,
+"Checkpoints and outputs".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from atkd_core.errors import UserError
+from atkd_core.training.distributed import barrier
+from atkd_core.training.job import TrainJob, TrainState
+
+# Beside the checkpoints: the fingerprint of the job that made them (TrainJob.fingerprint).
+CHECKPOINT_FINGERPRINT = "job_fingerprint"
+METRICS_FILE = "metrics.jsonl"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed (and the config says not to start clean)."""
+
+
+def _tag(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def save_checkpoint(job: TrainJob, state: TrainState, step: int) -> None:
+    """A DeepSpeed checkpoint (model, optimizer, scheduler, step, RNG) on every rank; keep the newest M."""
+    client_state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    state.engine.save_checkpoint(str(job.checkpoint_dir), tag=_tag(step), client_state=client_state)
+    if state.rank == 0:
+        tags = sorted(p for p in job.checkpoint_dir.glob("step-*") if p.is_dir())
+        for old in tags[: -job.training.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(job: TrainJob, state: TrainState, log: Callable[[str], None]) -> int:
+    """The step to start from: 0, or the newest checkpoint's step (per ``training.resume``).
+
+    Only checkpoints made by this job (same settings and inputs, recorded beside them) are resumed:
+    a checkpoint of other settings in the same directory would otherwise be continued as if it were
+    this run's, silently giving the other run's model.
+    """
+    mode = job.training.resume
+    latest = job.checkpoint_dir / "latest"
+    recorded = job.checkpoint_dir / CHECKPOINT_FINGERPRINT
+    foreign = latest.is_file() and (
+        not recorded.is_file() or recorded.read_text().strip() != job.fingerprint()
+    )
+    barrier()  # every rank has decided before rank 0 may clear the directory
+    if foreign:
+        if mode == "require":
+            raise CheckpointError(
+                f"training.resume is 'require' but the checkpoints in {job.checkpoint_dir} were made with "
+                "other settings or inputs than this run's; delete them or set training.resume: auto"
+            )
+        if mode == "auto":
+            log(
+                f"{job.stage}: checkpoints in {job.checkpoint_dir} are from other settings or inputs; starting clean"
+            )
+    if mode == "never" or not latest.is_file() or foreign:
+        if mode == "require" and not latest.is_file():
+            raise CheckpointError(
+                f"training.resume is 'require' but {job.checkpoint_dir} holds no checkpoint"
+            )
+        if (mode == "never" or foreign) and job.checkpoint_dir.exists() and state.rank == 0:
+            shutil.rmtree(job.checkpoint_dir)
+        job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if state.rank == 0:
+            (job.checkpoint_dir / METRICS_FILE).unlink(missing_ok=True)
+            recorded.write_text(job.fingerprint() + "\n")
+        return 0
+    tag = latest.read_text().strip()
+    try:
+        path, client_state = state.engine.load_checkpoint(str(job.checkpoint_dir), tag=tag)
+    except Exception as exc:  # DeepSpeed raises many kinds for a damaged checkpoint
+        raise CheckpointError(
+            f"checkpoint {job.checkpoint_dir / tag} cannot be loaded ({type(exc).__name__}: {exc}); "
+            "delete it, or set training.resume: never to start clean"
+        ) from None
+    if path is None or client_state is None:
+        raise CheckpointError(
+            f"checkpoint {job.checkpoint_dir / tag} is incomplete; delete it or set training.resume: never"
+        )
+    torch.set_rng_state(client_state["torch_rng"])
+    random.setstate(client_state["python_rng"])
+    step = int(client_state["step"])
+    if state.rank == 0:
+        state.history = truncate_metrics(job.checkpoint_dir / METRICS_FILE, step)
+    log(f"{job.stage}: resumed from {tag} (step {step} of {state.total_steps})")
+    return step
+
+
+def truncate_metrics(path: Path, step: int) -> list[dict[str, float]]:
+    """Keep the metric records up to ``step`` (later ones are redone); return them."""
+    if not path.is_file():
+        return []
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
+
+
+def save_model(job: TrainJob, state: TrainState, card: str) -> None:
+    """The trained model in Hugging Face format (safetensors, tokenizer, generation config, card) on rank 0."""
+    engine = state.engine
+    if job.training.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if state.rank == 0:
+                _write_model(engine.module, state, job.output_dir, card)
+    elif state.rank == 0:
+        _write_model(engine.module, state, job.output_dir, card)
+
+
+def _write_model(module: torch.nn.Module, state: TrainState, output_dir: Path, card: str) -> None:
+    from transformers import GenerationConfig
+
+    staging = output_dir.parent / f".{output_dir.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    module.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]
+    state.tokenizer.save_pretrained(staging)
+    GenerationConfig(
+        eos_token_id=state.tokenizer.eos_token_id,
+        pad_token_id=state.tokenizer.pad_token_id,
+        bos_token_id=state.tokenizer.bos_token_id,
+        do_sample=False,
+    ).save_pretrained(staging)
+    (staging / "README.md").write_text(card)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staging.rename(output_dir)

@@ -1,0 +1,169 @@
+"""What a training stage is asked to do (``TrainJob``) and what it holds while it runs (``TrainState``).
+
+A job travels to the ranks the DeepSpeed launcher starts as one JSON file (``TrainJob.save`` /
+``TrainJob.load``), so every rank reads exactly the job the caller built. See
+docs/architecture.md, "Training".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from atkd_core.config import PipelineConfig, TrainingConfig
+from atkd_core.losses.objective import CrossEntropy, Objective, build_objective
+from atkd_core.manifest import fingerprint, read_manifest
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
+
+    from atkd_core.training.batches import BatchPlan, Example
+    from atkd_core.training.teacher import TeacherSource
+
+MetricsFn = Callable[[dict[str, float], int], None]
+Stage = Literal["finetune", "distill"]
+PATH_FIELDS = ("prepared_dir", "init_dir", "output_dir", "checkpoint_dir", "cache_dir", "teacher_dir")
+
+
+@dataclass
+class TrainJob:
+    """What one training stage reads and writes.
+
+    stage: ``finetune`` (teacher SFT) or ``distill`` (student). init_dir: the model to start from.
+    cache_dir: the teacher cache (offline distillation). teacher_dir: the teacher (online).
+    output_dir: the final Hugging Face model; checkpoint_dir: DeepSpeed checkpoints (resume).
+    """
+
+    stage: Stage
+    config: PipelineConfig
+    prepared_dir: Path
+    init_dir: Path
+    output_dir: Path
+    checkpoint_dir: Path
+    cache_dir: Path | None = None
+    teacher_dir: Path | None = None
+
+    @property
+    def training(self) -> TrainingConfig:
+        """The stage's training settings."""
+        return self.config.finetune.training if self.stage == "finetune" else self.config.distill.training
+
+    @property
+    def objective(self) -> str:
+        """sft for fine-tuning, else the configured loss objective."""
+        return "sft" if self.stage == "finetune" else self.config.loss.objective
+
+    def build_objective(self) -> Objective:
+        """The loss this stage trains on (cross-entropy for fine-tuning)."""
+        return CrossEntropy() if self.stage == "finetune" else build_objective(self.config.loss)
+
+    def fingerprint(self) -> str:
+        """What the trained model depends on: its settings and its inputs' manifests."""
+        sections = ["finetune"] if self.stage == "finetune" else ["loss", "distill"]
+        inputs = [self.prepared_dir, self.init_dir, self.cache_dir, self.teacher_dir]
+        return fingerprint(
+            {
+                "stage": self.stage,
+                "config": self.config.section_hash(*sections),
+                "inputs": [
+                    None if p is None else (read_manifest(p) or {}).get("content_sha256", str(p))
+                    for p in inputs
+                ],
+            }
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the job as JSON (the resolved config and the paths) for launched ranks to load."""
+        payload = {
+            "stage": self.stage,
+            "config": self.config.model_dump(mode="json"),
+            **{
+                name: None if getattr(self, name) is None else str(getattr(self, name))
+                for name in PATH_FIELDS
+            },
+        }
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainJob:
+        """The job ``save`` wrote; the config is validated again."""
+        payload = json.loads(path.read_text())
+
+        def optional(name: str) -> Path | None:
+            return None if payload[name] is None else Path(payload[name])
+
+        return cls(
+            stage=payload["stage"],
+            config=PipelineConfig.model_validate(payload["config"]),
+            prepared_dir=Path(payload["prepared_dir"]),
+            init_dir=Path(payload["init_dir"]),
+            output_dir=Path(payload["output_dir"]),
+            checkpoint_dir=Path(payload["checkpoint_dir"]),
+            cache_dir=optional("cache_dir"),
+            teacher_dir=optional("teacher_dir"),
+        )
+
+
+def finetune_job(config: PipelineConfig, prepared_dir: Path, teacher_init: Path) -> TrainJob:
+    """The teacher fine-tuning stage in the run's standard layout under ``workdir``."""
+    return TrainJob(
+        stage="finetune",
+        config=config,
+        prepared_dir=prepared_dir,
+        init_dir=teacher_init,
+        output_dir=config.layout.teacher,
+        checkpoint_dir=config.layout.checkpoints("finetune"),
+    )
+
+
+def distill_job(
+    config: PipelineConfig, prepared_dir: Path, student_init: Path, cache_dir: Path, teacher_dir: Path
+) -> TrainJob:
+    """The distillation stage in the run's standard layout; the cache offline, the teacher online."""
+    offline = config.distill.teacher_source == "offline"
+    return TrainJob(
+        stage="distill",
+        config=config,
+        prepared_dir=prepared_dir,
+        init_dir=student_init,
+        output_dir=config.layout.student,
+        checkpoint_dir=config.layout.checkpoints("distill"),
+        cache_dir=cache_dir if offline else None,
+        teacher_dir=None if offline else teacher_dir,
+    )
+
+
+@dataclass
+class TrainState:
+    """Everything the loop carries between setup, train, save and cleanup.
+
+    plan: which examples each step and rank trains on. objective: the loss after the warm-up;
+    warmup_objective: the loss of the first ``warmup_steps`` steps (cross-entropy).
+    teacher: where the teacher's distribution comes from (None when the objective needs none).
+    """
+
+    engine: DeepSpeedEngine
+    tokenizer: PreTrainedTokenizerBase
+    plan: BatchPlan
+    validation: list[Example]
+    objective: Objective
+    warmup_objective: Objective
+    rank: int
+    world_size: int
+    total_steps: int
+    # Leading steps trained on cross-entropy alone (distill.sft_warmup_epochs), inside total_steps.
+    warmup_steps: int
+    teacher: TeacherSource | None = None
+    start_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        """The engine's device."""
+        return self.engine.device

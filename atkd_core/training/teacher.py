@@ -1,0 +1,92 @@
+"""Where a distillation step gets the teacher's distribution: the scoring cache or a live teacher.
+
+Offline, the sparse teacher (top-K + tail) of each micro-batch is read from the verified cache and
+no teacher is in memory. Online, the teacher runs a no-grad forward on the same batch (needed when
+the student generates its own data), partitioned like the student under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from atkd_core.config import LossConfig, TrainingConfig
+from atkd_core.data.batching import next_token_logits
+from atkd_core.errors import UserError
+from atkd_core.losses import Teacher
+from atkd_core.training.batches import Batch, Example
+from atkd_core.training.ds_config import resolve_precision
+
+
+class TeacherSource(ABC):
+    """The teacher's distribution over the next token for a micro-batch."""
+
+    @abstractmethod
+    def __call__(self, batch: Batch, targets: Tensor) -> Teacher:
+        """batch: the micro-batch [B, T]; targets: its shifted labels [B, T-1].
+
+        Returns dense logits [B, T-1, V] or a SparseTeacher aligned with ``targets``.
+        """
+
+
+class CachedTeacher(TeacherSource):
+    """The teacher of the scoring cache (offline distillation)."""
+
+    def __init__(self, cache_dir: Path, loss: LossConfig) -> None:
+        from atkd_core.scoring import TeacherCache
+
+        self.cache = TeacherCache(cache_dir)
+        scored_at = self.cache.spec["temperature"]
+        if not math.isclose(scored_at, loss.temperature):
+            raise UserError(
+                f"the teacher cache was scored at temperature {scored_at}, "
+                f"but loss.temperature is {loss.temperature}; re-run score_teacher"
+            )
+
+    def __call__(self, batch: Batch, targets: Tensor) -> Teacher:
+        """See TeacherSource."""
+        return self.cache.sparse_teacher(batch["ids"], targets)
+
+    def hard_counts(self, examples: list[Example], threshold: float) -> list[int]:
+        """Per example, the tokens whose cached teacher UNC is at or above ``threshold``."""
+        return [int((self.cache.field(example["id"], "unc") >= threshold).sum()) for example in examples]
+
+
+class LiveTeacher(TeacherSource):
+    """A teacher model run in the loop, without gradients (online distillation)."""
+
+    def __init__(self, model: Callable[..., Any], vocab_size: int) -> None:
+        self.model, self.vocab_size = model, vocab_size
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, targets: Tensor) -> Teacher:
+        """See TeacherSource."""
+        outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return next_token_logits(outputs.logits, self.vocab_size)
+
+
+def load_live_teacher(
+    teacher_dir: Path, training: TrainingConfig, device: torch.device, vocab_size: int
+) -> LiveTeacher:
+    """The teacher at ``teacher_dir`` in eval mode without gradients, on the student's device, or
+    partitioned like the student under ZeRO-3 (every rank runs its forward)."""
+    from atkd_core.models.build import load_model
+
+    teacher = load_model(teacher_dir).eval().requires_grad_(False)
+    if training.zero_stage != 3:
+        return LiveTeacher(teacher.to(device), vocab_size)
+    import deepspeed
+
+    inference: dict[str, object] = {
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "zero_optimization": {"stage": 3},
+    }
+    if resolve_precision(training, torch.device(device).type) == "bf16":
+        inference["bf16"] = {"enabled": True}
+    return LiveTeacher(deepspeed.initialize(model=teacher, config=inference)[0], vocab_size)
