@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
-from atkd_core.reports import token_difficulty_report
+from atkd_core.reports.difficulty import token_difficulty_report
 from atkd_core.scoring import TeacherCache, score_from_config
 from infra.tracking import stage_run
 from tasks.policies import IO_RETRIES, StageInputs, sections

@@ -17,9 +17,7 @@ that cannot be loaded offline is reported and the others' results are kept.
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from string import Template
@@ -28,6 +26,7 @@ from typing import Any
 from atkd_core.config import FieldMap, PipelineConfig
 from atkd_core.data.prepare import format_prompt, read_rows
 from atkd_core.errors import UserError
+from atkd_core.reports.evaluation import summary_table, write_summary
 
 TEMPLATES = Path(__file__).parent / "templates"
 UTILS_SHIM = (
@@ -53,7 +52,7 @@ def write_tasks(config: PipelineConfig, prepared_dir: Path, tasks_dir: Path, tok
     raw = prepared_dir / "raw"
     names: list[str] = []
 
-    def docs_of(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    def docs_of(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
         docs = [
             {"prompt": format_prompt(data, r["instruction"], r["context"]), "response": r["response"]}
             for r in rows
@@ -154,69 +153,6 @@ def _metrics(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
             ):
                 out.setdefault(task, {})[key.split(",")[0]] = float(value)
     return out
-
-
-def summary_table(
-    results: dict[str, dict[str, dict[str, float]]], student: str = "student", teacher: str = "teacher"
-) -> list[dict[str, Any]]:
-    """Rows of task x metric with one column per model and the student's gap to the teacher."""
-    tasks = sorted({t for model in results.values() for t in model})
-    rows = []
-    for task in tasks:
-        metrics = sorted({m for model in results.values() for m in model.get(task, {})})
-        for metric in metrics:
-            row: dict[str, Any] = {"task": task, "metric": metric}
-            for model, values in results.items():
-                row[model] = values.get(task, {}).get(metric, math.nan)
-            if student in results and teacher in results:
-                row["gap"] = row[student] - row[teacher]
-            rows.append(row)
-    return rows
-
-
-def write_summary(rows: list[dict[str, Any]], output_dir: Path) -> str:
-    """summary.md, summary.csv and summary.png; return the Markdown table."""
-    columns = list(rows[0]) if rows else ["task", "metric"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append(
-            "| "
-            + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns)
-            + " |"
-        )
-    markdown = "\n".join(lines) + "\n"
-    (output_dir / "summary.md").write_text(markdown)
-    with (output_dir / "summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    _bar_chart(rows, [c for c in columns if c not in ("task", "metric", "gap")], output_dir / "summary.png")
-    return markdown
-
-
-def _bar_chart(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [r for r in rows if r["metric"] in ("rougeL", "exact_match")]
-    if not shown:
-        return
-    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(shown) * len(models)), 4))
-    width = 0.8 / max(1, len(models))
-    for index, model in enumerate(models):
-        values = [r[model] if r["metric"] == "rougeL" else 100 * r[model] for r in shown]
-        axis.bar([i + index * width for i in range(len(shown))], values, width, label=model)
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(shown))])
-    axis.set_xticklabels(
-        [f"{r['task'].removeprefix('atkd_')}\n{r['metric']}" for r in shown], rotation=45, ha="right"
-    )
-    axis.set_ylabel("score (0-100)")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def check_models(models: dict[str, Path]) -> None:

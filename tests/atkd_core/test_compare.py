@@ -8,16 +8,11 @@ import pytest
 import yaml
 from scipy import stats
 
-from atkd_core.compare import (
-    OBJECTIVES,
-    confidence_interval,
-    load_grid,
-    paired_differences,
-    pivot_markdown,
-    summarize,
-)
 from atkd_core.config import config_to_yaml
 from atkd_core.errors import ConfigError
+from atkd_core.grid import OBJECTIVES, load_grid
+from atkd_core.reports.statistics import confidence_interval, paired_differences, summarize
+from atkd_core.reports.tables import pivot_markdown
 from tests.conftest import tiny_config
 
 

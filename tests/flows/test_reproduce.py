@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from atkd_core.compare import OBJECTIVES, load_grid
+from atkd_core.grid import OBJECTIVES, load_grid
 from flows.cli import main
 from tests.conftest import REPO_ROOT
 

@@ -1,4 +1,5 @@
-"""Token-difficulty report of a teacher cache: UNC histogram, easy/hard shares, UNC by task family."""
+"""Token difficulty of a teacher: its UNC histogram, easy/hard shares, UNC by task family, and the
+KL terms (TKD, DKD, (1-p_g)·DKD) of a student against it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from datasets import load_from_disk
 
+from atkd_core.reports.figures import plot_token_difficulty
 from atkd_core.scoring import TeacherCache
 
 
@@ -19,11 +21,6 @@ def token_difficulty_report(
 
     Easy/hard shares use the dataset-wide threshold: the UNC quantile at 1 - hard_fraction.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = load_from_disk(str(prepared_dir / "dataset"))["train"]
     by_family: dict[str, list[torch.Tensor]] = {}
     for example_id, category in zip(train["id"], train["category"], strict=True):
@@ -49,26 +46,13 @@ def token_difficulty_report(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "difficulty.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.hist(all_unc.numpy(), bins=50, color="#4C72B0")
-    left.axvline(
+    plot_token_difficulty(
+        all_unc.numpy(),
         threshold,
-        color="#C44E52",
-        linestyle="--",
-        label=f"hard if UNC >= {threshold:.3f} (k={hard_fraction})",
+        hard_fraction,
+        {family: values["unc_mean"] for family, values in families.items()},
+        output_dir / "unc_histogram.png",
     )
-    left.set(
-        xlabel="teacher UNC = 1 - p(target)",
-        ylabel="tokens",
-        title="Teacher uncertainty over training tokens",
-    )
-    left.legend()
-    names = list(families)
-    right.barh(names, [families[n]["unc_mean"] for n in names], color="#55A868")
-    right.set(xlabel="mean UNC", title="UNC by task family")
-    figure.tight_layout()
-    figure.savefig(output_dir / "unc_histogram.png", dpi=110)
-    plt.close(figure)
     return report
 
 
