@@ -28,28 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_direct(config: PipelineConfig) -> None:
-    """Every stage through atkd_core alone: no Prefect, no MLflow."""
-    from atkd_core.data.prepare import prepare_data
-    from atkd_core.evaluation.harness import run_evaluation
-    from atkd_core.models.build import materialize_model
-    from atkd_core.scoring import score_from_config
-    from atkd_core.training.loop import distill_job, finetune_job
+    """Every stage through atkd_core alone, in the pipeline's order: no Prefect, no MLflow."""
+    from atkd_core.pipeline import LocalStages, pipeline_outputs
     from infra.launcher import launch_training
 
     def quiet(_: str) -> None:
         return None
 
-    layout = config.layout
-    prepare_data(config, layout.prepared, log=quiet)
-    teacher_init = Path(materialize_model(config.teacher, layout.prepared / "tokenizer", layout.teacher_init))
-    job = finetune_job(config, layout.prepared, teacher_init)
-    launch_training(job, lambda metrics, step: None, quiet)
-    cache, _, _ = score_from_config(config, job.output_dir, layout.prepared, quiet)
-    student_init = Path(materialize_model(config.student, layout.prepared / "tokenizer", layout.student_init))
-    student = distill_job(config, layout.prepared, student_init, cache, job.output_dir)
-    launch_training(student, lambda metrics, step: None, quiet)
-    models = {"student": student.output_dir, "teacher": job.output_dir}
-    run_evaluation(config, layout.prepared, models, layout.eval, log=quiet)
+    stages = LocalStages(
+        config, train=lambda job: launch_training(job, lambda metrics, step: None, quiet), log=quiet
+    )
+    pipeline_outputs(config, stages)
 
 
 def run_flow(config: PipelineConfig) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from atkd_core.config import PipelineConfig, config_to_yaml, load_config
 from atkd_core.errors import ConfigError, UserError
+from atkd_core.pipeline import LocalStages, student_stages, teacher_stages
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +123,7 @@ def _cmd_run(config: PipelineConfig) -> int:
 def _cmd_compare(
     path: Path, overrides: list[str], ablation: str | None, list_only: bool, report_to: Path | None
 ) -> int:
-    from atkd_core.compare import load_grid, teacher_label
+    from atkd_core.grid import load_grid, teacher_label
 
     grid = load_grid(path, overrides, ablation)
     if list_only:
@@ -178,67 +179,31 @@ def _cmd_data_build(config: PipelineConfig, out: Path | None) -> int:
     return 0
 
 
-def _cmd_data_prepare(config: PipelineConfig) -> Path:
-    from atkd_core.data.prepare import prepare_data
-
-    output = config.layout.prepared
-    manifest, reused = prepare_data(config, output)
-    print(
-        f"prepare_data: {'reused' if reused else 'wrote'} {output}: "
-        + ", ".join(
-            f"{split} {c['rows']} rows / {c['tokens']} tokens" for split, c in manifest["counts"].items()
-        )
-    )
-    return output
-
-
-def _teacher_and_cache(config: PipelineConfig, prepared: Path) -> tuple[Path, Path, Path]:
-    """(teacher, its cache, the training data): the teacher fine-tuned when enabled, the data the
-    teacher's own responses for SeqKD; each stage reused when up to date."""
-    from atkd_core.data.generate import generate_teacher_data
-    from atkd_core.models.build import materialize_model
-    from atkd_core.scoring import score_from_config
-    from atkd_core.training.loop import finetune_job
+def _local_stages(config: PipelineConfig) -> LocalStages:
+    """The stages as library calls, training in this process or under the DeepSpeed launcher."""
     from infra.launcher import launch_training
 
-    teacher = Path(materialize_model(config.teacher, prepared / "tokenizer", config.layout.teacher_init))
-    if config.finetune.enabled:
-        job = finetune_job(config, prepared, teacher)
-        launch_training(job, lambda metrics, step: None)
-        teacher = job.output_dir
-    if config.distill.data_source == "teacher_generated":
-        generated = config.layout.teacher_generated
-        generate_teacher_data(config, prepared, teacher, generated)
-        prepared = generated
-    output, manifest, reused = score_from_config(config, teacher, prepared)
-    print(
-        f"score_teacher: {'reused' if reused else 'wrote'} {output}: {manifest['tokens']} tokens, "
-        f"{manifest['cache_bytes'] / 2**20:.1f} MiB, UNC median {manifest['unc_quantiles']['0.5']:.3f}"
-    )
-    return teacher, output, prepared
+    return LocalStages(config, train=lambda job: launch_training(job, lambda metrics, step: None))
 
 
-def _cmd_train(config: PipelineConfig, stage: str) -> int:
-    from atkd_core.models.build import materialize_model
-    from atkd_core.training.loop import distill_job
-    from infra.launcher import launch_training
-
-    prepared = _cmd_data_prepare(config)
-    if stage == "finetune":
-        config = config.model_copy(update={"finetune": config.finetune.model_copy(update={"enabled": True})})
-        teacher, _, _ = _teacher_and_cache(config, prepared)
-        print(f"finetune: {teacher}")
-        return 0
-    teacher, cache, prepared = _teacher_and_cache(config, prepared)
-    student = Path(materialize_model(config.student, prepared / "tokenizer", config.layout.student_init))
-    job = distill_job(config, prepared, student, cache, teacher)
-    manifest = launch_training(job, lambda metrics, step: None)
-    print(f"distill: {job.output_dir}: final {manifest.get('final', {})}")
+def _cmd_data_prepare(config: PipelineConfig) -> int:
+    _local_stages(config).prepare_data()
     return 0
 
 
 def _cmd_score(config: PipelineConfig) -> int:
-    _teacher_and_cache(config, _cmd_data_prepare(config))
+    stages = _local_stages(config)
+    teacher_stages(config, stages, stages.prepare_data())
+    return 0
+
+
+def _cmd_train(config: PipelineConfig, stage: str) -> int:
+    if stage == "finetune":
+        config = config.model_copy(update={"finetune": config.finetune.model_copy(update={"enabled": True})})
+    stages = _local_stages(config)
+    upstream = teacher_stages(config, stages, stages.prepare_data())
+    if stage == "distill":
+        student_stages(config, stages, upstream, evaluate=False)
     return 0
 
 
@@ -260,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data" and args.data_command == "build":
             return _cmd_data_build(config, args.out)
         if args.command == "data":
-            _cmd_data_prepare(config)
-            return 0
+            return _cmd_data_prepare(config)
         if args.command == "score":
             return _cmd_score(config)
         if args.command == "train":

@@ -20,19 +20,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from atkd_core.compare import Cell, Grid, cell_scores, load_grid, teacher_label
 from atkd_core.config import PipelineConfig
 from atkd_core.errors import UserError
-from flows.distill import (
-    TeacherOutputs,
-    evaluate,
-    flow_run_links,
-    prepare,
-    publish,
-    run_tags,
-    student_stages,
-    teacher_stages,
-)
+from atkd_core.grid import Cell, Grid, load_grid, teacher_label
+from atkd_core.pipeline import TeacherOutputs, student_stages, teacher_stages
+from atkd_core.reports.comparison import cell_scores
+from flows.distill import PrefectStages, flow_run_links, publish, run_tags
 from infra.tracking import attach_run, pipeline_run
 from tasks.publish import artifact_key
 from tasks.report import comparison_report_task
@@ -59,9 +52,10 @@ def teacher_flow(
         update={"tracking": config.tracking.model_copy(update={"run_name": f"teacher {label}"})}
     )
     with pipeline_run(named, tags=run_tags(flow_run_id, flow_run_url), parent_run_id=parent_run_id) as run:
-        upstream = teacher_stages(config, prepared, run.run_id)
+        stages = PrefectStages(config, run.run_id)
+        upstream = teacher_stages(config, stages, prepared)
         if config.eval.enabled and config.eval.include_teacher:
-            evaluate(config, prepared, {"teacher": upstream.teacher}, run.run_id)
+            stages.evaluate(prepared, {"teacher": upstream.teacher})
         return upstream
 
 
@@ -77,7 +71,7 @@ def student_flow(
     """One cell: distill and evaluate against a shared teacher; returns its scores."""
     flow_run_id, flow_run_url = flow_run_links()
     with pipeline_run(config, tags=run_tags(flow_run_id, flow_run_url), parent_run_id=parent_run_id) as run:
-        outputs = student_stages(config, upstream, run.run_id)
+        outputs = student_stages(config, PrefectStages(config, run.run_id), upstream)
         publish(config, run, outputs)
         scores = cell_scores(Path(outputs["evaluate"]), metric) if "evaluate" in outputs else {}
         run.log_metrics(scores)
@@ -88,7 +82,7 @@ def _run_cells(
     grid: Grid,
     teachers: dict[str, TeacherOutputs],
     run_id: str | None,
-    logger: logging.LoggerAdapter,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
     started_unix: float,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every cell as a sub-flow, in grid order; (finished cells' results, failed cells' lines)."""
@@ -155,7 +149,9 @@ def compare(
     root.workdir.mkdir(parents=True, exist_ok=True)
     with pipeline_run(root, tags={**run_tags(flow_run_id, flow_run_url), "atkd.kind": "comparison"}) as run:
         run.log_params({f"compare.{k}": v for k, v in comparison.model_dump(mode="json").items()})
-        prepared = {key: prepare(config, run.run_id) for key, config in grid.data_configs.items()}
+        prepared = {
+            key: PrefectStages(config, run.run_id).prepare_data() for key, config in grid.data_configs.items()
+        }
         teachers = {}
         for key, config in grid.teacher_configs.items():
             data_key = next(c.data_key for c in grid.cells if c.teacher_key == key)

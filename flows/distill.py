@@ -1,8 +1,9 @@
 """The pipeline flow: prepare_data -> finetune_teacher -> score_teacher -> distill_student -> evaluate.
 
 Its one parameter is the pipeline config model, so the Prefect UI renders it as a validated form.
-The stages come in two groups, the teacher side and the student side, which the comparison flow
-(flows/compare.py) runs as sub-flows so that many students share one teacher's outputs.
+The stage order is atkd_core.pipeline's; here each stage runs as a cached, tracked Prefect task
+(``PrefectStages``). The comparison flow (flows/compare.py) runs the teacher side and the student
+side as sub-flows so that many students share one teacher's outputs.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.context import get_run_context
 from prefect.runtime import flow_run as current_flow_run
 from pydantic import BaseModel, Field
 
 from atkd_core.config import PipelineConfig, load_config
+from atkd_core.pipeline import pipeline_outputs
 from infra.tracking import RunHandle, pipeline_run
 from tasks.data import generate_teacher_data_task, prepare_data_task
 from tasks.evaluate import evaluate_task
@@ -22,15 +23,6 @@ from tasks.policies import cached
 from tasks.publish import publish_summary_task, register_student_task, registered_model_name
 from tasks.scoring import materialize_teacher_task, score_teacher_task
 from tasks.train import distill_student_task, finetune_teacher_task
-
-
-class TeacherOutputs(BaseModel):
-    """What the teacher side of the pipeline made: the student side's inputs."""
-
-    prepared: str = Field(description="prepare_data's output (tokenizer, splits).")
-    teacher: str = Field(description="The (fine-tuned) teacher model directory or hub id.")
-    train_data: str = Field(description="The prepared data the student trains on (SeqKD: the teacher's).")
-    cache: str = Field(description="The teacher cache over train_data.")
 
 
 class PipelineResult(BaseModel):
@@ -47,49 +39,47 @@ class PipelineResult(BaseModel):
     summary: str = Field("", description="The evaluation summary table (Markdown).")
 
 
-def prepare(config: PipelineConfig, run_id: str | None) -> str:
-    """The prepare_data stage (cached); returns its output directory."""
-    return cached(prepare_data_task, config.layout.prepared / "manifest.json")(config, run_id)
+class PrefectStages:
+    """The pipeline's stages as Prefect tasks, each cached on its inputs and tracked as a child of
+    the MLflow run ``run_id`` (the order is atkd_core.pipeline's)."""
 
+    def __init__(self, config: PipelineConfig, run_id: str | None) -> None:
+        self.config, self.run_id = config, run_id
+        self.layout = config.layout
 
-def teacher_stages(config: PipelineConfig, prepared: str, run_id: str | None) -> TeacherOutputs:
-    """materialize -> finetune -> [SeqKD generation] -> score, each cached on its inputs."""
-    layout = config.layout
-    teacher_init = cached(materialize_teacher_task, layout.teacher_init / "manifest.json")(config, prepared)
-    finetuned = layout.teacher if config.finetune.enabled else Path(teacher_init)
-    teacher = cached(finetune_teacher_task, finetuned / "manifest.json")(
-        config, prepared, teacher_init, run_id
-    )
-    # SeqKD trains on the teacher's own responses; everything else on the ground truth.
-    train_data = prepared
-    if config.distill.data_source == "teacher_generated":
-        train_data = cached(generate_teacher_data_task, layout.teacher_generated / "manifest.json")(
-            config, prepared, teacher, run_id
-        )
-    cache = cached(score_teacher_task, layout.teacher_cache / "manifest.json")(
-        config, train_data, teacher, run_id
-    )
-    return TeacherOutputs(prepared=prepared, teacher=teacher, train_data=train_data, cache=cache)
+    def prepare_data(self) -> str:
+        """See atkd_core.pipeline.StageRunner."""
+        return cached(prepare_data_task, self.layout.prepared / "manifest.json")(self.config, self.run_id)
 
+    def materialize_teacher(self, prepared: str) -> str:
+        """See atkd_core.pipeline.StageRunner."""
+        marker = self.layout.teacher_init / "manifest.json"
+        return cached(materialize_teacher_task, marker)(self.config, prepared)
 
-def student_stages(config: PipelineConfig, upstream: TeacherOutputs, run_id: str | None) -> dict[str, str]:
-    """distill -> evaluate, each cached on its inputs; returns stage -> output directory."""
-    layout = config.layout
-    student = cached(distill_student_task, layout.student / "manifest.json")(
-        config, upstream.train_data, upstream.cache, upstream.teacher, run_id
-    )
-    outputs = {"distill_student": student}
-    if config.eval.enabled:
-        models = {"student": student}
-        if config.eval.include_teacher:
-            models["teacher"] = upstream.teacher
-        outputs["evaluate"] = evaluate(config, upstream.prepared, models, run_id)
-    return outputs
+    def finetune_teacher(self, prepared: str, teacher_init: str) -> str:
+        """See atkd_core.pipeline.StageRunner."""
+        marker = self.layout.teacher / "manifest.json"
+        return cached(finetune_teacher_task, marker)(self.config, prepared, teacher_init, self.run_id)
 
+    def generate_teacher_data(self, prepared: str, teacher: str) -> str:
+        """See atkd_core.pipeline.StageRunner."""
+        marker = self.layout.teacher_generated / "manifest.json"
+        return cached(generate_teacher_data_task, marker)(self.config, prepared, teacher, self.run_id)
 
-def evaluate(config: PipelineConfig, prepared: str, models: dict[str, str], run_id: str | None) -> str:
-    """The evaluate stage (cached) on ``models`` into ``<workdir>/eval``; returns that directory."""
-    return cached(evaluate_task, config.layout.eval / "errors.json")(config, prepared, models, run_id)
+    def score_teacher(self, train_data: str, teacher: str) -> str:
+        """See atkd_core.pipeline.StageRunner."""
+        marker = self.layout.teacher_cache / "manifest.json"
+        return cached(score_teacher_task, marker)(self.config, train_data, teacher, self.run_id)
+
+    def distill_student(self, train_data: str, cache: str, teacher: str) -> str:
+        """See atkd_core.pipeline.StageRunner."""
+        marker = self.layout.student / "manifest.json"
+        return cached(distill_student_task, marker)(self.config, train_data, cache, teacher, self.run_id)
+
+    def evaluate(self, prepared: str, models: dict[str, str]) -> str:
+        """See atkd_core.pipeline.StageRunner."""
+        marker = self.layout.eval / "errors.json"
+        return cached(evaluate_task, marker)(self.config, prepared, models, self.run_id)
 
 
 def read_summary(outputs: dict[str, str]) -> str:
@@ -113,9 +103,7 @@ def flow_run_links() -> tuple[str, str | None]:
     """(id, UI URL or None) of the current Prefect flow run."""
     url = current_flow_run.ui_url
     # Without a UI (the temporary local API) Prefect renders the base as "None/flow-runs/...".
-    return str(get_run_context().flow_run.id), url if url and url.startswith(
-        ("http://", "https://")
-    ) else None
+    return str(current_flow_run.id), url if url and url.startswith(("http://", "https://")) else None
 
 
 def run_tags(flow_run_id: str, flow_run_url: str | None) -> dict[str, str]:
@@ -133,14 +121,7 @@ def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResul
     flow_run_id, flow_run_url = flow_run_links()
     config.workdir.mkdir(parents=True, exist_ok=True)
     with pipeline_run(config, tags=run_tags(flow_run_id, flow_run_url)) as parent:
-        prepared = prepare(config, parent.run_id)
-        upstream = teacher_stages(config, prepared, parent.run_id)
-        outputs = {
-            "prepare_data": prepared,
-            "finetune_teacher": upstream.teacher,
-            "score_teacher": upstream.cache,
-            **student_stages(config, upstream, parent.run_id),
-        }
+        outputs = pipeline_outputs(config, PrefectStages(config, parent.run_id))
         version, summary = publish(config, parent, outputs)
     logger.info("pipeline finished: %s", outputs)
     return PipelineResult(

@@ -1,0 +1,197 @@
+"""The order of the pipeline's stages, written once, and a runner that calls the library directly.
+
+    prepare_data -> materialize teacher -> finetune_teacher -> [generate_teacher_data] -> score_teacher
+                 -> distill_student -> evaluate
+
+``teacher_stages`` and ``student_stages`` decide which stage runs on which inputs; a
+``StageRunner`` decides how a stage runs. The Prefect flows run them as cached, tracked tasks
+(flows/distill.py); the command line and the benchmarks run them as plain library calls
+(``LocalStages``). Every stage reuses an output whose manifest matches its inputs, whichever runner
+called it. See docs/architecture.md, "Stages".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel, Field
+
+from atkd_core.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from atkd_core.training.job import TrainJob
+
+# Trains a job (in this process, or under the DeepSpeed launcher) and returns its output manifest.
+Trainer = Callable[["TrainJob"], dict[str, Any]]
+
+
+class TeacherOutputs(BaseModel):
+    """What the teacher side of the pipeline made: the student side's inputs."""
+
+    prepared: str = Field(description="prepare_data's output (tokenizer, splits).")
+    teacher: str = Field(description="The (fine-tuned) teacher model directory or hub id.")
+    train_data: str = Field(description="The prepared data the student trains on (SeqKD: the teacher's).")
+    cache: str = Field(description="The teacher cache over train_data.")
+
+
+class StageRunner(Protocol):
+    """Runs one stage on its inputs (output directories of earlier stages) and returns its output's path."""
+
+    def prepare_data(self) -> str:
+        """Tokenizer and tokenised splits."""
+        ...
+
+    def materialize_teacher(self, prepared: str) -> str:
+        """The teacher as a save_pretrained directory (a preset built with the run's tokenizer)."""
+        ...
+
+    def finetune_teacher(self, prepared: str, teacher_init: str) -> str:
+        """The teacher fine-tuned on the training split."""
+        ...
+
+    def generate_teacher_data(self, prepared: str, teacher: str) -> str:
+        """SeqKD: the teacher's responses as prepared data."""
+        ...
+
+    def score_teacher(self, train_data: str, teacher: str) -> str:
+        """The teacher's sparse cache over the training data."""
+        ...
+
+    def distill_student(self, train_data: str, cache: str, teacher: str) -> str:
+        """The student distilled from the teacher."""
+        ...
+
+    def evaluate(self, prepared: str, models: dict[str, str]) -> str:
+        """Harness scores of ``models`` (name -> directory)."""
+        ...
+
+
+def teacher_stages(config: PipelineConfig, runner: StageRunner, prepared: str) -> TeacherOutputs:
+    """materialize -> [finetune] -> [SeqKD generation] -> score."""
+    teacher = runner.materialize_teacher(prepared)
+    if config.finetune.enabled:
+        teacher = runner.finetune_teacher(prepared, teacher)
+    # SeqKD trains on the teacher's own responses; everything else on the ground truth.
+    train_data = prepared
+    if config.distill.data_source == "teacher_generated":
+        train_data = runner.generate_teacher_data(prepared, teacher)
+    cache = runner.score_teacher(train_data, teacher)
+    return TeacherOutputs(prepared=prepared, teacher=teacher, train_data=train_data, cache=cache)
+
+
+def student_stages(
+    config: PipelineConfig, runner: StageRunner, upstream: TeacherOutputs, evaluate: bool = True
+) -> dict[str, str]:
+    """distill -> [evaluate, when ``evaluate`` and the config say so]; returns stage -> output directory."""
+    outputs = {
+        "distill_student": runner.distill_student(upstream.train_data, upstream.cache, upstream.teacher)
+    }
+    if evaluate and config.eval.enabled:
+        models = {"student": outputs["distill_student"]}
+        if config.eval.include_teacher:
+            models["teacher"] = upstream.teacher
+        outputs["evaluate"] = runner.evaluate(upstream.prepared, models)
+    return outputs
+
+
+def pipeline_outputs(config: PipelineConfig, runner: StageRunner) -> dict[str, str]:
+    """Every stage in order; returns stage -> output directory."""
+    prepared = runner.prepare_data()
+    upstream = teacher_stages(config, runner, prepared)
+    return {
+        "prepare_data": prepared,
+        "finetune_teacher": upstream.teacher,
+        "score_teacher": upstream.cache,
+        **student_stages(config, runner, upstream),
+    }
+
+
+class LocalStages:
+    """The stages as plain library calls: no Prefect, no MLflow; ``log`` gets one line per stage.
+
+    ``train`` runs the training stages (the caller chooses in-process or the DeepSpeed launcher).
+    """
+
+    def __init__(self, config: PipelineConfig, train: Trainer, log: Callable[[str], None] = print) -> None:
+        self.config, self.train, self.log = config, train, log
+
+    def prepare_data(self) -> str:
+        """See StageRunner."""
+        from atkd_core.data.prepare import prepare_data
+
+        output = self.config.layout.prepared
+        manifest, reused = prepare_data(self.config, output, log=self.log)
+        counts = ", ".join(
+            f"{split} {c['rows']} rows / {c['tokens']} tokens" for split, c in manifest["counts"].items()
+        )
+        self.log(f"prepare_data: {'reused' if reused else 'wrote'} {output}: {counts}")
+        return str(output)
+
+    def materialize_teacher(self, prepared: str) -> str:
+        """See StageRunner."""
+        from atkd_core.models.build import materialize_model
+
+        return materialize_model(
+            self.config.teacher, Path(prepared) / "tokenizer", self.config.layout.teacher_init
+        )
+
+    def finetune_teacher(self, prepared: str, teacher_init: str) -> str:
+        """See StageRunner."""
+        from atkd_core.training.job import finetune_job
+
+        return self._train(finetune_job(self.config, Path(prepared), Path(teacher_init)))
+
+    def generate_teacher_data(self, prepared: str, teacher: str) -> str:
+        """See StageRunner."""
+        from atkd_core.data.generate import generate_teacher_data
+        from atkd_core.training.distributed import default_device
+
+        output = self.config.layout.teacher_generated
+        _, reused = generate_teacher_data(
+            self.config, Path(prepared), Path(teacher), output, device=default_device(), log=self.log
+        )
+        self.log(f"generate_teacher_data: {'reused' if reused else 'wrote'} {output}")
+        return str(output)
+
+    def score_teacher(self, train_data: str, teacher: str) -> str:
+        """See StageRunner."""
+        from atkd_core.scoring import score_from_config
+
+        output, manifest, reused = score_from_config(self.config, Path(teacher), Path(train_data), self.log)
+        self.log(
+            f"score_teacher: {'reused' if reused else 'wrote'} {output}: {manifest['tokens']} tokens, "
+            f"{manifest['cache_bytes'] / 2**20:.1f} MiB, UNC median {manifest['unc_quantiles']['0.5']:.3f}"
+        )
+        return str(output)
+
+    def distill_student(self, train_data: str, cache: str, teacher: str) -> str:
+        """See StageRunner."""
+        from atkd_core.models.build import materialize_model
+        from atkd_core.training.job import distill_job
+
+        layout = self.config.layout
+        student = materialize_model(self.config.student, Path(train_data) / "tokenizer", layout.student_init)
+        return self._train(
+            distill_job(self.config, Path(train_data), Path(student), Path(cache), Path(teacher))
+        )
+
+    def evaluate(self, prepared: str, models: dict[str, str]) -> str:
+        """See StageRunner."""
+        from atkd_core.evaluation.harness import run_evaluation
+        from atkd_core.training.distributed import default_device
+
+        output = self.config.layout.eval
+        models_dirs = {name: Path(directory) for name, directory in models.items()}
+        report = run_evaluation(
+            self.config, Path(prepared), models_dirs, output, device=default_device(), log=self.log
+        )
+        self.log(f"evaluate: wrote {output}\n{report['summary_markdown']}")
+        return str(output)
+
+    def _train(self, job: TrainJob) -> str:
+        """Train ``job``; return its output directory."""
+        manifest = self.train(job)
+        self.log(f"{job.stage}: {job.output_dir}: final {manifest.get('final', {})}")
+        return str(job.output_dir)
