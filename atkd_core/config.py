@@ -120,7 +120,12 @@ class DataConfig(StrictModel):
 
     def field_map(self) -> FieldMap:
         """The effective field mapping (the preset's, or the custom one)."""
-        return self.fields if self.field_preset == "custom" else FIELD_PRESETS[self.field_preset]
+        if self.field_preset != "custom":
+            return FIELD_PRESETS[self.field_preset]
+        # Validated at load; a config changed in code afterwards can still lack it.
+        if self.fields is None:
+            raise ConfigError("data.fields: must be set when data.field_preset is 'custom'")
+        return self.fields
 
 
 class TokenizerConfig(StrictModel):
@@ -269,7 +274,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_forwa
 
 
 class LossConfig(StrictModel):
-    """The distillation objective (DESIGN.md section 2)."""
+    """The distillation objective (docs/architecture.md, "The method")."""
 
     objective: Literal["sft", "kd", "atkd"] = Field(
         "atkd", description="sft: cross-entropy; kd: a divergence; atkd."

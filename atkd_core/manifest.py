@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from atkd_core.errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -49,6 +51,14 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def require_manifest(directory: Path, stage: str) -> dict[str, Any]:
+    """The manifest of ``stage``'s output ``directory``; a UserError saying to run it when there is none."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise UserError(f"{directory}: no manifest.json; run {stage} first")
+    return manifest
 
 
 def is_up_to_date(directory: Path, input_fingerprint: str) -> bool:

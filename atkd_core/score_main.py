@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from atkd_core.manifest import read_manifest
+from atkd_core.manifest import require_manifest
 from atkd_core.models.build import load_model
 from atkd_core.scoring import ScoringSpec, finalize_cache, prepared_data_sha256, score_teacher, weights_sha256
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu"
-    manifest = read_manifest(args.prepared)
+    manifest = require_manifest(args.prepared, "prepare_data")
     spec = ScoringSpec(
         teacher_dir=str(args.teacher),
         teacher_weights_sha256=weights_sha256(args.teacher),
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         storage_dtype=args.storage_dtype,
         shard_size=args.shard_size,
     )
-    model = load_model(args.teacher).to(device)
+    model = load_model(args.teacher, device=device)
     score_teacher(
         model, args.prepared, args.out, spec, batch_size=args.batch_size, rank=rank, world_size=world_size
     )

@@ -37,8 +37,16 @@ from atkd_core.data.batching import IGNORE_INDEX, collate, shift_targets
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.errors import CacheError
 from atkd_core.losses import SparseTeacher
-from atkd_core.manifest import MANIFEST_NAME, fingerprint, read_manifest, sha256_file, sha256_tree
+from atkd_core.manifest import (
+    MANIFEST_NAME,
+    fingerprint,
+    read_manifest,
+    require_manifest,
+    sha256_file,
+    sha256_tree,
+)
 from atkd_core.progress import Progress
+from atkd_core.training.distributed import default_device
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTILES = (0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9)
@@ -282,10 +290,7 @@ def finalize_cache(
 
 def prepared_data_sha256(prepared_dir: Path) -> str:
     """The content hash of a prepared-data output (from its manifest, or computed)."""
-    manifest = read_manifest(prepared_dir)
-    if manifest is None:
-        raise CacheError(f"{prepared_dir}: no manifest.json; run prepare_data first")
-    return manifest.get("content_sha256") or sha256_tree(prepared_dir)
+    return require_manifest(prepared_dir, "prepare_data").get("content_sha256") or sha256_tree(prepared_dir)
 
 
 class TeacherCache:
@@ -386,9 +391,7 @@ def run_scoring_stage(
     """The whole single-process stage: reuse an up-to-date cache, else score, finalise; (manifest, reused)."""
     from atkd_core.models.build import load_model
 
-    manifest = read_manifest(prepared_dir)
-    if manifest is None:
-        raise CacheError(f"{prepared_dir}: no manifest.json; run prepare_data first")
+    manifest = require_manifest(prepared_dir, "prepare_data")
     spec = ScoringSpec(
         teacher_dir=str(teacher_dir),
         teacher_weights_sha256=weights_sha256(teacher_dir),
@@ -402,7 +405,7 @@ def run_scoring_stage(
     existing = read_manifest(output_dir)
     if existing is not None and existing.get("input_fingerprint") == spec.fingerprint():
         return existing, True
-    model = load_model(teacher_dir).to(device)
+    model = load_model(teacher_dir, device=device)
     score_teacher(model, prepared_dir, output_dir, spec, batch_size=batch_size, log=log)
     return finalize_cache(
         output_dir, spec, hard_fraction=hard_fraction, num_examples=manifest["counts"]["train"]["rows"]
@@ -425,7 +428,7 @@ def score_from_config(
         shard_size=config.scoring.shard_size,
         batch_size=config.scoring.batch_size,
         hard_fraction=config.loss.hard_fraction,
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device=default_device(),
         log=log,
     )
     return output, manifest, reused

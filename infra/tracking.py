@@ -67,13 +67,20 @@ class RunHandle:
     experiment_id: str | None = None
     _step_metrics: list[Metric] = field(default_factory=list)
 
+    def target(self) -> tuple[MlflowClient, str] | None:
+        """(client, run id) of the live run, or None for the no-op handle."""
+        if self.client is None or self.run_id is None:
+            return None
+        return self.client, self.run_id
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (values truncated to MLflow's limit)."""
-        if self.client is None:
+        if (target := self.target()) is None:
             return
+        client, run_id = target
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+            client.log_batch(run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log finite numeric metrics at ``step``."""
@@ -81,10 +88,11 @@ class RunHandle:
 
     def send_metrics(self, records: list[Metric]) -> None:
         """Send already timestamped metric records, in batches MLflow accepts."""
-        if self.client is None:
+        if (target := self.target()) is None:
             return
+        client, run_id = target
         for start in range(0, len(records), METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=records[start : start + METRICS_PER_BATCH])
+            client.log_batch(run_id, metrics=records[start : start + METRICS_PER_BATCH])
 
     def web_url(self) -> str | None:
         """The run's page in the MLflow UI when the tracking URI is a server, else None."""
@@ -94,22 +102,25 @@ class RunHandle:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set tags on the run."""
-        if self.client is not None:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        if (target := self.target()) is not None:
+            client, run_id = target
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file or a directory as artifacts."""
-        if self.client is None:
+        if (target := self.target()) is None:
             return
+        client, run_id = target
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            client.log_artifacts(run_id, str(path), artifact_path)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            client.log_artifact(run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Save a text artifact."""
-        if self.client is not None:
-            self.client.log_text(self.run_id, text, artifact_file)
+        if (target := self.target()) is not None:
+            client, run_id = target
+            client.log_text(run_id, text, artifact_file)
 
 
 def metric_records(metrics: Mapping[str, float], step: int) -> list[Metric]:
@@ -204,8 +215,8 @@ def connect(uri: str) -> MlflowClient:
 
 def _root_cause(error: BaseException) -> str:
     """'Type: message' of the innermost exception in a chain (the HTTP stack wraps it three deep)."""
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
@@ -279,10 +290,15 @@ def attach_run(config: PipelineConfig, run_id: str | None) -> RunHandle:
     """A handle on an existing run (a no-op handle when tracking is off or ``run_id`` is None)."""
     if not config.tracking.enabled or run_id is None:
         return RunHandle(client=None, run_id=None)
+    client, uri, experiment_id = _open_run(config, run_id)
+    return RunHandle(client=client, run_id=run_id, tracking_uri=uri, experiment_id=experiment_id)
+
+
+def _open_run(config: PipelineConfig, run_id: str) -> tuple[MlflowClient, str, str]:
+    """(client, tracking URI, experiment id) of the existing run ``run_id``."""
     uri = resolve_tracking_uri(config)
     client = connect(uri)
-    experiment_id = client.get_run(run_id).info.experiment_id
-    return RunHandle(client=client, run_id=run_id, tracking_uri=uri, experiment_id=experiment_id)
+    return client, uri, client.get_run(run_id).info.experiment_id
 
 
 @contextmanager
@@ -296,16 +312,9 @@ def stage_run(
     if not config.tracking.enabled or parent_run_id is None:
         yield RunHandle(client=None, run_id=None)
         return
-    parent = attach_run(config, parent_run_id)
-    run = parent.client.create_run(
-        parent.experiment_id, tags={PARENT_TAG: parent_run_id, RUN_NAME_TAG: stage}
-    )
-    handle = RunHandle(
-        client=parent.client,
-        run_id=run.info.run_id,
-        tracking_uri=parent.tracking_uri,
-        experiment_id=parent.experiment_id,
-    )
+    client, uri, experiment_id = _open_run(config, parent_run_id)
+    run = client.create_run(experiment_id, tags={PARENT_TAG: parent_run_id, RUN_NAME_TAG: stage})
+    handle = RunHandle(client=client, run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id)
     if params:
         handle.log_params(params)
     with _terminate_on_exit(handle):
@@ -314,11 +323,16 @@ def stage_run(
 
 @contextmanager
 def _terminate_on_exit(handle: RunHandle) -> Iterator[None]:
+    target = handle.target()
+    if target is None:
+        yield
+        return
+    client, run_id = target
     try:
         yield
     except BaseException:
         # The stage's own error is the one to report, even when the server went away with it.
         with suppress(Exception):
-            handle.client.set_terminated(handle.run_id, status="FAILED")
+            client.set_terminated(run_id, status="FAILED")
         raise
-    handle.client.set_terminated(handle.run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
@@ -35,7 +35,7 @@ def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 
 # For I/O-bound tasks (file reads and writes, tracking calls): 2 retries after 2 s and 4 s.
-IO_RETRIES = {
+IO_RETRIES: dict[str, Any] = {
     "retries": 2,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_condition_fn": retry_transient,
@@ -93,4 +93,4 @@ def cached(stage_task: TaskT, finished_marker: Path) -> TaskT:
     A cache record only holds the output's path; after the directory is deleted the record would
     point at nothing, so the task runs again instead (the stage itself then rebuilds the output).
     """
-    return stage_task.with_options(refresh_cache=not finished_marker.is_file())
+    return cast(TaskT, stage_task.with_options(refresh_cache=not finished_marker.is_file()))

@@ -20,7 +20,7 @@ from atkd_core.config import FieldMap, PipelineConfig
 from atkd_core.data.prepare import format_prompt, read_rows, tokenize_splits
 from atkd_core.data.suite import SPLITS
 from atkd_core.data.tokenizer import load_tokenizer
-from atkd_core.manifest import fingerprint, read_manifest, run_stage
+from atkd_core.manifest import fingerprint, read_manifest, require_manifest, run_stage
 from atkd_core.models.build import load_model
 from atkd_core.progress import Progress
 
@@ -41,7 +41,7 @@ def generate_responses(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
-    responses = []
+    responses: list[str] = []
     progress = Progress(len(prompts), log, "generate_teacher_data")
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(
@@ -54,7 +54,8 @@ def generate_responses(
         sampling = (
             {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         )
-        output = model.generate(
+        # Causal LM classes get generate() from GenerationMixin, which PreTrainedModel does not inherit.
+        output = model.generate(  # type: ignore[operator]
             **batch,
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
@@ -81,7 +82,7 @@ def generate_teacher_data(
 ) -> tuple[dict[str, Any], bool]:
     """Write the SeqKD training data into ``output_dir``; return (manifest, reused)."""
     teacher_dir = Path(teacher_dir)
-    source = read_manifest(prepared_dir)
+    source = require_manifest(prepared_dir, "prepare_data")
     distill = config.distill
     identity = fingerprint(
         {
@@ -96,7 +97,7 @@ def generate_teacher_data(
 
     def build(staging: Path) -> dict[str, Any]:
         tokenizer = load_tokenizer(prepared_dir / "tokenizer")
-        model = load_model(teacher_dir).to(device).eval()
+        model = load_model(teacher_dir, device=device).eval()
         rows = {split: read_rows(prepared_dir / "raw" / f"{split}.jsonl", FieldMap())[0] for split in SPLITS}
         prompts = [format_prompt(config.data, r["instruction"], r["context"]) for r in rows["train"]]
         responses = generate_responses(

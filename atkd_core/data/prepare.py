@@ -24,7 +24,7 @@ from atkd_core.data.batching import IGNORE_INDEX
 from atkd_core.data.preflight import preflight
 from atkd_core.data.suite import SPLITS, write_suite
 from atkd_core.data.tokenizer import load_tokenizer, train_tokenizer
-from atkd_core.errors import DataError
+from atkd_core.errors import ConfigError, DataError
 from atkd_core.manifest import fingerprint, run_stage, sha256_file
 
 
@@ -189,6 +189,8 @@ def _load_split_rows(
                 rows[split].extend(file_rows)
                 skipped.extend(file_skipped)
     else:
+        if data.hub_name is None:  # validated at load; a config changed in code can still lack it
+            raise ConfigError("data.hub_name: must be set when data.source is 'hub'")
         for split in SPLITS:
             try:
                 rows[split], split_skipped = read_hub_split(

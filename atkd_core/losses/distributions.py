@@ -145,7 +145,7 @@ class _NonTargetLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, temperature: float):  # type: ignore[override]
+    def forward(ctx, logits: Tensor, target: Tensor, temperature: float):
         index = target[:, None]
         target_logit = logits.gather(-1, index).squeeze(-1).float() / temperature
         masked = (logits.float() / temperature).clamp_(min=MASK_LOGIT).scatter_(-1, index, MASK_LOGIT)
@@ -159,7 +159,7 @@ class _NonTargetLogSoftmax(torch.autograd.Function):
         return log_hat, lse_rest, target_logit
 
     @staticmethod
-    def backward(ctx, grad_log_hat: Tensor, grad_lse: Tensor, grad_target: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_log_hat: Tensor, grad_lse: Tensor, grad_target: Tensor):
         log_hat, index = ctx.saved_tensors
         # d log_hat_j / d z_i = [i == j] - softmax_i and d lse / d z_i = softmax_i, both on the
         # non-target columns; column g is a constant there and only feeds the target logit.

@@ -41,7 +41,7 @@ class _ChunkedWeightedSum(torch.autograd.Function):
     """Forward computes each chunk's loss and its gradient at once; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, student_logits: Tensor, weights: Tensor, terms_fn: TermsFn, chunk_size: int):  # type: ignore[override]
+    def forward(ctx, student_logits: Tensor, weights: Tensor, terms_fn: TermsFn, chunk_size: int):
         num_tokens = student_logits.shape[0]
         grad_logits = torch.zeros_like(student_logits) if student_logits.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
@@ -64,7 +64,7 @@ class _ChunkedWeightedSum(torch.autograd.Function):
         return total, terms
 
     @staticmethod
-    def backward(ctx, grad_total: Tensor, _grad_terms: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_total: Tensor, _grad_terms: Tensor):
         if getattr(ctx, "backward_done", False):
             raise RuntimeError(
                 "a chunked loss supports one backward pass; recompute it (or use chunk_size=None)"

@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from atkd_core.config import ModelConfig
+from atkd_core.errors import ConfigError
 from atkd_core.models.presets import PRESETS, ArchSize
 
 
@@ -41,7 +42,6 @@ def _neox(dims: ArchSize, special: dict) -> PretrainedConfig:
         num_attention_heads=dims.heads,
         intermediate_size=4 * dims.hidden,
         max_position_embeddings=dims.max_positions,
-        rotary_pct=0.25,
         use_parallel_residual=True,
         **special,
     )
@@ -79,20 +79,26 @@ _ARCH_CONFIGS = {"neox": _neox, "opt": _opt, "llama": _llama}
 
 def build_model(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A causal LM from ``spec``: a preset built with seeded random init, or ``from_pretrained``."""
-    if spec.preset is not None:
-        config = preset_config(spec.preset, tokenizer)
-        # Seed a private generator state so building a model never shifts the caller's RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.init_seed)
-            return AutoModelForCausalLM.from_config(config)
-    return load_model(spec.path, trust_remote_code=spec.trust_remote_code)
+    if spec.path is not None:
+        return load_model(spec.path, trust_remote_code=spec.trust_remote_code)
+    if spec.preset is None:  # validated at load; a config changed in code can still lack both
+        raise ConfigError("model: exactly one of preset and path must be set")
+    config = preset_config(spec.preset, tokenizer)
+    # Seed a private generator state so building a model never shifts the caller's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedModel:
-    """Load a causal LM from a hub id or a local ``save_pretrained`` directory (fp32)."""
-    return AutoModelForCausalLM.from_pretrained(
+def load_model(
+    path: str | Path, *, device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM from a hub id or a local ``save_pretrained`` directory (fp32) onto ``device``."""
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, dtype=torch.float32
     )
+    # transformers types PreTrainedModel.to through a decorator mypy reads as an unbound function.
+    return model.to(device)  # type: ignore[arg-type]
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
