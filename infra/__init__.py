@@ -1,1 +1,1 @@
-"""infra: settings, MLflow tracking helpers, DeepSpeed config rendering, launchers, servers."""
+"""infra: environment settings, MLflow tracking helpers, the DeepSpeed launcher, local servers (docs/architecture.md)."""

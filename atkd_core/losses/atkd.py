@@ -1,6 +1,6 @@
 """ATKD: KL's target / diversity decomposition and the adaptive easy / hard objective.
 
-Spec (DESIGN.md section 2). Per valid token with ground truth g, teacher p, student q:
+Spec (docs/architecture.md, "The method"). Per valid token with ground truth g, teacher p, student q:
 
 * ``KL(p || q) = TKD + (1 - p_g) * DKD`` with ``TKD = KL(b_p || b_q)`` over the binary
   distributions ``[p_g, 1 - p_g]`` and ``DKD = KL(p_hat || q_hat)`` over the non-target

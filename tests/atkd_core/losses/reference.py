@@ -1,4 +1,4 @@
-"""Naive float64 references written from the definitions (DESIGN.md section 2), one token at a time.
+"""Naive float64 references written from the definitions (docs/architecture.md, "The method"), one token at a time.
 
 Deliberately independent of atkd_core.losses: probabilities by softmax, non-target distributions by
 dividing probabilities (fine in float64 at moderate logits), KL by its sum, the easy / hard split by
