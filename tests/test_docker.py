@@ -23,8 +23,22 @@ BIN = Path(sys.executable).parent
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
 
 
-def test_there_are_cpu_cuda_and_mlflow_images():
-    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda", "Dockerfile.mlflow"]
+def test_versions_the_images_pin_are_the_locks():
+    """A package an image pins by hand (torch from its wheel index, MLflow in its own image) must
+    be the lock's version, or the image runs another stack than the one the tests ran."""
+    lock = dict(
+        line.lower().replace("_", "-").split("==")
+        for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    pinned = [
+        (dockerfile.name, name.lower().replace("_", "-"), version)
+        for dockerfile in DOCKERFILES
+        for name, version in re.findall(r"\b([A-Za-z][\w.-]*)==([\w.+-]+)", dockerfile.read_text())
+    ]
+    checked = [pin for pin in pinned if pin[1] in lock]
+    assert {"torch", "mlflow"} <= {name for _, name, _ in checked}, pinned
+    assert [(image, name, lock[name]) for image, name, _ in checked] == checked
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

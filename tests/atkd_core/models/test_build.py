@@ -42,6 +42,7 @@ def test_init_is_seeded_and_sizes_grow(tokenizer):
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
 
 
-def test_every_preset_name_is_valid_config():
-    for name in PRESETS:
-        ModelConfig(preset=name)
+def test_every_preset_name_is_a_valid_config_and_an_unknown_one_is_refused():
+    assert all(ModelConfig(preset=name).preset == name for name in PRESETS)
+    with pytest.raises(ValueError, match="preset 'neox-huge' is unknown; allowed: .*neox-tiny"):
+        ModelConfig(preset="neox-huge")
