@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -471,6 +472,16 @@ class PipelineConfig(StrictModel):
         """A stable hash of the named sections (what a stage's cache key depends on)."""
         payload = {name: self.model_dump(mode="json")[name] for name in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_tracking_uri(tracking_uri: str | None, workdir: Path) -> str:
+    """The configured tracking URI, else ``$MLFLOW_TRACKING_URI`` (as MLflow users expect; ``atkd
+    serve`` prints it), else a SQLite store inside ``workdir``."""
+    return (
+        tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

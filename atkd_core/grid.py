@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from atkd_core.config import (
     apply_overrides,
     format_validation_error,
     read_yaml_mapping,
+    resolve_tracking_uri,
     set_field,
     validate_config,
 )
@@ -198,8 +198,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, ablation: st
     # configured one, else $MLFLOW_TRACKING_URI (a server), else one SQLite store for the whole
     # grid (the pipeline's own fallback is per workdir, i.e. per cell).
     tracking = base_raw.setdefault("tracking", {})
-    if not tracking.get("tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        tracking["tracking_uri"] = f"sqlite:///{(comparison.workdir / 'mlflow.db').resolve()}"
+    tracking["tracking_uri"] = resolve_tracking_uri(tracking.get("tracking_uri"), comparison.workdir)
     base = validate_config(base_raw, str(comparison.base))
     grid = Grid(comparison=comparison, ablation=ablation, base=base, cells=[])
     names = list(grid.axes)

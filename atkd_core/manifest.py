@@ -53,6 +53,30 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
 
 
+def weight_files_sha256(model_dir: Path) -> str | None:
+    """sha256 over a model directory's weight files (safetensors / bin), or None when it has none."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin"})
+    return fingerprint({p.name: sha256_file(p) for p in files}) if files else None
+
+
+def content_identity(location: Path | str) -> str:
+    """What an input *is*, for the fingerprints of what is made from it (never where it is).
+
+    A stage output: its manifest's content hash. A model directory made elsewhere: the hash of its
+    weights and config. Any other directory: the hash of its files. A hub id: itself.
+    """
+    path = Path(location)
+    if not path.is_dir():
+        return str(location)
+    manifest = read_manifest(path)
+    if manifest is not None and manifest.get("content_sha256"):
+        return str(manifest["content_sha256"])
+    weights = weight_files_sha256(path)
+    if weights is not None and (path / "config.json").is_file():
+        return fingerprint({"weights": weights, "config": sha256_file(path / "config.json")})
+    return sha256_tree(path)
+
+
 def require_manifest(directory: Path, stage: str) -> dict[str, Any]:
     """The manifest of ``stage``'s output ``directory``; a UserError saying to run it when there is none."""
     manifest = read_manifest(directory)

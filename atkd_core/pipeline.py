@@ -1,18 +1,21 @@
 """The order of the pipeline's stages, written once, and a runner that calls the library directly.
 
     prepare_data -> materialize teacher -> finetune_teacher -> [generate_teacher_data] -> score_teacher
-                 -> distill_student -> evaluate
+                 -> materialize student -> distill_student -> evaluate
 
 ``teacher_stages`` and ``student_stages`` decide which stage runs on which inputs; a
 ``StageRunner`` decides how a stage runs. The Prefect flows run them as cached, tracked tasks
 (flows/distill.py); the command line and the benchmarks run them as plain library calls
 (``LocalStages``). Every stage reuses an output whose manifest matches its inputs, whichever runner
-called it. See docs/architecture.md, "Stages".
+called it, and ``stage_target`` gives that reuse key before a stage runs (the Prefect cache key).
+See docs/architecture.md, "Stages".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +37,75 @@ class TeacherOutputs(BaseModel):
     teacher: str = Field(description="The (fine-tuned) teacher model directory or hub id.")
     train_data: str = Field(description="The prepared data the student trains on (SeqKD: the teacher's).")
     cache: str = Field(description="The teacher cache over train_data.")
+
+
+@dataclass(frozen=True)
+class StageTarget:
+    """A stage's output directory, the fingerprint of the inputs it must be made from, and whether
+    the output on disk was made from exactly those (then the stage reuses it)."""
+
+    output: Path
+    fingerprint: str
+    current: bool
+
+
+def stage_target(stage: str, config: PipelineConfig, inputs: Mapping[str, Any]) -> StageTarget | None:
+    """The target of ``stage`` on ``inputs`` (its arguments by name: prepared_dir, teacher_dir, ...),
+    computed exactly as the stage computes it to decide reuse; None for a stage that writes nothing
+    (a user's model used where it is). Raises UserError when an input is missing or unusable.
+    """
+    from atkd_core.data.generate import generation_fingerprint
+    from atkd_core.data.prepare import prepare_inputs_fingerprint
+    from atkd_core.evaluation.harness import evaluation_fingerprint
+    from atkd_core.manifest import fingerprint, is_up_to_date
+    from atkd_core.models.build import init_fingerprint
+    from atkd_core.scoring import config_scoring_spec
+    from atkd_core.training.job import distill_job, finetune_job
+
+    layout = config.layout
+
+    def target(output: Path, fingerprint: str) -> StageTarget:
+        return StageTarget(output, fingerprint, is_up_to_date(output, fingerprint))
+
+    prepared = Path(inputs.get("prepared_dir", layout.prepared))
+    if stage == "prepare_data":
+        return target(layout.prepared, prepare_inputs_fingerprint(config))
+    if stage in ("materialize_teacher", "materialize_student"):
+        spec, output = (
+            (config.teacher, layout.teacher_init)
+            if stage == "materialize_teacher"
+            else (config.student, layout.student_init)
+        )
+        return (
+            None if spec.path is not None else target(output, init_fingerprint(spec, prepared / "tokenizer"))
+        )
+    if stage == "finetune_teacher":
+        job = finetune_job(config, prepared, Path(inputs["teacher_init"]))
+        return target(job.output_dir, job.fingerprint())
+    if stage == "generate_teacher_data":
+        teacher = Path(inputs["teacher_dir"])
+        return target(layout.teacher_generated, generation_fingerprint(config, prepared, teacher))
+    if stage == "score_teacher":
+        cache_fingerprint = config_scoring_spec(config, Path(inputs["teacher_dir"]), prepared).fingerprint()
+        # The stage also writes the teacher's token-difficulty report, which depends on k.
+        hard_fraction = config.loss.hard_fraction
+        report = layout.teacher_report / "difficulty.json"
+        report_current = (
+            report.is_file() and json.loads(report.read_text()).get("hard_fraction") == hard_fraction
+        )
+        return StageTarget(
+            layout.teacher_cache,
+            fingerprint({"cache": cache_fingerprint, "report_hard_fraction": hard_fraction}),
+            is_up_to_date(layout.teacher_cache, cache_fingerprint) and report_current,
+        )
+    if stage == "distill_student":
+        student_init, cache, teacher = (Path(inputs[k]) for k in ("student_init", "cache_dir", "teacher_dir"))
+        job = distill_job(config, prepared, student_init, cache, teacher)
+        return target(job.output_dir, job.fingerprint())
+    if stage == "evaluate":
+        models = {name: Path(directory) for name, directory in inputs["models"].items()}
+        return target(layout.eval, evaluation_fingerprint(config, prepared, models))
+    raise ValueError(f"unknown stage {stage!r}")
 
 
 class StageRunner(Protocol):
@@ -59,7 +131,11 @@ class StageRunner(Protocol):
         """The teacher's sparse cache over the training data."""
         ...
 
-    def distill_student(self, train_data: str, cache: str, teacher: str) -> str:
+    def materialize_student(self, prepared: str) -> str:
+        """The student's initial weights as a save_pretrained directory (a preset built once)."""
+        ...
+
+    def distill_student(self, train_data: str, student_init: str, cache: str, teacher: str) -> str:
         """The student distilled from the teacher."""
         ...
 
@@ -84,10 +160,11 @@ def teacher_stages(config: PipelineConfig, runner: StageRunner, prepared: str) -
 def student_stages(
     config: PipelineConfig, runner: StageRunner, upstream: TeacherOutputs, evaluate: bool = True
 ) -> dict[str, str]:
-    """distill -> [evaluate, when ``evaluate`` and the config say so]; returns stage -> output directory."""
-    outputs = {
-        "distill_student": runner.distill_student(upstream.train_data, upstream.cache, upstream.teacher)
-    }
+    """materialize -> distill -> [evaluate, when ``evaluate`` and the config say so]; returns stage ->
+    output directory."""
+    student_init = runner.materialize_student(upstream.prepared)
+    student = runner.distill_student(upstream.train_data, student_init, upstream.cache, upstream.teacher)
+    outputs = {"distill_student": student}
     if evaluate and config.eval.enabled:
         models = {"student": outputs["distill_student"]}
         if config.eval.include_teacher:
@@ -137,6 +214,14 @@ class LocalStages:
             self.config.teacher, Path(prepared) / "tokenizer", self.config.layout.teacher_init
         )
 
+    def materialize_student(self, prepared: str) -> str:
+        """See StageRunner."""
+        from atkd_core.models.build import materialize_model
+
+        return materialize_model(
+            self.config.student, Path(prepared) / "tokenizer", self.config.layout.student_init
+        )
+
     def finetune_teacher(self, prepared: str, teacher_init: str) -> str:
         """See StageRunner."""
         from atkd_core.training.job import finetune_job
@@ -166,16 +251,12 @@ class LocalStages:
         )
         return str(output)
 
-    def distill_student(self, train_data: str, cache: str, teacher: str) -> str:
+    def distill_student(self, train_data: str, student_init: str, cache: str, teacher: str) -> str:
         """See StageRunner."""
-        from atkd_core.models.build import materialize_model
         from atkd_core.training.job import distill_job
 
-        layout = self.config.layout
-        student = materialize_model(self.config.student, Path(train_data) / "tokenizer", layout.student_init)
-        return self._train(
-            distill_job(self.config, Path(train_data), Path(student), Path(cache), Path(teacher))
-        )
+        job = distill_job(self.config, Path(train_data), Path(student_init), Path(cache), Path(teacher))
+        return self._train(job)
 
     def evaluate(self, prepared: str, models: dict[str, str]) -> str:
         """See StageRunner."""

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from atkd_core.manifest import require_manifest
 from atkd_core.models.build import load_model
-from atkd_core.scoring import ScoringSpec, finalize_cache, prepared_data_sha256, score_teacher, weights_sha256
+from atkd_core.scoring import finalize_cache, score_teacher, scoring_spec
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,11 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu"
     manifest = require_manifest(args.prepared, "prepare_data")
-    spec = ScoringSpec(
-        teacher_dir=str(args.teacher),
-        teacher_weights_sha256=weights_sha256(args.teacher),
-        prepared_data_sha256=prepared_data_sha256(args.prepared),
-        tokenizer_sha256=manifest["tokenizer_sha256"],
+    spec = scoring_spec(
+        args.teacher,
+        args.prepared,
         top_k=args.top_k,
         temperature=args.temperature,
         storage_dtype=args.storage_dtype,

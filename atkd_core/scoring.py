@@ -44,6 +44,7 @@ from atkd_core.manifest import (
     require_manifest,
     sha256_file,
     sha256_tree,
+    weight_files_sha256,
 )
 from atkd_core.progress import Progress
 from atkd_core.training.distributed import default_device
@@ -73,10 +74,45 @@ class ScoringSpec:
 
 def weights_sha256(model_dir: Path) -> str:
     """sha256 over a model directory's weight files (safetensors / bin), the model's identity."""
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin"})
-    if not files:
+    digest = weight_files_sha256(model_dir)
+    if digest is None:
         raise CacheError(f"{model_dir}: no weight files (*.safetensors or *.bin)")
-    return fingerprint({p.name: sha256_file(p) for p in files})
+    return digest
+
+
+def scoring_spec(
+    teacher_dir: Path,
+    prepared_dir: Path,
+    *,
+    top_k: int,
+    temperature: float,
+    storage_dtype: str,
+    shard_size: int,
+) -> ScoringSpec:
+    """The spec of a cache of ``teacher_dir`` over ``prepared_dir`` (identity by content)."""
+    manifest = require_manifest(prepared_dir, "prepare_data")
+    return ScoringSpec(
+        teacher_dir=str(teacher_dir),
+        teacher_weights_sha256=weights_sha256(teacher_dir),
+        prepared_data_sha256=prepared_data_sha256(prepared_dir),
+        tokenizer_sha256=manifest["tokenizer_sha256"],
+        top_k=top_k,
+        temperature=temperature,
+        storage_dtype=storage_dtype,
+        shard_size=shard_size,
+    )
+
+
+def config_scoring_spec(config: Any, teacher_dir: Path, prepared_dir: Path) -> ScoringSpec:
+    """The spec of the pipeline config's cache of ``teacher_dir`` over ``prepared_dir``."""
+    return scoring_spec(
+        teacher_dir,
+        prepared_dir,
+        top_k=config.scoring.top_k,
+        temperature=config.loss.temperature,
+        storage_dtype=config.scoring.storage_dtype,
+        shard_size=config.scoring.shard_size,
+    )
 
 
 @torch.no_grad()
@@ -268,6 +304,8 @@ def finalize_cache(
     manifest = {
         "stage": "score_teacher",
         "input_fingerprint": spec.fingerprint(),
+        # The shards' checksums are their contents: what is made from the cache depends on these.
+        "content_sha256": fingerprint(checksums),
         "spec": spec.__dict__,
         "num_examples": num_examples,
         "num_shards": num_shards,
@@ -392,11 +430,9 @@ def run_scoring_stage(
     from atkd_core.models.build import load_model
 
     manifest = require_manifest(prepared_dir, "prepare_data")
-    spec = ScoringSpec(
-        teacher_dir=str(teacher_dir),
-        teacher_weights_sha256=weights_sha256(teacher_dir),
-        prepared_data_sha256=prepared_data_sha256(prepared_dir),
-        tokenizer_sha256=manifest["tokenizer_sha256"],
+    spec = scoring_spec(
+        teacher_dir,
+        prepared_dir,
         top_k=top_k,
         temperature=temperature,
         storage_dtype=storage_dtype,

@@ -19,10 +19,10 @@ from atkd_core.pipeline import pipeline_outputs
 from infra.tracking import RunHandle, pipeline_run
 from tasks.data import generate_teacher_data_task, prepare_data_task
 from tasks.evaluate import evaluate_task
-from tasks.policies import cached
+from tasks.policies import run_cached
 from tasks.publish import publish_summary_task, register_student_task, registered_model_name
 from tasks.scoring import materialize_teacher_task, score_teacher_task
-from tasks.train import distill_student_task, finetune_teacher_task
+from tasks.train import distill_student_task, finetune_teacher_task, materialize_student_task
 
 
 class PipelineResult(BaseModel):
@@ -40,46 +40,71 @@ class PipelineResult(BaseModel):
 
 
 class PrefectStages:
-    """The pipeline's stages as Prefect tasks, each cached on its inputs and tracked as a child of
-    the MLflow run ``run_id`` (the order is atkd_core.pipeline's)."""
+    """The pipeline's stages as Prefect tasks, each cached on the library's reuse key and tracked as
+    a child of the MLflow run ``run_id`` (the order is atkd_core.pipeline's)."""
 
     def __init__(self, config: PipelineConfig, run_id: str | None) -> None:
         self.config, self.run_id = config, run_id
-        self.layout = config.layout
 
     def prepare_data(self) -> str:
         """See atkd_core.pipeline.StageRunner."""
-        return cached(prepare_data_task, self.layout.prepared / "manifest.json")(self.config, self.run_id)
+        return run_cached(prepare_data_task, config=self.config, parent_run_id=self.run_id)
 
     def materialize_teacher(self, prepared: str) -> str:
         """See atkd_core.pipeline.StageRunner."""
-        marker = self.layout.teacher_init / "manifest.json"
-        return cached(materialize_teacher_task, marker)(self.config, prepared)
+        return run_cached(materialize_teacher_task, config=self.config, prepared_dir=prepared)
 
     def finetune_teacher(self, prepared: str, teacher_init: str) -> str:
         """See atkd_core.pipeline.StageRunner."""
-        marker = self.layout.teacher / "manifest.json"
-        return cached(finetune_teacher_task, marker)(self.config, prepared, teacher_init, self.run_id)
+        return run_cached(
+            finetune_teacher_task,
+            config=self.config,
+            prepared_dir=prepared,
+            teacher_init=teacher_init,
+            parent_run_id=self.run_id,
+        )
 
     def generate_teacher_data(self, prepared: str, teacher: str) -> str:
         """See atkd_core.pipeline.StageRunner."""
-        marker = self.layout.teacher_generated / "manifest.json"
-        return cached(generate_teacher_data_task, marker)(self.config, prepared, teacher, self.run_id)
+        return run_cached(
+            generate_teacher_data_task,
+            config=self.config,
+            prepared_dir=prepared,
+            teacher_dir=teacher,
+            parent_run_id=self.run_id,
+        )
 
     def score_teacher(self, train_data: str, teacher: str) -> str:
         """See atkd_core.pipeline.StageRunner."""
-        marker = self.layout.teacher_cache / "manifest.json"
-        return cached(score_teacher_task, marker)(self.config, train_data, teacher, self.run_id)
+        return run_cached(
+            score_teacher_task,
+            config=self.config,
+            prepared_dir=train_data,
+            teacher_dir=teacher,
+            parent_run_id=self.run_id,
+        )
 
-    def distill_student(self, train_data: str, cache: str, teacher: str) -> str:
+    def materialize_student(self, prepared: str) -> str:
         """See atkd_core.pipeline.StageRunner."""
-        marker = self.layout.student / "manifest.json"
-        return cached(distill_student_task, marker)(self.config, train_data, cache, teacher, self.run_id)
+        return run_cached(materialize_student_task, config=self.config, prepared_dir=prepared)
+
+    def distill_student(self, train_data: str, student_init: str, cache: str, teacher: str) -> str:
+        """See atkd_core.pipeline.StageRunner."""
+        return run_cached(
+            distill_student_task,
+            config=self.config,
+            prepared_dir=train_data,
+            student_init=student_init,
+            cache_dir=cache,
+            teacher_dir=teacher,
+            parent_run_id=self.run_id,
+        )
 
     def evaluate(self, prepared: str, models: dict[str, str]) -> str:
         """See atkd_core.pipeline.StageRunner."""
-        marker = self.layout.eval / "errors.json"
-        return cached(evaluate_task, marker)(self.config, prepared, models, self.run_id)
+        return run_cached(
+            evaluate_task, config=self.config, prepared_dir=prepared, models=models, parent_run_id=self.run_id
+        )
 
 
 def read_summary(outputs: dict[str, str]) -> str:

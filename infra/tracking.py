@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -20,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from atkd_core.config import PipelineConfig, config_to_yaml
+from atkd_core.config import resolve_tracking_uri as tracking_uri_for
 from atkd_core.errors import UserError
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -36,13 +36,8 @@ class TrackingUnavailable(UserError):
 
 
 def resolve_tracking_uri(config: PipelineConfig) -> str:
-    """The configured tracking URI, else ``MLFLOW_TRACKING_URI`` (as MLflow users expect; ``atkd
-    serve`` prints it), else a SQLite store inside the workdir."""
-    return (
-        config.tracking.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{(config.workdir / 'mlflow.db').resolve()}"
-    )
+    """Where ``config``'s runs are tracked (atkd_core.config.resolve_tracking_uri)."""
+    return tracking_uri_for(config.tracking.tracking_uri, config.workdir)
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -10,12 +10,10 @@ from atkd_core.config import PipelineConfig
 from atkd_core.data.prepare import prepare_data
 from atkd_core.training.distributed import default_device
 from infra.tracking import stage_run
-from tasks.policies import IO_RETRIES, StageInputs, sections
+from tasks.policies import IO_RETRIES, StageInputs
 
 
-@task(
-    name="prepare_data", cache_policy=StageInputs(config_fields=sections("data", "tokenizer")), **IO_RETRIES
-)
+@task(name="prepare_data", cache_policy=StageInputs(stage="prepare_data"), **IO_RETRIES)
 def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
     """Build the suite (or read the user's files), tokenizer and tokenised splits; return the output path."""
     logger = get_run_logger()
@@ -35,15 +33,7 @@ def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
     return str(output)
 
 
-def _generation_fields(config: PipelineConfig) -> dict:
-    return {
-        "max_new_tokens": config.distill.generation_max_new_tokens,
-        "temperature": config.distill.generation_temperature,
-        "seed": config.distill.training.seed,
-    }
-
-
-@task(name="generate_teacher_data", cache_policy=StageInputs(config_fields=_generation_fields), **IO_RETRIES)
+@task(name="generate_teacher_data", cache_policy=StageInputs(stage="generate_teacher_data"), **IO_RETRIES)
 def generate_teacher_data_task(
     config: PipelineConfig, prepared_dir: str, teacher_dir: str, parent_run_id: str | None
 ) -> str:

@@ -10,10 +10,10 @@ from atkd_core.config import PipelineConfig
 from atkd_core.evaluation.harness import run_evaluation
 from atkd_core.training.distributed import default_device
 from infra.tracking import stage_run
-from tasks.policies import StageInputs, sections
+from tasks.policies import StageInputs
 
 
-@task(name="evaluate", cache_policy=StageInputs(config_fields=sections("eval")))
+@task(name="evaluate", cache_policy=StageInputs(stage="evaluate"))
 def evaluate_task(
     config: PipelineConfig, prepared_dir: str, models: dict[str, str], parent_run_id: str | None
 ) -> str:

@@ -1,16 +1,16 @@
 """Prefect policies of the stage tasks: caching (reuse when the inputs are unchanged) and retries.
 
-A stage's cache key is the hash of the config fields it reads, the directory it writes, and the
-manifests of the stage outputs it is given. A changed loss setting therefore changes the keys of
-distill_student (its config fields) and evaluate (the new student's manifest), and nothing upstream.
+There is one reuse key: the library's. A stage's Prefect cache key is its output directory and the
+fingerprint of the settings and input contents it is made from, the very fingerprint the library
+records in the output's manifest and checks before redoing a stage. A changed loss setting
+therefore changes the keys of distill_student and (through the new student's contents) evaluate,
+and nothing upstream; a retrained teacher changes its cache's contents and so everything after it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
@@ -18,9 +18,10 @@ from prefect.tasks import Task, exponential_backoff
 
 from atkd_core.config import PipelineConfig
 from atkd_core.errors import UserError
-from atkd_core.manifest import MANIFEST_NAME, fingerprint, sha256_file
+from atkd_core.manifest import fingerprint
+from atkd_core.pipeline import StageTarget, stage_target
 
-TaskT = TypeVar("TaskT", bound=Task)
+R = TypeVar("R")
 
 
 def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -42,55 +43,42 @@ IO_RETRIES: dict[str, Any] = {
 }
 
 
-def _manifest_hash(value: Any) -> Any:
-    """The hash of a stage output's manifest when ``value`` is the path of one (per entry for a
-    mapping of paths), else None."""
-    if isinstance(value, dict):
-        hashes = {key: _manifest_hash(item) for key, item in sorted(value.items())}
-        return hashes if any(h is not None for h in hashes.values()) else None
-    if not isinstance(value, str):
-        return None
-    manifest = Path(value) / MANIFEST_NAME
-    return sha256_file(manifest) if manifest.is_file() else None
-
-
 @dataclass
 class StageInputs(CachePolicy):
-    """Cache key = the stage's config fields + the run's workdir + the manifests of its input paths.
+    """Cache key = the library's own reuse key for the stage: its output directory and the
+    fingerprint of the inputs that output must be made from (atkd_core.pipeline.stage_target).
 
-    ``config_fields`` maps a config to the part of it the stage reads (so unrelated edits do not
-    invalidate it). Inputs that are not stage outputs (e.g. a parent MLflow run id) are ignored.
+    ``stage`` names the stage; the task's arguments are its inputs by name. Inputs that are not
+    the stage's (e.g. a parent MLflow run id) play no part.
     """
 
-    config_fields: Callable[[PipelineConfig], Any] = field(default=lambda config: None)
+    stage: str = ""
+
+    def target(self, inputs: dict[str, Any]) -> StageTarget | None:
+        """The stage's target on these task arguments; None when it writes nothing, or when an input
+        is unusable (the task then runs and reports it)."""
+        config = inputs.get("config")
+        if not isinstance(config, PipelineConfig):
+            return None
+        try:
+            return stage_target(self.stage, config, inputs)
+        except UserError:
+            return None
 
     def compute_key(
         self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
-        """The key, or None (no caching) when the task has no ``config`` input."""
-        config = inputs.get("config")
-        if not isinstance(config, PipelineConfig):
+        """The key, or None (no caching) when the stage has no target."""
+        target = self.target(inputs)
+        if target is None:
             return None
-        manifests = {name: _manifest_hash(value) for name, value in sorted(inputs.items())}
-        return fingerprint(
-            {
-                "task": task_ctx.task.name,
-                "workdir": str(config.workdir.resolve()),
-                "config": self.config_fields(config),
-                "inputs": {name: digest for name, digest in manifests.items() if digest is not None},
-            }
-        )
+        return fingerprint({"output": str(target.output.resolve()), "inputs": target.fingerprint})
 
 
-def sections(*names: str) -> Callable[[PipelineConfig], Any]:
-    """``config_fields`` reading whole top-level config sections."""
-    return lambda config: config.model_dump(mode="json", include=set(names))
-
-
-def cached(stage_task: TaskT, finished_marker: Path) -> TaskT:
-    """``stage_task`` set to recompute (and re-cache) when the file marking its output finished is gone.
-
-    A cache record only holds the output's path; after the directory is deleted the record would
-    point at nothing, so the task runs again instead (the stage itself then rebuilds the output).
-    """
-    return cast(TaskT, stage_task.with_options(refresh_cache=not finished_marker.is_file()))
+def run_cached(stage_task: Task[..., R], **inputs: Any) -> R:
+    """Run ``stage_task`` on ``inputs``; a cached result is served only while the stage's output on
+    disk is still the one made from these inputs (else the task runs and re-caches: an output that
+    was deleted or replaced is rebuilt, never pointed at)."""
+    policy = stage_task.cache_policy
+    target = policy.target(inputs) if isinstance(policy, StageInputs) else None
+    return stage_task.with_options(refresh_cache=target is None or not target.current)(**inputs)

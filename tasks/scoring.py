@@ -11,24 +11,16 @@ from atkd_core.models.build import materialize_model
 from atkd_core.reports.difficulty import token_difficulty_report
 from atkd_core.scoring import TeacherCache, score_from_config
 from infra.tracking import stage_run
-from tasks.policies import IO_RETRIES, StageInputs, sections
+from tasks.policies import IO_RETRIES, StageInputs
 
 
-def _scoring_fields(config: PipelineConfig) -> dict:
-    return {
-        "scoring": config.model_dump(mode="json", include={"scoring"}),
-        "temperature": config.loss.temperature,
-        "hard_fraction": config.loss.hard_fraction,
-    }
-
-
-@task(name="materialize_teacher", cache_policy=StageInputs(config_fields=sections("teacher")))
+@task(name="materialize_teacher", cache_policy=StageInputs(stage="materialize_teacher"))
 def materialize_teacher_task(config: PipelineConfig, prepared_dir: str) -> str:
     """The teacher as a save_pretrained directory (a preset is built once with the run's tokenizer)."""
     return materialize_model(config.teacher, Path(prepared_dir) / "tokenizer", config.layout.teacher_init)
 
 
-@task(name="score_teacher", cache_policy=StageInputs(config_fields=_scoring_fields), **IO_RETRIES)
+@task(name="score_teacher", cache_policy=StageInputs(stage="score_teacher"), **IO_RETRIES)
 def score_teacher_task(
     config: PipelineConfig, prepared_dir: str, teacher_dir: str, parent_run_id: str | None
 ) -> str:

@@ -13,7 +13,7 @@ from atkd_core.models.build import materialize_model
 from atkd_core.training.job import TrainJob, distill_job, finetune_job
 from infra.launcher import launch_training
 from infra.tracking import MetricsBuffer, RunHandle, flatten, stage_run
-from tasks.policies import StageInputs, sections
+from tasks.policies import StageInputs
 
 # Small files that describe a trained model; the weights themselves are logged once, by the
 # register_student task, so a large teacher is not copied into the artifact store on every run.
@@ -40,7 +40,13 @@ def _train(job: TrainJob, run: RunHandle, logger: logging.Logger | logging.Logge
     return manifest
 
 
-@task(name="finetune_teacher", cache_policy=StageInputs(config_fields=sections("teacher", "finetune")))
+@task(name="materialize_student", cache_policy=StageInputs(stage="materialize_student"))
+def materialize_student_task(config: PipelineConfig, prepared_dir: str) -> str:
+    """The student's initial weights as a save_pretrained directory (a preset is built once)."""
+    return materialize_model(config.student, Path(prepared_dir) / "tokenizer", config.layout.student_init)
+
+
+@task(name="finetune_teacher", cache_policy=StageInputs(stage="finetune_teacher"))
 def finetune_teacher_task(
     config: PipelineConfig, prepared_dir: str, teacher_init: str, parent_run_id: str | None
 ) -> str:
@@ -52,15 +58,17 @@ def finetune_teacher_task(
     return str(job.output_dir)
 
 
-@task(name="distill_student", cache_policy=StageInputs(config_fields=sections("student", "loss", "distill")))
+@task(name="distill_student", cache_policy=StageInputs(stage="distill_student"))
 def distill_student_task(
-    config: PipelineConfig, prepared_dir: str, cache_dir: str, teacher_dir: str, parent_run_id: str | None
+    config: PipelineConfig,
+    prepared_dir: str,
+    student_init: str,
+    cache_dir: str,
+    teacher_dir: str,
+    parent_run_id: str | None,
 ) -> str:
     """Distil the student from the teacher (cache offline, or live online); return the student's directory."""
     logger = get_run_logger()
-    student_init = materialize_model(
-        config.student, Path(prepared_dir) / "tokenizer", config.layout.student_init
-    )
     job = distill_job(config, Path(prepared_dir), Path(student_init), Path(cache_dir), Path(teacher_dir))
     with stage_run(config, parent_run_id, "distill_student") as run:
         run.log_params(flatten(config.loss.model_dump(mode="json"), "loss."))

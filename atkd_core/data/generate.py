@@ -20,7 +20,7 @@ from atkd_core.config import FieldMap, PipelineConfig
 from atkd_core.data.prepare import format_prompt, read_rows, tokenize_splits
 from atkd_core.data.suite import SPLITS
 from atkd_core.data.tokenizer import load_tokenizer
-from atkd_core.manifest import fingerprint, read_manifest, require_manifest, run_stage
+from atkd_core.manifest import content_identity, fingerprint, require_manifest, run_stage
 from atkd_core.models.build import load_model
 from atkd_core.progress import Progress
 
@@ -71,6 +71,20 @@ def generate_responses(
     return responses
 
 
+def generation_fingerprint(config: PipelineConfig, prepared_dir: Path, teacher_dir: Path) -> str:
+    """What the teacher's responses depend on: the prompts, the teacher and the sampling settings."""
+    distill = config.distill
+    return fingerprint(
+        {
+            "prepared": content_identity(prepared_dir),
+            "teacher": content_identity(teacher_dir),
+            "max_new_tokens": distill.generation_max_new_tokens,
+            "temperature": distill.generation_temperature,
+            "seed": distill.training.seed,
+        }
+    )
+
+
 def generate_teacher_data(
     config: PipelineConfig,
     prepared_dir: Path,
@@ -84,16 +98,7 @@ def generate_teacher_data(
     teacher_dir = Path(teacher_dir)
     source = require_manifest(prepared_dir, "prepare_data")
     distill = config.distill
-    identity = fingerprint(
-        {
-            "prepared": source["content_sha256"],
-            "teacher": str(teacher_dir),
-            "teacher_manifest": (read_manifest(teacher_dir) or {}).get("input_fingerprint"),
-            "max_new_tokens": distill.generation_max_new_tokens,
-            "temperature": distill.generation_temperature,
-            "seed": distill.training.seed,
-        }
-    )
+    identity = generation_fingerprint(config, prepared_dir, teacher_dir)
 
     def build(staging: Path) -> dict[str, Any]:
         tokenizer = load_tokenizer(prepared_dir / "tokenizer")

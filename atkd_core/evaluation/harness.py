@@ -26,6 +26,7 @@ from typing import Any
 from atkd_core.config import FieldMap, PipelineConfig
 from atkd_core.data.prepare import format_prompt, read_rows
 from atkd_core.errors import UserError
+from atkd_core.manifest import MANIFEST_NAME, content_identity, fingerprint, read_manifest
 from atkd_core.reports.evaluation import summary_table, write_summary
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -176,13 +177,26 @@ def run_evaluation(
     """The evaluate stage: harness results per model, the summary table, the easy/hard analysis.
 
     ``models`` maps a name (student, teacher, ...) to a saved model directory. Writes
-    ``<name>.json`` per model, ``summary.{md,csv,png}``, ``difficulty.json`` and ``errors.json``.
+    ``<name>.json`` per model, ``summary.{md,csv,png}``, ``difficulty.json``, ``errors.json`` and,
+    last, ``manifest.json``; an output whose manifest matches the inputs now is reused (the report
+    comes back with ``reused: True``).
     """
     from atkd_core.data.tokenizer import load_tokenizer
     from atkd_core.evaluation.analysis import easy_hard_agreement
 
     check_models(models)
+    identity = evaluation_fingerprint(config, prepared_dir, models)
+    existing = read_manifest(output_dir)
+    if existing is not None and existing.get("input_fingerprint") == identity:
+        log(f"evaluate: reused {output_dir}")
+        return {
+            **existing["report"],
+            "summary_markdown": (output_dir / "summary.md").read_text(),
+            "reused": True,
+        }
     output_dir.mkdir(parents=True, exist_ok=True)
+    # Without a manifest the directory is unfinished: a run that fails half-way is never reused.
+    (output_dir / MANIFEST_NAME).unlink(missing_ok=True)
     tasks_dir = output_dir / "tasks"
     names = write_tasks(config, prepared_dir, tasks_dir, load_tokenizer(prepared_dir / "tokenizer"))
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -210,10 +224,26 @@ def run_evaluation(
             models["student"], models["teacher"], prepared_dir, config.loss.hard_fraction
         )
         (output_dir / "difficulty.json").write_text(json.dumps(difficulty, indent=2))
-    return {
-        "results": results,
-        "errors": errors,
-        "summary_markdown": markdown,
-        "difficulty": difficulty,
-        "tasks": names,
+    report = {"results": results, "errors": errors, "difficulty": difficulty, "tasks": names}
+    manifest = {
+        "stage": "evaluate",
+        "input_fingerprint": identity,
+        "content_sha256": fingerprint(report),
+        "models": {name: str(directory) for name, directory in models.items()},
+        "report": report,
     }
+    (output_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return {**report, "summary_markdown": markdown, "reused": False}
+
+
+def evaluation_fingerprint(config: PipelineConfig, prepared_dir: Path, models: dict[str, Path]) -> str:
+    """What an evaluation depends on: the eval and data settings, k (the easy/hard analysis), and
+    the contents of the data and of each model."""
+    return fingerprint(
+        {
+            "config": config.section_hash("eval", "data"),
+            "hard_fraction": config.loss.hard_fraction,
+            "prepared": content_identity(prepared_dir),
+            "models": {name: content_identity(directory) for name, directory in sorted(models.items())},
+        }
+    )

@@ -224,13 +224,13 @@ def atkd_loss(
     split_scope: SplitScope = "batch",
     unc_threshold: float | None = None,
     chunk_size: int | None = None,
-    group_counts: tuple[float, float] | None = None,
+    num_tokens: tuple[float, float] | None = None,
 ) -> ATKDOutput:
     """``lam * mean_easy(DKD) + (1 - lam) * mean_hard(TKD + DKD)`` (ATKD, Zhong et al. 2024).
 
     student_logits [N, V] or [B, T, V]; teacher the same shape (dense logits, no gradient) or a
     SparseTeacher; targets [N] / [B, T] aligned with the logits, ``ignore_index`` where not counted.
-    group_counts: (easy, hard) denominators to use instead of this call's counts, e.g. the counts
+    num_tokens: (easy, hard) denominators to use instead of this call's counts, e.g. the counts
     of a whole optimizer step when it is split into micro-batches (with ``split_scope="threshold"``
     the split itself is then independent of the batching too).
     """
@@ -250,7 +250,7 @@ def atkd_loss(
     hard, valid = hard.reshape(-1), valid.reshape(-1)
     easy = valid & ~hard
     num_easy, num_hard = int(easy.sum()), int(hard.sum())
-    easy_denominator, hard_denominator = group_counts if group_counts is not None else (num_easy, num_hard)
+    easy_denominator, hard_denominator = num_tokens if num_tokens is not None else (num_easy, num_hard)
     easy_weight = lam / max(float(easy_denominator), 1.0)
     hard_weight = (1.0 - lam) / max(float(hard_denominator), 1.0)
     # Column 0 weighs TKD (hard tokens only), column 1 DKD (every valid token).

@@ -183,7 +183,7 @@ class ATKD(_Distillation):
         DeepSpeed's averaging over micro-batches and ranks turns into their mean (the paper's split).
         """
         loss = self.config
-        group_counts = None if counts.easy is None or counts.hard is None else (counts.easy, counts.hard)
+        step_counts = None if counts.easy is None or counts.hard is None else (counts.easy, counts.hard)
         out = atkd_loss(
             student_logits,
             teacher,
@@ -195,7 +195,7 @@ class ATKD(_Distillation):
             split_scope=loss.split_scope,
             unc_threshold=loss.unc_threshold,
             chunk_size=loss.chunk_size,
-            group_counts=group_counts,
+            num_tokens=step_counts,
         )
         diagnostics = {
             "tkd_easy": float(out.tkd_easy),

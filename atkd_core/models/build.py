@@ -113,6 +113,15 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def init_fingerprint(spec: ModelConfig, tokenizer_dir: Path) -> str:
+    """What a preset's initialisation depends on: the preset, its seed and the tokenizer's files."""
+    from atkd_core.manifest import fingerprint, sha256_tree
+
+    return fingerprint(
+        {"preset": spec.preset, "init_seed": spec.init_seed, "tokenizer": sha256_tree(tokenizer_dir)}
+    )
+
+
 def materialize_model(spec: ModelConfig, tokenizer_dir: Path, directory: Path) -> str:
     """Where the model lives as a ``save_pretrained`` directory or hub id.
 
@@ -122,11 +131,9 @@ def materialize_model(spec: ModelConfig, tokenizer_dir: Path, directory: Path) -
     if spec.path is not None:
         return spec.path
     from atkd_core.data.tokenizer import load_tokenizer
-    from atkd_core.manifest import fingerprint, run_stage, sha256_tree
+    from atkd_core.manifest import run_stage
 
-    identity = fingerprint(
-        {"preset": spec.preset, "init_seed": spec.init_seed, "tokenizer": sha256_tree(tokenizer_dir)}
-    )
+    identity = init_fingerprint(spec, tokenizer_dir)
 
     def build(staging: Path) -> dict:
         tokenizer = load_tokenizer(tokenizer_dir)

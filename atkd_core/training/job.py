@@ -17,7 +17,7 @@ import torch
 
 from atkd_core.config import PipelineConfig, TrainingConfig
 from atkd_core.losses.objective import CrossEntropy, Objective, build_objective
-from atkd_core.manifest import fingerprint, read_manifest
+from atkd_core.manifest import content_identity, fingerprint
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -64,17 +64,14 @@ class TrainJob:
         return CrossEntropy() if self.stage == "finetune" else build_objective(self.config.loss)
 
     def fingerprint(self) -> str:
-        """What the trained model depends on: its settings and its inputs' manifests."""
+        """What the trained model depends on: its settings and the contents of its inputs."""
         sections = ["finetune"] if self.stage == "finetune" else ["loss", "distill"]
         inputs = [self.prepared_dir, self.init_dir, self.cache_dir, self.teacher_dir]
         return fingerprint(
             {
                 "stage": self.stage,
                 "config": self.config.section_hash(*sections),
-                "inputs": [
-                    None if p is None else (read_manifest(p) or {}).get("content_sha256", str(p))
-                    for p in inputs
-                ],
+                "inputs": [None if p is None else content_identity(p) for p in inputs],
             }
         )
 

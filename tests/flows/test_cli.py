@@ -48,3 +48,26 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert main(["data", "prepare", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"atkd: {tmp_path / 'missing.jsonl'}: file does not exist"
+
+
+@pytest.mark.slow
+def test_atkd_train_redistils_the_student_after_the_teacher_changes(tmp_path, capsys):
+    """The stale-student case through the CLI: the cache's contents, not its path, key the student."""
+    training = {"batch_size": 16, "micro_batch_size": 16, "max_steps": 3, "optim": {"lr": 3e-3}}
+
+    def train(workdir, teacher_seed):
+        config = tiny_config(
+            workdir,
+            teacher={"preset": "neox-tiny", "init_seed": teacher_seed},
+            finetune={"training": training},
+            distill={"training": training},
+        )
+        path = workdir.parent / f"{workdir.name}-{teacher_seed}.yaml"
+        path.write_text(config_to_yaml(config))
+        assert main(["train", str(path), "--stage", "distill"]) == 0
+        return json.loads((workdir / "models" / "student" / "manifest.json").read_text())["content_sha256"]
+
+    old = train(tmp_path / "shared", 0)
+    changed = train(tmp_path / "shared", 1)
+    assert "distill: reused" not in capsys.readouterr().out
+    assert changed == train(tmp_path / "fresh", 1) != old

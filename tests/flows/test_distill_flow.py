@@ -128,3 +128,28 @@ def test_second_run_hits_the_caches_and_a_loss_change_reruns_only_training_and_e
     states = _task_states(distill_pipeline(changed).prefect_flow_run_id)
     assert states["evaluate"] == "Completed" and states["distill_student"] == "Cached"
     assert (tmp_path / "eval" / "summary.md").is_file()
+
+
+def _student_weights(workdir) -> str:
+    import json
+
+    return json.loads((workdir / "models" / "student" / "manifest.json").read_text())["content_sha256"]
+
+
+@pytest.mark.slow
+def test_a_retrained_teacher_reruns_exactly_the_stages_after_it_and_the_student_follows_it(
+    prefect_harness, tmp_path
+):
+    """Same workdir, another teacher seed: the cache is re-scored and the student is distilled from
+    the new teacher (equal to a fresh workdir's), never reused from the old one."""
+    config = tiny_config(tmp_path / "shared", eval={"limit": 2, "max_new_tokens": 4})
+    distill_pipeline(config)
+    old_student = _student_weights(tmp_path / "shared")
+    retrained = config.model_copy(update={"teacher": config.teacher.model_copy(update={"init_seed": 1})})
+    states = _task_states(distill_pipeline(retrained).prefect_flow_run_id)
+    assert {stage for stage in STAGES if states[stage] == "Completed"} == set(STAGES) - {"prepare_data"}
+    assert states["prepare_data"] == "Cached"
+
+    fresh = retrained.model_copy(update={"workdir": tmp_path / "fresh"})
+    distill_pipeline(fresh)
+    assert _student_weights(tmp_path / "shared") == _student_weights(tmp_path / "fresh") != old_student

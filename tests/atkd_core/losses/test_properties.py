@@ -129,7 +129,7 @@ def test_atkd_micro_batches_accumulate_to_the_full_batch_gradient(chunk_size):
     total = 0.0
     accumulated = torch.zeros_like(student)
     for rows in (slice(0, 2), slice(2, 4)):
-        part = atkd_loss(student[rows], teacher[rows], targets[rows], group_counts=counts, **kwargs)
+        part = atkd_loss(student[rows], teacher[rows], targets[rows], num_tokens=counts, **kwargs)
         (grad,) = torch.autograd.grad(part.loss, student)
         accumulated += grad
         total += part.loss.item()
