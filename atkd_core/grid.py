@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +199,9 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, ablation: st
     # configured one, else $MLFLOW_TRACKING_URI (a server), else one SQLite store for the whole
     # grid (the pipeline's own fallback is per workdir, i.e. per cell).
     tracking = base_raw.setdefault("tracking", {})
-    tracking["tracking_uri"] = resolve_tracking_uri(tracking.get("tracking_uri"), comparison.workdir)
+    if not tracking.get("tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # Not frozen when the environment names a server: the cells read it when they run.
+        tracking["tracking_uri"] = resolve_tracking_uri(None, comparison.workdir)
     base = validate_config(base_raw, str(comparison.base))
     grid = Grid(comparison=comparison, ablation=ablation, base=base, cells=[])
     names = list(grid.axes)
