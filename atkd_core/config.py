@@ -314,11 +314,16 @@ class LossConfig(StrictModel):
     ce_weight: float = Field(
         0.0, ge=0, le=1, description="Weight of cross-entropy mixed into KD/ATKD. Range: [0, 1]."
     )
-    chunk_size: int | None = Field(
-        128,
-        ge=1,
-        description="Tokens per chunk of vocabulary-sized temporaries; about 4M logits per chunk was fastest on "
-        "CPU (128 at V=32000, 4096 at V=1024; GPUs may prefer more); null for unchunked. Range: >= 1.",
+    chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="Tokens per chunk of vocabulary-sized work; auto: 4M logits per chunk (16 MiB of float32: "
+        "1024 tokens at V=4096, 128 at V=32000, 32 at V=128000), fastest on CPU at every vocabulary "
+        "measured; null for unchunked. Range: >= 1, auto or null.",
+    )
+    fused_linear: bool = Field(
+        True,
+        description="Apply the student's (and an online teacher's) output layer inside the loss, chunk by "
+        "chunk, so the [tokens, vocabulary] logits are never built; false: plain logits (the same values).",
     )
 
     @model_validator(mode="after")

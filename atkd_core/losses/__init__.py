@@ -1,6 +1,7 @@
 """Distillation losses: token-level divergences, KL's TKD/DKD decomposition and ATKD.
 
-Dense (teacher logits) or sparse (cached top-K) teacher, float32 math, optional token chunking.
+Dense (teacher logits) or sparse (cached top-K) teacher, float32 math, optional token chunking;
+the student (and a dense teacher) may be a LinearHead, fused with the loss (no [N, V] logits).
 """
 
 from atkd_core.losses.atkd import (
@@ -11,7 +12,7 @@ from atkd_core.losses.atkd import (
     hard_token_mask,
     teacher_uncertainty,
 )
-from atkd_core.losses.distributions import SparseTeacher, Teacher
+from atkd_core.losses.distributions import LinearHead, SparseTeacher, Teacher
 from atkd_core.losses.divergences import (
     DIVERGENCE_TERMS,
     divergence_loss,
@@ -28,6 +29,7 @@ __all__ = [
     "ATKDOutput",
     "DIVERGENCE_TERMS",
     "KLDecomposition",
+    "LinearHead",
     "SparseTeacher",
     "Teacher",
     "atkd_loss",

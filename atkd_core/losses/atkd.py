@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from atkd_core.losses.distributions import (
+    LinearHead,
     SparseTeacher,
     Teacher,
     binary_kl,
@@ -36,8 +37,8 @@ from atkd_core.losses.distributions import (
     non_target_split,
     target_split,
 )
-from atkd_core.losses.divergences import flatten_inputs, teacher_rows
-from atkd_core.losses.engine import weighted_token_sum
+from atkd_core.losses.divergences import dense_rows, flatten_inputs, teacher_rows
+from atkd_core.losses.engine import Terms, weighted_token_sum
 
 UNC_CHUNK = 256
 Setting = Literal["forward", "reverse"]
@@ -60,7 +61,9 @@ class KLDecomposition:
     rest_mass: Tensor
 
 
-def _pieces(chunk: Tensor, teacher: Teacher, target: Tensor, setting: Setting, temperature: float) -> Tensor:
+def _pieces(
+    chunk: Tensor, teacher: Tensor | SparseTeacher, target: Tensor, setting: Setting, temperature: float
+) -> Tensor:
     """[n, V] student logits (float32) -> [n, 2] per-token (TKD, DKD) in ``setting``."""
     split = target_split(chunk, teacher, target, temperature)
     if setting == "forward":
@@ -94,7 +97,10 @@ def decompose_kl(
     student, flat_teacher, flat_targets = flatten_inputs(student_logits, teacher, targets)
     valid = flat_targets != ignore_index
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
-    split = target_split(student.float(), flat_teacher, safe_targets, temperature)
+    rows = flat_targets.shape[0]
+    split = target_split(
+        dense_rows(student, 0, rows).float(), teacher_rows(flat_teacher, 0, rows), safe_targets, temperature
+    )
     if setting == "forward":
         tkd = binary_kl(split.log_p_target, split.log_p_rest, split.log_q_target, split.log_q_rest)
         dkd = kl_from_logprobs(split.log_p_hat, split.log_q_hat)
@@ -124,22 +130,24 @@ def teacher_uncertainty(
 ) -> Tensor:
     """The teacher's UNC = 1 - p_g per token, shape of ``targets``, zero where ignored. float32.
 
-    Dense teacher [.., V]: exp(logsumexp of the non-target logits - logsumexp of all), over chunks of
-    ``chunk_size`` tokens (UNC_CHUNK when None: no gradient is involved, so chunking is free) so
-    only one ``[chunk, V]`` block is live. Sparse teacher: 1 - exp(target_logprob).
+    Dense teacher [.., V] (or a LinearHead, its logits made per chunk): exp(logsumexp of the
+    non-target logits - logsumexp of all), over chunks of ``chunk_size`` tokens (UNC_CHUNK when
+    None: no gradient is involved, so chunking is free) so only one ``[chunk, V]`` block is live.
+    Sparse teacher: 1 - exp(target_logprob).
     """
     valid = targets != ignore_index
     if isinstance(teacher, SparseTeacher):
         unc = -torch.expm1(teacher.target_logprob.float().clamp(max=0.0))
         return torch.where(valid, unc, torch.zeros_like(unc))
-    flat = teacher.reshape(-1, teacher.shape[-1])
+    flat = (
+        teacher.reshape_flat() if isinstance(teacher, LinearHead) else teacher.reshape(-1, teacher.shape[-1])
+    )
     flat_targets = torch.where(valid, targets, torch.zeros_like(targets)).reshape(-1)
     step = chunk_size or UNC_CHUNK
     parts = []
-    for start in range(0, flat.shape[0], step):
-        _, _, log_rest = non_target_split(
-            flat[start : start + step], flat_targets[start : start + step], temperature
-        )
+    for start in range(0, flat_targets.shape[0], step):
+        end = min(start + step, flat_targets.shape[0])
+        _, _, log_rest = non_target_split(dense_rows(flat, start, end), flat_targets[start:end], temperature)
         parts.append(log_rest.exp())
     unc = torch.cat(parts) if parts else torch.zeros(0, device=teacher.device)
     return torch.where(valid, unc.reshape(targets.shape), torch.zeros_like(unc.reshape(targets.shape)))
@@ -212,7 +220,7 @@ class ATKDOutput:
 
 
 def atkd_loss(
-    student_logits: Tensor,
+    student_logits: Tensor | LinearHead,
     teacher: Teacher,
     targets: Tensor,
     *,
@@ -230,6 +238,7 @@ def atkd_loss(
 
     student_logits [N, V] or [B, T, V]; teacher the same shape (dense logits, no gradient) or a
     SparseTeacher; targets [N] / [B, T] aligned with the logits, ``ignore_index`` where not counted.
+    The student (and a dense teacher) may be a LinearHead, its logits made chunk by chunk.
     num_tokens: (easy, hard) denominators to use instead of this call's counts, e.g. the counts
     of a whole optimizer step when it is split into micro-batches (with ``split_scope="threshold"``
     the split itself is then independent of the batching too).
@@ -239,7 +248,71 @@ def atkd_loss(
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    student, flat_teacher, flat_targets = flatten_inputs(student_logits, teacher, targets)
+    student, flat_teacher, _ = flatten_inputs(student_logits, teacher, targets)
+    terms, split = atkd_terms(
+        teacher,
+        flat_teacher,
+        targets,
+        hard_fraction=hard_fraction,
+        lam=lam,
+        setting=setting,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        split_scope=split_scope,
+        unc_threshold=unc_threshold,
+        chunk_size=chunk_size,
+        num_tokens=num_tokens,
+    )
+    loss, values = weighted_token_sum(student, terms.weights.to(student.device), terms.fn, chunk_size)
+    return split.output(loss, values, targets.shape)
+
+
+@dataclass(frozen=True)
+class ATKDSplit:
+    """Which flat tokens are easy and hard ([N] bool each) and the UNC threshold used."""
+
+    easy: Tensor
+    hard: Tensor
+    unc_threshold: float
+
+    def output(self, loss: Tensor, values: Tensor, shape: torch.Size) -> ATKDOutput:
+        """The ATKDOutput of ``loss`` with per-group means of the (TKD, DKD) columns of ``values`` [N, >= 2]."""
+
+        def group_mean(column: int, mask: Tensor) -> Tensor:
+            count = int(mask.sum())
+            return values[mask, column].sum() / count if count else values.new_zeros(())
+
+        return ATKDOutput(
+            loss=loss,
+            tkd_easy=group_mean(0, self.easy),
+            dkd_easy=group_mean(1, self.easy),
+            tkd_hard=group_mean(0, self.hard),
+            dkd_hard=group_mean(1, self.hard),
+            num_easy=int(self.easy.sum()),
+            num_hard=int(self.hard.sum()),
+            unc_threshold=self.unc_threshold,
+            hard_mask=self.hard.reshape(shape),
+        )
+
+
+def atkd_terms(
+    teacher: Teacher,
+    flat_teacher: Teacher,
+    targets: Tensor,
+    *,
+    hard_fraction: float = 0.5,
+    lam: float = 0.2,
+    setting: Setting = "forward",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    split_scope: SplitScope = "batch",
+    unc_threshold: float | None = None,
+    chunk_size: int | None = None,
+    num_tokens: tuple[float, float] | None = None,
+) -> tuple[Terms, ATKDSplit]:
+    """ATKD before the reduction: column 0 weighs TKD (hard tokens), column 1 DKD (every valid
+    token), each by lam or 1 - lam over its group's count; and the split. ``teacher`` and
+    ``targets`` as given to atkd_loss (the split reads their shape), ``flat_teacher`` flattened."""
     valid = targets != ignore_index
     unc = teacher_uncertainty(
         teacher, targets, temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size
@@ -249,14 +322,15 @@ def atkd_loss(
     )
     hard, valid = hard.reshape(-1), valid.reshape(-1)
     easy = valid & ~hard
-    num_easy, num_hard = int(easy.sum()), int(hard.sum())
-    easy_denominator, hard_denominator = num_tokens if num_tokens is not None else (num_easy, num_hard)
+    easy_denominator, hard_denominator = (
+        num_tokens if num_tokens is not None else (int(easy.sum()), int(hard.sum()))
+    )
     easy_weight = lam / max(float(easy_denominator), 1.0)
     hard_weight = (1.0 - lam) / max(float(hard_denominator), 1.0)
-    # Column 0 weighs TKD (hard tokens only), column 1 DKD (every valid token).
     weights = torch.stack(
         [hard.float() * hard_weight, easy.float() * easy_weight + hard.float() * hard_weight], -1
     )
+    flat_targets = targets.reshape(-1)
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
 
     def terms_fn(start: int, end: int, chunk: Tensor) -> Tensor:
@@ -264,20 +338,4 @@ def atkd_loss(
             chunk, teacher_rows(flat_teacher, start, end), safe_targets[start:end], setting, temperature
         )
 
-    loss, terms = weighted_token_sum(student, weights.to(student.device), terms_fn, chunk_size)
-
-    def group_mean(column: int, mask: Tensor) -> Tensor:
-        count = int(mask.sum())
-        return terms[mask, column].sum() / count if count else terms.new_zeros(())
-
-    return ATKDOutput(
-        loss=loss,
-        tkd_easy=group_mean(0, easy),
-        dkd_easy=group_mean(1, easy),
-        tkd_hard=group_mean(0, hard),
-        dkd_hard=group_mean(1, hard),
-        num_easy=num_easy,
-        num_hard=num_hard,
-        unc_threshold=threshold,
-        hard_mask=hard.reshape(targets.shape),
-    )
+    return Terms(weights, terms_fn), ATKDSplit(easy=easy, hard=hard, unc_threshold=threshold)

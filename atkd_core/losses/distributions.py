@@ -64,7 +64,49 @@ class SparseTeacher:
         return self.target_logprob.numel()
 
 
-Teacher = Tensor | SparseTeacher
+@dataclass(frozen=True)
+class LinearHead:
+    """Logits not built yet: ``hidden @ weight[:vocab_size].T (+ bias[:vocab_size])``, made one block
+    of rows at a time by the losses, so the ``[N, V]`` logits never exist at once.
+
+    hidden: [..., H] final hidden states (the output layer's input). weight: [V', H] the output
+    layer's weight, V' >= vocab_size (rows past the tokenizer's vocabulary are padding, not tokens).
+    bias: [V'] or None. The matmul runs in the inputs' dtype, the loss math in float32, as with a
+    model's own logits.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    vocab_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape the logits would have: [..., vocab_size]."""
+        return torch.Size((*self.hidden.shape[:-1], self.vocab_size))
+
+    @property
+    def device(self) -> torch.device:
+        """The hidden states' device."""
+        return self.hidden.device
+
+    def reshape_flat(self) -> LinearHead:
+        """The same head over hidden states flattened to [N, H]."""
+        return LinearHead(
+            self.hidden.reshape(-1, self.hidden.shape[-1]), self.weight, self.bias, self.vocab_size
+        )
+
+    def rows(self, start: int, end: int) -> LinearHead:
+        """Rows ``start:end`` of a flat head."""
+        return LinearHead(self.hidden[start:end], self.weight, self.bias, self.vocab_size)
+
+    def logits(self, start: int, end: int) -> Tensor:
+        """Logits of the flat rows ``start:end``: [n, vocab_size] in the inputs' dtype."""
+        bias = None if self.bias is None else self.bias[: self.vocab_size]
+        return torch.nn.functional.linear(self.hidden[start:end], self.weight[: self.vocab_size], bias)
+
+
+Teacher = Tensor | SparseTeacher | LinearHead
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -100,7 +142,9 @@ def scaled_teacher_logits(teacher: Tensor, temperature: float) -> Tensor:
     return (teacher.float() / temperature).clamp_(min=MASK_LOGIT)
 
 
-def full_logprobs(student: Tensor, teacher: Teacher, temperature: float) -> tuple[Tensor, Tensor]:
+def full_logprobs(
+    student: Tensor, teacher: Tensor | SparseTeacher, temperature: float
+) -> tuple[Tensor, Tensor]:
     """(log p teacher, log q student) over the vocabulary or the top-K + tail buckets.
 
     student: [n, V] float32 logits (finite). teacher: [n, V] logits or a SparseTeacher of n rows.
@@ -181,7 +225,9 @@ def non_target_split(logits: Tensor, target: Tensor, temperature: float) -> tupl
     return log_hat, target_logit - lse_all, lse_rest - lse_all
 
 
-def target_split(student: Tensor, teacher: Teacher, target: Tensor, temperature: float) -> TargetSplit:
+def target_split(
+    student: Tensor, teacher: Tensor | SparseTeacher, target: Tensor, temperature: float
+) -> TargetSplit:
     """Target / non-target pieces of both distributions.
 
     student: [n, V] float32 logits (finite); teacher: [n, V] logits or a SparseTeacher of n rows;

@@ -21,8 +21,14 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from atkd_core.losses.distributions import SparseTeacher, Teacher, full_logprobs, kl_from_logprobs
-from atkd_core.losses.engine import weighted_token_sum
+from atkd_core.losses.distributions import (
+    LinearHead,
+    SparseTeacher,
+    Teacher,
+    full_logprobs,
+    kl_from_logprobs,
+)
+from atkd_core.losses.engine import Terms, weighted_token_sum
 
 DivergenceFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -86,11 +92,11 @@ DIVERGENCE_TERMS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def flatten_inputs(
-    student_logits: Tensor, teacher: Teacher, targets: Tensor
-) -> tuple[Tensor, Teacher, Tensor]:
-    """Check shapes and flatten to ``[N, V]``, teacher of N rows, ``[N]``; raise ValueError on mismatch."""
-    if student_logits.dim() < 2:
+def flatten_student(
+    student_logits: Tensor | LinearHead, targets: Tensor
+) -> tuple[Tensor | LinearHead, Tensor]:
+    """Check shapes and flatten to ``[N, V]`` (or a head of N rows) and ``[N]``; ValueError on mismatch."""
+    if len(student_logits.shape) < 2:
         raise ValueError(
             f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}"
         )
@@ -99,9 +105,19 @@ def flatten_inputs(
             f"targets shape {tuple(targets.shape)} must equal student_logits shape without the vocabulary "
             f"dim {tuple(student_logits.shape[:-1])}"
         )
-    vocab = student_logits.shape[-1]
-    if vocab < 2:
-        raise ValueError(f"the vocabulary must have at least 2 entries, got {vocab}")
+    if student_logits.shape[-1] < 2:
+        raise ValueError(f"the vocabulary must have at least 2 entries, got {student_logits.shape[-1]}")
+    if isinstance(student_logits, LinearHead):
+        return student_logits.reshape_flat(), targets.reshape(-1)
+    return student_logits.reshape(-1, student_logits.shape[-1]), targets.reshape(-1)
+
+
+def flatten_inputs(
+    student_logits: Tensor | LinearHead, teacher: Teacher, targets: Tensor
+) -> tuple[Tensor | LinearHead, Teacher, Tensor]:
+    """Check shapes and flatten to ``[N, V]`` (or a head of N rows), teacher of N rows, ``[N]``;
+    raise ValueError on mismatch."""
+    flat_student, flat_targets = flatten_student(student_logits, targets)
     if isinstance(teacher, SparseTeacher):
         if teacher.target_logprob.shape != targets.shape or teacher.topk_ids.shape[:-1] != targets.shape:
             raise ValueError(
@@ -114,18 +130,31 @@ def flatten_inputs(
             raise ValueError(
                 f"teacher_logits shape {tuple(teacher.shape)} must equal student_logits shape {tuple(student_logits.shape)}"
             )
-        flat_teacher = teacher.detach().reshape(-1, vocab)
-    return student_logits.reshape(-1, vocab), flat_teacher, targets.reshape(-1)
+        flat_teacher = (
+            teacher.reshape_flat()
+            if isinstance(teacher, LinearHead)
+            else teacher.detach().reshape(-1, teacher.shape[-1])
+        )
+    return flat_student, flat_teacher, flat_targets
 
 
-def teacher_rows(teacher: Teacher, start: int, end: int) -> Teacher:
-    """Rows ``start:end`` of a flat teacher (dense or sparse)."""
-    return teacher.rows(start, end) if isinstance(teacher, SparseTeacher) else teacher[start:end]
+def teacher_rows(teacher: Teacher, start: int, end: int) -> SparseTeacher | Tensor:
+    """Rows ``start:end`` of a flat teacher: a sparse record, or dense logits (a head's made now)."""
+    return teacher.rows(start, end) if isinstance(teacher, SparseTeacher) else dense_rows(teacher, start, end)
+
+
+def dense_rows(logits: Tensor | LinearHead, start: int, end: int) -> Tensor:
+    """Rows ``start:end`` of flat logits, a head's made now without gradient (a teacher's, or a
+    student's for a per-token analysis)."""
+    if isinstance(logits, LinearHead):
+        with torch.no_grad():
+            return logits.logits(start, end)
+    return logits[start:end]
 
 
 def divergence_loss(
     name: str,
-    student_logits: Tensor,
+    student_logits: Tensor | LinearHead,
     teacher: Teacher,
     targets: Tensor,
     *,
@@ -137,6 +166,7 @@ def divergence_loss(
 ) -> Tensor:
     """Divergence ``name`` summed over valid tokens and divided by ``num_tokens`` (default: their count).
 
+    ``student_logits`` may be a LinearHead (hidden states and output layer), fused with the loss.
     Returns a float32 scalar; an input with no valid token gives 0 with a gradient path, never NaN.
     """
     if name not in DIVERGENCE_TERMS:
@@ -144,17 +174,40 @@ def divergence_loss(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     student, flat_teacher, flat_targets = flatten_inputs(student_logits, teacher, targets)
+    terms = divergence_terms(
+        name,
+        flat_teacher,
+        flat_targets,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        num_tokens=num_tokens,
+        **params,
+    )
+    loss, _ = weighted_token_sum(student, *terms, chunk_size)
+    return loss
+
+
+def divergence_terms(
+    name: str,
+    flat_teacher: Teacher,
+    flat_targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    num_tokens: int | float | None = None,
+    **params: float,
+) -> Terms:
+    """Divergence ``name`` as one column weighted 1 / ``num_tokens`` on valid tokens (see
+    divergence_loss); ``flat_teacher`` and ``flat_targets`` as flatten_inputs returns them."""
     valid = flat_targets != ignore_index
     denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
-    weights = (valid.float() / max(denominator, 1.0))[:, None]
     terms_of = partial(DIVERGENCE_TERMS[name], **params)
 
     def terms_fn(start: int, end: int, chunk: Tensor) -> Tensor:
         log_p, log_q = full_logprobs(chunk, teacher_rows(flat_teacher, start, end), temperature)
         return terms_of(log_p, log_q)[:, None]
 
-    loss, _ = weighted_token_sum(student, weights, terms_fn, chunk_size)
-    return loss
+    return Terms((valid.float() / max(denominator, 1.0))[:, None], terms_fn)
 
 
 def divergence_per_token(
@@ -169,7 +222,10 @@ def divergence_per_token(
 ) -> Tensor:
     """Per-token values of divergence ``name``, shape of ``targets``, zero where ignored."""
     student, flat_teacher, flat_targets = flatten_inputs(student_logits, teacher, targets)
-    log_p, log_q = full_logprobs(student.float(), flat_teacher, temperature)
+    rows = flat_targets.shape[0]
+    log_p, log_q = full_logprobs(
+        dense_rows(student, 0, rows).float(), teacher_rows(flat_teacher, 0, rows), temperature
+    )
     values = DIVERGENCE_TERMS[name](log_p, log_q, **params)
     return torch.where(flat_targets != ignore_index, values, torch.zeros_like(values)).reshape(targets.shape)
 

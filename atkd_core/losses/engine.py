@@ -9,28 +9,81 @@ Chunked, the gradient with respect to the student logits is computed chunk by ch
 forward pass and kept (one ``[N, V]`` buffer, the size of the gradient autograd would produce
 anyway); vocabulary-sized temporaries then never exceed one ``[chunk, V]`` block. Its backward
 scales that buffer in place and hands it over, so the graph supports one backward pass.
+
+Fused with the output layer (the student given as a ``LinearHead``), each chunk's logits are made
+from the hidden states, and their gradient is folded at once into the gradients of the hidden
+states ``[N, H]``, the weight ``[V', H]`` and the bias: no ``[N, V]`` tensor exists at all, only
+one ``[chunk, V]`` block at a time (the idea of Liger-Kernel's fused-linear losses).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from atkd_core.losses.distributions import LinearHead
 
 # terms_fn(start, end, student_chunk_fp32 [n, V]) -> per-token terms [n, M]
 TermsFn = Callable[[int, int, Tensor], Tensor]
 
 
+class Terms(NamedTuple):
+    """A loss before the reduction: ``weights`` [N, M] (masking and normalisation, no gradient) and
+    ``fn`` giving the matching per-token terms of a chunk of rows."""
+
+    weights: Tensor
+    fn: TermsFn
+
+
+def combine(*parts: Terms) -> Terms:
+    """Several losses over the same tokens as one: their columns side by side, computed in one pass
+    over the student's logits (e.g. a distillation loss and the cross-entropy)."""
+
+    def fn(start: int, end: int, chunk: Tensor) -> Tensor:
+        return torch.cat([part.fn(start, end, chunk) for part in parts], -1)
+
+    return Terms(torch.cat([part.weights for part in parts], -1), fn)
+
+
+def cross_entropy_terms(
+    targets: Tensor, num_tokens: float, weight: float = 1.0, ignore_index: int = -100
+) -> Terms:
+    """Cross-entropy on the targets (temperature 1), as one column weighted ``weight / num_tokens``
+    on valid tokens. targets: [N] flat, ``ignore_index`` where not counted."""
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+
+    def fn(start: int, end: int, chunk: Tensor) -> Tensor:
+        return -torch.log_softmax(chunk, -1).gather(-1, safe[start:end, None])
+
+    return Terms((valid.float() * (weight / max(float(num_tokens), 1.0)))[:, None], fn)
+
+
 def weighted_token_sum(
-    student_logits: Tensor, weights: Tensor, terms_fn: TermsFn, chunk_size: int | None
+    student_logits: Tensor | LinearHead, weights: Tensor, terms_fn: TermsFn, chunk_size: int | None
 ) -> tuple[Tensor, Tensor]:
     """Return (loss, terms): ``loss = (terms * weights).sum()`` and the detached ``terms`` [N, M].
 
-    student_logits: [N, V] (any float dtype; math runs in float32).
+    student_logits: [N, V] (any float dtype; math runs in float32), or a flat LinearHead (hidden
+        [N, H]) whose logits are made chunk by chunk, fused with the loss.
     weights: [N, M] float32, no gradient.
-    chunk_size: tokens per chunk, or None for one plain autograd graph over all tokens.
+    chunk_size: tokens per chunk, or None for one plain autograd graph over all tokens (a fused
+        head then makes all N rows in one block).
     """
+    if isinstance(student_logits, LinearHead):
+        head = student_logits
+        return _FusedLinearWeightedSum.apply(
+            head.hidden,
+            head.weight,
+            head.bias,
+            weights,
+            terms_fn,
+            chunk_size or head.hidden.shape[0],
+            head.vocab_size,
+        )
     if chunk_size is None or chunk_size >= student_logits.shape[0]:
         terms = terms_fn(0, student_logits.shape[0], student_logits.float())
         return (terms * weights).sum(), terms.detach()
@@ -73,3 +126,74 @@ class _ChunkedWeightedSum(torch.autograd.Function):
         (grad_logits,) = ctx.saved_tensors
         # Scaled in place: a second [N, V] buffer is exactly what chunking exists to avoid.
         return grad_logits.mul_(grad_total.to(grad_logits.dtype)), None, None, None
+
+
+class _FusedLinearWeightedSum(torch.autograd.Function):
+    """The output layer and the loss in one pass: per chunk, logits from the hidden states, the
+    chunk's loss, and its gradient folded into the hidden states', weight's and bias's gradients
+    (accumulated in float32); backward only scales them."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        weights: Tensor,
+        terms_fn: TermsFn,
+        chunk_size: int,
+        vocab_size: int,
+    ):
+        need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
+        need_bias = bias is not None and bias.requires_grad
+        rows = weight[:vocab_size].detach()
+        row_bias = None if bias is None else bias[:vocab_size].detach()
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # Float32 accumulators: summing many chunks' products in bf16 would lose the small ones.
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        )
+        grad_bias = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if need_bias and bias is not None
+            else None
+        )
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        all_terms = []
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            block = hidden[start:end].detach()
+            chunk_weights = weights[start:end]
+            with torch.enable_grad():
+                logits = torch.nn.functional.linear(block, rows, row_bias).float().requires_grad_(True)
+                terms = terms_fn(start, end, logits)
+                chunk_loss = (terms * chunk_weights).sum()
+            if (need_hidden or need_weight or need_bias) and bool(chunk_weights.any()):
+                (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+                if grad_hidden is not None:
+                    grad_hidden[start:end] = (grad_logits.to(rows.dtype) @ rows).to(grad_hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight[:vocab_size].addmm_(grad_logits.t(), block.float())
+                if grad_bias is not None:
+                    grad_bias[:vocab_size] += grad_logits.sum(0)
+            total += chunk_loss.detach()
+            all_terms.append(terms.detach())
+        ctx.save_for_backward(
+            *(torch.empty(0) if grad is None else grad for grad in (grad_hidden, grad_weight, grad_bias))
+        )
+        ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        terms = torch.cat(all_terms)
+        ctx.mark_non_differentiable(terms)
+        return total, terms
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_terms: Tensor):
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError("a fused-linear loss supports one backward pass; recompute it")
+        ctx.backward_done = True
+        grads = [
+            grad.mul_(grad_total.to(grad.dtype)).to(dtype) if present else None
+            for grad, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes, strict=True)
+        ]
+        return grads[0], grads[1], grads[2], None, None, None, None

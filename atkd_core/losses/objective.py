@@ -1,10 +1,15 @@
 """The loss a training step calls, built once from ``LossConfig``: where the config stops.
 
 ``build_objective(loss)`` turns the objective's name, divergence, k, lambda, temperature and
-chunking into one callable; the training loop hands it the student's logits, the teacher (when the
-objective needs one), the targets and the step's denominators, and gets the loss back. The loop
-therefore knows nothing about ATKD or any divergence, and a new objective is a new class here.
-See docs/architecture.md, "From a batch to the loss".
+chunking into one callable; the training loop hands it the student (logits, or a ``LinearHead``:
+hidden states and the output layer, fused with the loss), the teacher when the objective needs
+one, the targets and the step's denominators, and gets the loss back. The loop therefore knows
+nothing about ATKD or any divergence, and a new objective is a new class here. See
+docs/architecture.md, "From a batch to the loss".
+
+Each objective is one pass over the student's logits: its teacher terms and the cross-entropy (the
+``ce_weight`` term, and the ``ce`` every step logs) are columns of the same chunked reduction, so
+a fused head is multiplied out once per step whatever is logged.
 
 Normalisation: every loss is a sum over tokens divided by step-wide counts (``StepCounts``), so
 the sum of the micro-batch losses of an optimizer step does not depend on how the step is split.
@@ -14,17 +19,33 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from atkd_core.losses.atkd import atkd_loss
-from atkd_core.losses.distributions import Teacher
-from atkd_core.losses.divergences import divergence_loss
+from atkd_core.losses.atkd import ATKDSplit, atkd_terms
+from atkd_core.losses.distributions import LinearHead, Teacher
+from atkd_core.losses.divergences import divergence_terms, flatten_inputs, flatten_student
+from atkd_core.losses.engine import Terms, combine, cross_entropy_terms, weighted_token_sum
 
 if TYPE_CHECKING:
     from atkd_core.config import LossConfig
+
+# Logits per chunk when the chunk size is "auto": 16 MiB of float32, the size that ran fastest on
+# CPU at every vocabulary measured (128 tokens at V = 32k, 4096 at V = 1k), and few enough that the
+# temporaries of one chunk stay far below the model's own memory on a GPU.
+AUTO_CHUNK_LOGITS = 1 << 22
+
+Student = Tensor | LinearHead
+
+
+def chunk_tokens(chunk_size: int | Literal["auto"] | None, vocab_size: int) -> int | None:
+    """Tokens per chunk: as configured, or for "auto" the most that keep one block of logits at
+    AUTO_CHUNK_LOGITS (at least 1); None stays None (unchunked)."""
+    if chunk_size == "auto":
+        return max(1, AUTO_CHUNK_LOGITS // vocab_size)
+    return chunk_size
 
 
 @dataclass(frozen=True)
@@ -53,7 +74,7 @@ class ObjectiveOutput:
 
 
 def summed_cross_entropy(student_logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Cross-entropy summed over the valid tokens, in float32.
+    """Cross-entropy summed over the valid tokens, in float32 (dense logits: evaluation).
 
     student_logits [..., V] (any float dtype), targets [...] with ``ignore_index`` where not counted.
     """
@@ -67,9 +88,10 @@ def summed_cross_entropy(student_logits: Tensor, targets: Tensor, ignore_index: 
 
 
 class Objective(ABC):
-    """A training loss: ``objective(student_logits, teacher, targets, counts) -> ObjectiveOutput``.
+    """A training loss: ``objective(student, teacher, targets, counts) -> ObjectiveOutput``.
 
-    needs_teacher: whether the caller must pass a teacher (dense logits or a SparseTeacher).
+    needs_teacher: whether the caller must pass a teacher (dense logits, a LinearHead or a
+        SparseTeacher).
     hard_threshold: when set, tokens whose teacher UNC is at or above it are hard, and the caller
         passes the step's easy and hard counts in ``StepCounts`` (a split independent of batching).
     """
@@ -77,11 +99,49 @@ class Objective(ABC):
     needs_teacher: bool = False
     hard_threshold: float | None = None
 
-    @abstractmethod
+    def __init__(self, chunk_size: int | Literal["auto"] | None, ce_weight: float) -> None:
+        self.chunk_size, self.ce_weight = chunk_size, ce_weight
+
     def __call__(
-        self, student_logits: Tensor, teacher: Teacher | None, targets: Tensor, counts: StepCounts
+        self, student: Student, teacher: Teacher | None, targets: Tensor, counts: StepCounts
     ) -> ObjectiveOutput:
-        """student_logits [B, T, V]; teacher the same shape, a SparseTeacher or None; targets [B, T]."""
+        """student: logits [B, T, V] or a LinearHead over hidden [B, T, H]; teacher the same shape, a
+        SparseTeacher, or None when not needed; targets [B, T]."""
+        chunk = chunk_tokens(self.chunk_size, student.shape[-1])
+        teacher_terms = None
+        if self.needs_teacher:
+            if teacher is None:
+                raise ValueError(f"{type(self).__name__} needs a teacher")
+            flat_student, flat_teacher, flat_targets = flatten_inputs(student, teacher, targets)
+            teacher_terms = self.teacher_terms(teacher, flat_teacher, targets, counts, chunk)
+        else:
+            flat_student, flat_targets = flatten_student(student, targets)
+        # Always a column: the cross-entropy is logged for every objective, whatever its weight.
+        ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
+        terms = ce if teacher_terms is None else combine(teacher_terms[0], ce)
+        loss, values = weighted_token_sum(
+            flat_student, terms.weights.to(flat_student.device), terms.fn, chunk
+        )
+        valid = (flat_targets != -100).to(values.dtype)
+        cross_entropy = float((values[:, -1] * valid).sum()) / counts.tokens
+        diagnostics = (
+            {} if teacher_terms is None else self.diagnostics(teacher_terms[1], loss, values, targets)
+        )
+        return ObjectiveOutput(loss, cross_entropy, diagnostics)
+
+    def teacher_terms(
+        self, teacher: Teacher, flat_teacher: Teacher, targets: Tensor, counts: StepCounts, chunk: int | None
+    ) -> tuple[Terms, ATKDSplit | None] | None:
+        """The terms against the teacher (and ATKD's split); None for objectives without a teacher.
+
+        ``chunk``: tokens per chunk of vocabulary-sized work (e.g. a dense teacher's UNC)."""
+        return None
+
+    def diagnostics(
+        self, split: ATKDSplit | None, loss: Tensor, values: Tensor, targets: Tensor
+    ) -> dict[str, float]:
+        """Named values to log from the step's per-token terms ``values`` [N, M]."""
+        return {}
 
     @abstractmethod
     def describe(self) -> str:
@@ -91,73 +151,44 @@ class Objective(ABC):
 class CrossEntropy(Objective):
     """Plain cross-entropy on the targets: teacher fine-tuning, SFT, and the SFT warm-up."""
 
-    def __call__(
-        self, student_logits: Tensor, teacher: Teacher | None, targets: Tensor, counts: StepCounts
-    ) -> ObjectiveOutput:
-        """student_logits [B, T, V]; targets [B, T]; the teacher is ignored."""
-        ce = summed_cross_entropy(student_logits, targets) / counts.tokens
-        return ObjectiveOutput(ce, ce.item())
+    def __init__(self, chunk_size: int | Literal["auto"] | None = "auto") -> None:
+        super().__init__(chunk_size, ce_weight=1.0)
 
     def describe(self) -> str:
         """See Objective.describe."""
         return "supervised fine-tuning (cross-entropy)"
 
 
-class _Distillation(Objective):
-    """A teacher-matching term plus ``ce_weight`` x cross-entropy."""
+class Divergence(Objective):
+    """One token-level divergence (forward / reverse KL, JSD, TVD, skew KL) over every valid token,
+    plus ``ce_weight`` x cross-entropy."""
 
     needs_teacher = True
-
-    def __init__(self, ce_weight: float) -> None:
-        self.ce_weight = ce_weight
-
-    def __call__(
-        self, student_logits: Tensor, teacher: Teacher | None, targets: Tensor, counts: StepCounts
-    ) -> ObjectiveOutput:
-        """student_logits [B, T, V]; teacher the same shape or a SparseTeacher; targets [B, T]."""
-        if teacher is None:
-            raise ValueError(f"{type(self).__name__} needs a teacher")
-        # Always computed: the cross-entropy is logged for every objective, whatever ce_weight is.
-        ce = summed_cross_entropy(student_logits, targets) / counts.tokens
-        matching, diagnostics = self.teacher_term(student_logits, teacher, targets, counts)
-        return ObjectiveOutput(matching + self.ce_weight * ce, ce.item(), diagnostics)
-
-    @abstractmethod
-    def teacher_term(
-        self, student_logits: Tensor, teacher: Teacher, targets: Tensor, counts: StepCounts
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The loss against the teacher and its diagnostics."""
-
-
-class Divergence(_Distillation):
-    """One token-level divergence (forward / reverse KL, JSD, TVD, skew KL) over every valid token."""
 
     def __init__(
         self,
         name: str,
         params: dict[str, Any],
         temperature: float,
-        chunk_size: int | None,
+        chunk_size: int | Literal["auto"] | None,
         ce_weight: float,
     ) -> None:
-        super().__init__(ce_weight)
-        self.name, self.params, self.temperature, self.chunk_size = name, params, temperature, chunk_size
+        super().__init__(chunk_size, ce_weight)
+        self.name, self.params, self.temperature = name, params, temperature
 
-    def teacher_term(
-        self, student_logits: Tensor, teacher: Teacher, targets: Tensor, counts: StepCounts
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The divergence summed over valid tokens / the step's token count; no diagnostics."""
-        loss = divergence_loss(
+    def teacher_terms(
+        self, teacher: Teacher, flat_teacher: Teacher, targets: Tensor, counts: StepCounts, chunk: int | None
+    ) -> tuple[Terms, ATKDSplit | None]:
+        """The divergence over the step's token count."""
+        terms = divergence_terms(
             self.name,
-            student_logits,
-            teacher,
-            targets,
+            flat_teacher,
+            targets.reshape(-1),
             temperature=self.temperature,
-            chunk_size=self.chunk_size,
             num_tokens=counts.tokens,
             **self.params,
         )
-        return loss, {}
+        return terms, None
 
     def describe(self) -> str:
         """See Objective.describe."""
@@ -165,18 +196,21 @@ class Divergence(_Distillation):
         return f"kd ({self.name}{params}, T={self.temperature}, ce_weight={self.ce_weight})"
 
 
-class ATKD(_Distillation):
-    """ATKD: DKD on easy tokens, TKD + DKD on hard ones, ``lam`` weighting the easy group."""
+class ATKD(Objective):
+    """ATKD: DKD on easy tokens, TKD + DKD on hard ones, ``lam`` weighting the easy group; plus
+    ``ce_weight`` x cross-entropy."""
+
+    needs_teacher = True
 
     def __init__(self, loss: LossConfig) -> None:
-        super().__init__(loss.ce_weight)
+        super().__init__(loss.chunk_size, loss.ce_weight)
         self.config = loss
         self.hard_threshold = loss.unc_threshold if loss.split_scope == "threshold" else None
 
-    def teacher_term(
-        self, student_logits: Tensor, teacher: Teacher, targets: Tensor, counts: StepCounts
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The ATKD loss and its per-group TKD / DKD means and sizes.
+    def teacher_terms(
+        self, teacher: Teacher, flat_teacher: Teacher, targets: Tensor, counts: StepCounts, chunk: int | None
+    ) -> tuple[Terms, ATKDSplit | None]:
+        """The ATKD terms and split.
 
         With step-wide group counts (a fixed threshold and a caller that counted the step's groups)
         each group is normalised by the step's count; otherwise by this micro-batch's, a mean that
@@ -184,9 +218,9 @@ class ATKD(_Distillation):
         """
         loss = self.config
         step_counts = None if counts.easy is None or counts.hard is None else (counts.easy, counts.hard)
-        out = atkd_loss(
-            student_logits,
+        return atkd_terms(
             teacher,
+            flat_teacher,
             targets,
             hard_fraction=loss.hard_fraction,
             lam=loss.lam,
@@ -194,10 +228,18 @@ class ATKD(_Distillation):
             temperature=loss.temperature,
             split_scope=loss.split_scope,
             unc_threshold=loss.unc_threshold,
-            chunk_size=loss.chunk_size,
+            chunk_size=chunk,
             num_tokens=step_counts,
         )
-        diagnostics = {
+
+    def diagnostics(
+        self, split: ATKDSplit | None, loss: Tensor, values: Tensor, targets: Tensor
+    ) -> dict[str, float]:
+        """Per-group TKD / DKD means and the group sizes."""
+        if split is None:
+            return {}
+        out = split.output(loss, values, targets.shape)
+        return {
             "tkd_easy": float(out.tkd_easy),
             "dkd_easy": float(out.dkd_easy),
             "tkd_hard": float(out.tkd_hard),
@@ -205,7 +247,6 @@ class ATKD(_Distillation):
             "num_easy": out.num_easy,
             "num_hard": out.num_hard,
         }
-        return out.loss, diagnostics
 
     def describe(self) -> str:
         """See Objective.describe."""
@@ -219,7 +260,7 @@ class ATKD(_Distillation):
 def build_objective(loss: LossConfig) -> Objective:
     """The training loss of ``loss.objective``: sft, kd (with ``loss.divergence``) or atkd."""
     if loss.objective == "sft":
-        return CrossEntropy()
+        return CrossEntropy(loss.chunk_size)
     if loss.objective == "kd":
         params = {
             "generalized_jsd": {"beta": loss.jsd_beta},

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from atkd_core.training.batches import BatchPlan, Example
+    from atkd_core.training.heads import OutputLayer
     from atkd_core.training.teacher import TeacherSource
 
 MetricsFn = Callable[[dict[str, float], int], None]
@@ -61,7 +62,8 @@ class TrainJob:
 
     def build_objective(self) -> Objective:
         """The loss this stage trains on (cross-entropy for fine-tuning)."""
-        return CrossEntropy() if self.stage == "finetune" else build_objective(self.config.loss)
+        loss = self.config.loss
+        return CrossEntropy(loss.chunk_size) if self.stage == "finetune" else build_objective(loss)
 
     def fingerprint(self) -> str:
         """What the trained model depends on: its settings and the contents of its inputs."""
@@ -143,6 +145,7 @@ class TrainState:
     plan: which examples each step and rank trains on. objective: the loss after the warm-up;
     warmup_objective: the loss of the first ``warmup_steps`` steps (cross-entropy).
     teacher: where the teacher's distribution comes from (None when the objective needs none).
+    output_layer: the student's output layer when the loss applies it (loss.fused_linear), else None.
     """
 
     engine: DeepSpeedEngine
@@ -157,6 +160,7 @@ class TrainState:
     # Leading steps trained on cross-entropy alone (distill.sft_warmup_epochs), inside total_steps.
     warmup_steps: int
     teacher: TeacherSource | None = None
+    output_layer: OutputLayer | None = None
     start_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 

@@ -18,13 +18,14 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
 from atkd_core.config import TrainingConfig
 from atkd_core.data.batching import IGNORE_INDEX, next_token_logits, shift_targets
 from atkd_core.errors import UserError
-from atkd_core.losses.objective import CrossEntropy, StepCounts, summed_cross_entropy
+from atkd_core.losses.objective import CrossEntropy, Objective, ObjectiveOutput, StepCounts
 from atkd_core.progress import Progress
 from atkd_core.training.batches import (
     Batch,
@@ -37,6 +38,7 @@ from atkd_core.training.batches import (
 from atkd_core.training.checkpoint import METRICS_FILE, resume, save_checkpoint
 from atkd_core.training.distributed import all_reduce_sum
 from atkd_core.training.ds_config import render_ds_config
+from atkd_core.training.heads import OutputLayer
 from atkd_core.training.job import MetricsFn, TrainJob, TrainState
 from atkd_core.training.teacher import CachedTeacher, load_live_teacher
 
@@ -116,11 +118,12 @@ def setup(job: TrainJob, rank: int, world_size: int, device: str, log: Callable[
         plan=plan,
         validation=examples_of(dataset["validation"]),
         objective=job.build_objective(),
-        warmup_objective=CrossEntropy(),
+        warmup_objective=CrossEntropy(job.config.loss.chunk_size),
         rank=rank,
         world_size=world_size,
         total_steps=total_steps,
         warmup_steps=warmup_steps,
+        output_layer=OutputLayer(engine.module, len(tokenizer)) if job.config.loss.fused_linear else None,
     )
     _attach_teacher(job, state, log)
     state.start_step = resume(job, state, log)
@@ -142,7 +145,9 @@ def _attach_teacher(job: TrainJob, state: TrainState, log: Callable[[str], None]
         return
     if job.teacher_dir is None:
         raise UserError("online distillation needs the teacher model directory")
-    state.teacher = load_live_teacher(job.teacher_dir, job.training, state.device, len(state.tokenizer))
+    state.teacher = load_live_teacher(
+        job.teacher_dir, job.training, state.device, len(state.tokenizer), fused=job.config.loss.fused_linear
+    )
     log(f"{job.stage}: online teacher {job.teacher_dir}")
 
 
@@ -183,13 +188,27 @@ def _step_counts(tokens: int, hard: int | None, micro_per_step: int) -> StepCoun
     )
 
 
+def _micro_batch_loss(
+    state: TrainState, objective: Objective, batch: Batch, counts: StepCounts
+) -> ObjectiveOutput:
+    """The objective on one micro-batch: the student's forward (its output layer inside the loss
+    when fused), the teacher's distribution when the objective needs it."""
+    engine, targets = state.engine, shift_targets(batch["labels"])
+    layer = state.output_layer
+    with layer.bypassed() if layer is not None else nullcontext():
+        outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    teacher = state.teacher(batch, targets) if objective.needs_teacher and state.teacher is not None else None
+    if layer is None:
+        return objective(next_token_logits(outputs.logits, len(state.tokenizer)), teacher, targets, counts)
+    return layer.apply(outputs.logits[:, :-1], lambda head: objective(head, teacher, targets, counts))
+
+
 def train(
     job: TrainJob, state: TrainState, log_metrics: MetricsFn, log: Callable[[str], None]
 ) -> list[dict[str, float]]:
     """Run the optimizer steps from ``state.start_step``; checkpoint every N steps and at the end."""
     training, engine = job.training, state.engine
     micro_per_step = training.grad_accumulation_steps * state.world_size
-    vocab = len(state.tokenizer)
     progress = (
         Progress(state.total_steps - state.start_step, log, job.stage, unit="steps")
         if state.rank == 0
@@ -205,14 +224,7 @@ def train(
         step_loss = step_ce = 0.0
         diagnostics: dict[str, list[float]] = {}
         for batch in batches:
-            outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            targets = shift_targets(batch["labels"])
-            teacher = (
-                state.teacher(batch, targets)
-                if objective.needs_teacher and state.teacher is not None
-                else None
-            )
-            out = objective(next_token_logits(outputs.logits, vocab), teacher, targets, counts)
+            out = _micro_batch_loss(state, objective, batch, counts)
             engine.backward(out.loss)
             engine.step()
             step_loss += out.loss.item() / micro_per_step
@@ -246,17 +258,15 @@ def train(
 @torch.no_grad()
 def validation_loss(state: TrainState, max_examples: int = 256) -> float:
     """Mean cross-entropy of the model on (up to ``max_examples`` of) the validation split."""
-    engine, vocab = state.engine, len(state.tokenizer)
-    engine.eval()
+    state.engine.eval()
     total, count = 0.0, 0
     for start in range(0, min(len(state.validation), max_examples), VALIDATION_BATCH):
         examples = state.validation[start : start + VALIDATION_BATCH]
         batch = to_batch(examples, [e["id"] for e in examples], state.tokenizer.pad_token_id, state.device)
-        outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        targets = shift_targets(batch["labels"])
-        total += float(summed_cross_entropy(next_token_logits(outputs.logits, vocab), targets))
-        count += int((targets != IGNORE_INDEX).sum())
-    engine.train()
+        # A denominator of 1 makes the logged cross-entropy the sum over the batch's tokens.
+        total += _micro_batch_loss(state, state.warmup_objective, batch, StepCounts(tokens=1.0)).cross_entropy
+        count += int((shift_targets(batch["labels"]) != IGNORE_INDEX).sum())
+    state.engine.train()
     return total / max(count, 1)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from atkd_core.errors import UserError
 from atkd_core.losses import Teacher
 from atkd_core.training.batches import Batch, Example
 from atkd_core.training.ds_config import resolve_precision
+from atkd_core.training.heads import OutputLayer
 
 
 class TeacherSource(ABC):
@@ -31,7 +33,8 @@ class TeacherSource(ABC):
     def __call__(self, batch: Batch, targets: Tensor) -> Teacher:
         """batch: the micro-batch [B, T]; targets: its shifted labels [B, T-1].
 
-        Returns dense logits [B, T-1, V] or a SparseTeacher aligned with ``targets``.
+        Returns dense logits [B, T-1, V], a LinearHead over the teacher's hidden states [B, T-1, H],
+        or a SparseTeacher aligned with ``targets``.
         """
 
 
@@ -59,28 +62,42 @@ class CachedTeacher(TeacherSource):
 
 
 class LiveTeacher(TeacherSource):
-    """A teacher model run in the loop, without gradients (online distillation)."""
+    """A teacher model run in the loop, without gradients (online distillation).
 
-    def __init__(self, model: Callable[..., Any], vocab_size: int) -> None:
-        self.model, self.vocab_size = model, vocab_size
+    With ``output_layer`` (loss.fused_linear) it returns its hidden states and output layer, whose
+    logits the loss makes chunk by chunk.
+    """
+
+    def __init__(
+        self, model: Callable[..., Any], vocab_size: int, output_layer: OutputLayer | None = None
+    ) -> None:
+        self.model, self.vocab_size, self.output_layer = model, vocab_size, output_layer
 
     @torch.no_grad()
     def __call__(self, batch: Batch, targets: Tensor) -> Teacher:
         """See TeacherSource."""
-        outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return next_token_logits(outputs.logits, self.vocab_size)
+        layer = self.output_layer
+        with layer.bypassed() if layer is not None else nullcontext():
+            outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if layer is None:
+            return next_token_logits(outputs.logits, self.vocab_size)
+        return layer.head(outputs.logits[:, :-1])
 
 
 def load_live_teacher(
-    teacher_dir: Path, training: TrainingConfig, device: torch.device, vocab_size: int
+    teacher_dir: Path, training: TrainingConfig, device: torch.device, vocab_size: int, fused: bool
 ) -> LiveTeacher:
     """The teacher at ``teacher_dir`` in eval mode without gradients, on the student's device, or
-    partitioned like the student under ZeRO-3 (every rank runs its forward)."""
+    partitioned like the student under ZeRO-3 (every rank runs its forward); with ``fused``, its
+    output layer is left to the loss, except under ZeRO-3, where the partitioned teacher returns
+    plain logits (its output layer's weight is whole only inside its own forward)."""
     from atkd_core.models.build import load_model
 
     teacher = load_model(teacher_dir).eval().requires_grad_(False)
     if training.zero_stage != 3:
-        return LiveTeacher(teacher.to(device), vocab_size)
+        return LiveTeacher(
+            teacher.to(device), vocab_size, OutputLayer(teacher, vocab_size) if fused else None
+        )
     import deepspeed
 
     inference: dict[str, object] = {
