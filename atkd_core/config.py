@@ -139,11 +139,23 @@ class TokenizerConfig(StrictModel):
     vocab_size: int = Field(
         2048, ge=300, le=262_144, description="BPE vocabulary size when trained. Range: 300..262144."
     )
+    pad_to: int | None = Field(
+        None,
+        ge=300,
+        le=262_144,
+        description="Pad a trained tokenizer with unused tokens up to this size: the memory shape of a real "
+        "vocabulary (e.g. Pythia's 50304) on the embedded data. Range: 300..262144, >= vocab_size, or null.",
+    )
 
     @model_validator(mode="after")
     def _check_path(self) -> TokenizerConfig:
         if self.source == "path" and not self.path:
             raise ValueError("tokenizer.path: must be set when tokenizer.source is 'path'")
+        if self.pad_to is not None and (self.source != "train" or self.pad_to < self.vocab_size):
+            raise ValueError(
+                f"tokenizer.pad_to: {self.pad_to} needs tokenizer.source 'train' and at least tokenizer.vocab_size "
+                f"({self.vocab_size})"
+            )
         return self
 
 

@@ -23,7 +23,7 @@ from atkd_core.config import DataConfig, FieldMap, PipelineConfig
 from atkd_core.data.batching import IGNORE_INDEX
 from atkd_core.data.preflight import preflight
 from atkd_core.data.suite import SPLITS, write_suite
-from atkd_core.data.tokenizer import load_tokenizer, train_tokenizer
+from atkd_core.data.tokenizer import load_tokenizer, pad_vocabulary, train_tokenizer
 from atkd_core.errors import ConfigError, DataError
 from atkd_core.manifest import fingerprint, run_stage, sha256_file
 
@@ -219,7 +219,8 @@ def _build_tokenizer(config: PipelineConfig, train_rows: list[dict[str, str]]) -
         texts = (
             format_prompt(config.data, r["instruction"], r["context"]) + r["response"] for r in train_rows
         )
-        return train_tokenizer(texts, spec.vocab_size)
+        trained = train_tokenizer(texts, spec.vocab_size)
+        return trained if spec.pad_to is None else pad_vocabulary(trained, spec.pad_to)
     path = spec.path if spec.source == "path" else config.teacher.path
     if path is None:
         raise DataError("tokenizer.source 'teacher' needs teacher.path (a preset teacher has no tokenizer)")

@@ -41,6 +41,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
+def pad_vocabulary(tokenizer: PreTrainedTokenizerBase, size: int) -> PreTrainedTokenizerBase:
+    """Add unused tokens (``<|unused_N|>``, never in the data) until the vocabulary has ``size``
+    entries: the logits and output layer then have a real vocabulary's shape."""
+    tokenizer.add_tokens([f"<|unused_{index}|>" for index in range(len(tokenizer), size)])
+    return tokenizer
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer directory or hub id; give it a pad token distinct from EOS when it lacks one."""
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)

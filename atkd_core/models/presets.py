@@ -29,6 +29,9 @@ SIZES: dict[str, ArchSize] = {
     "small": ArchSize(hidden=256, layers=4, heads=4),
     "medium": ArchSize(hidden=384, layers=6, heads=6),
     "large": ArchSize(hidden=512, layers=8, heads=8),
+    # Pythia-160M's width and heads with 2 of its 12 layers: realistic output-layer shapes
+    # (configs/large-vocab.yaml) at a depth 2 CPU cores can step.
+    "wide": ArchSize(hidden=768, layers=2, heads=12),
 }
 
 PRESETS: dict[str, tuple[str, ArchSize]] = {

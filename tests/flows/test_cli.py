@@ -8,7 +8,7 @@ import pytest
 
 from atkd_core.config import config_to_yaml
 from flows.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import REPO_ROOT, tiny_config
 
 
 @pytest.mark.slow
@@ -71,3 +71,27 @@ def test_atkd_train_redistils_the_student_after_the_teacher_changes(tmp_path, ca
     changed = train(tmp_path / "shared", 1)
     assert "distill: reused" not in capsys.readouterr().out
     assert changed == train(tmp_path / "fresh", 1) != old
+
+
+@pytest.mark.slow
+def test_large_vocabulary_profile_trains_the_same_fused_and_unfused(tmp_path, capsys):
+    """configs/large-vocab.yaml (a 50,304-token vocabulary, a Pythia-160M-wide student), a few steps
+    with the output layer inside the loss and with plain logits: the same per-step losses."""
+    config = REPO_ROOT / "configs" / "large-vocab.yaml"
+    small = ["data.embedded.train_size=64", "finetune.enabled=false", "distill.training.max_steps=3"]
+
+    def losses(fused: bool) -> list[float]:
+        workdir = tmp_path / f"fused-{fused}"
+        argv = ["train", str(config), "--stage", "distill", "--set", f"workdir={workdir}"]
+        for override in [*small, f"loss.fused_linear={str(fused).lower()}"]:
+            argv += ["--set", override]
+        assert main(argv) == 0
+        records = (workdir / "models" / "student" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in records]
+
+    fused, plain = losses(True), losses(False)
+    assert len(fused) == 3 and fused == pytest.approx(plain, rel=1e-4, abs=1e-7)
+    from transformers import AutoConfig
+
+    student = AutoConfig.from_pretrained(tmp_path / "fused-True" / "models" / "student")
+    assert student.vocab_size == 50304 and student.hidden_size == 768

@@ -358,3 +358,44 @@ def test_checkpoints_of_other_settings_are_not_resumed(inputs, tmp_path):
     again = make_job(inputs, tmp_path, loss={"lam": 0.5}, training={"resume": "require"}, name="shared")
     with pytest.raises(CheckpointError, match="made with other settings or inputs than this run's"):
         run_training(again, lambda m, s: None, quiet)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("loss", "teacher_source", "zero"),
+    [
+        ({"objective": "atkd"}, "offline", 2),
+        ({"objective": "atkd", "setting": "reverse", "ce_weight": 0.5}, "online", 2),
+        ({"objective": "kd", "divergence": "generalized_jsd"}, "offline", 3),
+        ({"objective": "atkd", "split_scope": "threshold", "unc_threshold": 0.9}, "online", 3),
+    ],
+)
+def test_fused_and_unfused_output_layers_train_alike(inputs, tmp_path, loss, teacher_source, zero):
+    """The output layer inside the loss (the default) or plain logits: the same per-step losses,
+    under ZeRO-2 and ZeRO-3 (where the layer's weight is partitioned), offline and online."""
+    runs = {}
+    for fused in (True, False):
+        job = make_job(
+            inputs,
+            tmp_path,
+            training={"zero_stage": zero, "micro_batch_size": 4},
+            loss={**loss, "fused_linear": fused, "chunk_size": 16},
+            teacher_source=teacher_source,
+            name=f"fused-{fused}",
+        )
+        run_training(job, lambda m, s: None, quiet)
+        runs[fused] = losses(job)
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5, abs=1e-7)
+
+
+def test_a_model_that_transforms_its_logits_is_refused_for_fused_losses():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from atkd_core.training.heads import OutputLayer
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(
+        UserError, match=r"GPTNeoXForCausalLM transforms its logits .*final_logit_softcapping"
+    ):
+        OutputLayer(model, 100)
