@@ -328,9 +328,9 @@ class LossConfig(StrictModel):
     )
     chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         "auto",
-        description="Tokens per chunk of vocabulary-sized work; auto: 4M logits per chunk (16 MiB of float32: "
-        "1024 tokens at V=4096, 128 at V=32000, 32 at V=128000), fastest on CPU at every vocabulary "
-        "measured; null for unchunked. Range: >= 1, auto or null.",
+        description="Tokens per chunk of vocabulary-sized work; auto: sized by memory, 4M logits a chunk on "
+        "plain logits (128 tokens at V=32000), 32M with a fused output layer (256 tokens at V=128000), the "
+        "fastest measured on CPU; null for unchunked. Range: >= 1, auto or null.",
     )
     fused_linear: bool = Field(
         True,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from atkd_core.config import load_config
 from atkd_core.data.prepare import prepare_data
-from atkd_core.models.build import materialize_model
+from atkd_core.models.build import count_parameters, load_model, materialize_model
 from atkd_core.scoring import run_scoring_stage
 from atkd_core.training.job import TrainJob
 from atkd_core.training.main import run_training
@@ -38,13 +38,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per case")
     parser.add_argument("--teacher", default="neox-small", help="teacher preset")
     parser.add_argument("--student", default="neox-tiny", help="student preset")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's peak dense TFLOP/s: adds an MFU column"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = load_config(
             REPO / "configs" / "demo.yaml",
-            [f"workdir={root}", f"teacher.preset={args.teacher}", f"student.preset={args.student}"],
+            [
+                f"workdir={root}",
+                f"teacher.preset={args.teacher}",
+                f"student.preset={args.student}",
+                *args.overrides,
+            ],
         )
         prepare_data(base, root / "prepared", log=lambda _: None)
         tokenizer = root / "prepared" / "tokenizer"
@@ -74,6 +85,7 @@ def main() -> None:
                     "distill.training.eval_every=100000",
                     f"teacher.preset={args.teacher}",
                     f"student.preset={args.student}",
+                    *args.overrides,
                 ],
             )
             job = TrainJob(
@@ -92,16 +104,29 @@ def main() -> None:
             ]
             steady = history[min(3, len(history) - 1) :]
             rows.append((name, statistics.median(r["tokens_per_s"] for r in steady)))
+        sizes = {
+            role: count_parameters(load_model(path))
+            for role, path in (("student", student), ("teacher", teacher))
+        }
     sft_rate = rows[0][1]
+    training = base.distill.training
     print(
-        f"student {args.student}, teacher {args.teacher}, demo data, batch {base.distill.training.batch_size}, "
-        f"{args.steps} steps, ZeRO-{base.distill.training.zero_stage}, fp32 CPU"
+        f"student {args.student} ({sizes['student'] / 1e6:.1f}M), teacher {args.teacher} ({sizes['teacher'] / 1e6:.1f}M), "
+        f"demo data, vocabulary {base.tokenizer.pad_to or base.tokenizer.vocab_size}, batch {training.batch_size}, "
+        f"{args.steps} steps, ZeRO-{training.zero_stage}, precision {training.precision}, optimizer {training.optim.name}"
     )
-    print("| objective | response tokens/s | step time vs sft |")
-    print("|---|---|---|")
+    mfu_title = " MFU |" if args.peak_tflops else ""
+    print(f"| objective | response tokens/s | step time vs sft |{mfu_title}")
+    print("|---|---|---|" + ("---|" if args.peak_tflops else ""))
     # Every case trains on the same batches, so the step-time ratio is the inverse throughput ratio.
     for name, rate in rows:
-        print(f"| {name} | {rate:,.0f} | {sft_rate / rate:.2f}x |")
+        line = f"| {name} | {rate:,.0f} | {sft_rate / rate:.2f}x |"
+        if args.peak_tflops:
+            # Model FLOPs: 6 per student parameter per token (forward + backward), 2 per teacher
+            # parameter when the teacher runs in the loop (online).
+            flops = 6 * sizes["student"] + (2 * sizes["teacher"] if "online" in name else 0)
+            line += f" {flops * rate / (args.peak_tflops * 1e12):.1%} |"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -32,19 +32,25 @@ from atkd_core.losses.engine import Terms, combine, cross_entropy_terms, weighte
 if TYPE_CHECKING:
     from atkd_core.config import LossConfig
 
-# Logits per chunk when the chunk size is "auto": 16 MiB of float32, the size that ran fastest on
-# CPU at every vocabulary measured (128 tokens at V = 32k, 4096 at V = 1k), and few enough that the
-# temporaries of one chunk stay far below the model's own memory on a GPU.
+# Logits per chunk when the chunk size is "auto". Plain logits: 16 MiB of float32, the size that
+# ran fastest on CPU at every vocabulary measured (128 tokens at V = 32k, 4096 at V = 1k). A fused
+# head multiplies each chunk out of the hidden states, and matmuls of a few dozen rows waste the
+# BLAS: 128 MiB (256 tokens at V = 128k) ran 2.1x faster than 32 tokens for SFT, 1.6x for ATKD,
+# at the same peak (benchmarks/memory_bench.py), still far below the model's own memory.
 AUTO_CHUNK_LOGITS = 1 << 22
+AUTO_FUSED_CHUNK_LOGITS = 1 << 25
 
 Student = Tensor | LinearHead
 
 
-def chunk_tokens(chunk_size: int | Literal["auto"] | None, vocab_size: int) -> int | None:
-    """Tokens per chunk: as configured, or for "auto" the most that keep one block of logits at
-    AUTO_CHUNK_LOGITS (at least 1); None stays None (unchunked)."""
+def chunk_tokens(
+    chunk_size: int | Literal["auto"] | None, vocab_size: int, fused: bool = False
+) -> int | None:
+    """Tokens per chunk: as configured, or for "auto" the most that keep one block of logits within
+    its budget (AUTO_FUSED_CHUNK_LOGITS for a fused head, else AUTO_CHUNK_LOGITS; at least 1);
+    None stays None (unchunked)."""
     if chunk_size == "auto":
-        return max(1, AUTO_CHUNK_LOGITS // vocab_size)
+        return max(1, (AUTO_FUSED_CHUNK_LOGITS if fused else AUTO_CHUNK_LOGITS) // vocab_size)
     return chunk_size
 
 
@@ -107,7 +113,7 @@ class Objective(ABC):
     ) -> ObjectiveOutput:
         """student: logits [B, T, V] or a LinearHead over hidden [B, T, H]; teacher the same shape, a
         SparseTeacher, or None when not needed; targets [B, T]."""
-        chunk = chunk_tokens(self.chunk_size, student.shape[-1])
+        chunk = chunk_tokens(self.chunk_size, student.shape[-1], fused=isinstance(student, LinearHead))
         teacher_terms = None
         if self.needs_teacher:
             if teacher is None:

@@ -32,6 +32,9 @@ SIZES: dict[str, ArchSize] = {
     # Pythia-160M's width and heads with 2 of its 12 layers: realistic output-layer shapes
     # (configs/large-vocab.yaml) at a depth 2 CPU cores can step.
     "wide": ArchSize(hidden=768, layers=2, heads=12),
+    # The shapes of the paper-scale pair (benchmarks/gpu_check.sh): Pythia-160M and Pythia-1.4B.
+    "160m": ArchSize(hidden=768, layers=12, heads=12, max_positions=2048),
+    "1.4b": ArchSize(hidden=2048, layers=24, heads=16, max_positions=2048),
 }
 
 PRESETS: dict[str, tuple[str, ArchSize]] = {
