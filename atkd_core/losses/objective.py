@@ -21,7 +21,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from atkd_core.losses.atkd import ATKDSplit, atkd_terms
@@ -77,20 +76,6 @@ class ObjectiveOutput:
     loss: Tensor
     cross_entropy: float
     diagnostics: dict[str, float] = field(default_factory=dict)
-
-
-def summed_cross_entropy(student_logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Cross-entropy summed over the valid tokens, in float32 (dense logits: evaluation).
-
-    student_logits [..., V] (any float dtype), targets [...] with ``ignore_index`` where not counted.
-    """
-    vocab = student_logits.shape[-1]
-    return F.cross_entropy(
-        student_logits.float().reshape(-1, vocab),
-        targets.reshape(-1),
-        ignore_index=ignore_index,
-        reduction="sum",
-    )
 
 
 class Objective(ABC):
