@@ -11,7 +11,7 @@ parameter. See docs/architecture.md, "From a batch to the loss".
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 
 import torch
@@ -49,14 +49,9 @@ class OutputLayer:
             )
         self.module, self.weight, self.vocab_size = layer, weight, vocab_size
 
-    @contextmanager
-    def bypassed(self) -> Iterator[None]:
+    def bypassed(self) -> AbstractContextManager[None]:
         """While inside, the model's forward returns its final hidden states [B, T, H] as its logits."""
-        self.module.forward = _identity
-        try:
-            yield
-        finally:
-            del self.module.forward
+        return _forward_replaced(self.module, _identity)
 
     def head(self, hidden: Tensor) -> LinearHead:
         """The layer over ``hidden`` [..., H], not yet multiplied out."""
@@ -71,14 +66,26 @@ class OutputLayer:
             produced.append(loss_fn(self.head(inputs)))
             return produced[0].loss
 
-        self.module.forward = forward
-        try:
+        with _forward_replaced(self.module, forward):
             # The module's hooks may hand back a new tensor (ZeRO-3 attaches its backward hook there).
             loss = self.module(hidden)
-        finally:
-            del self.module.forward
         return replace(produced[0], loss=loss)
 
 
 def _identity(hidden: Tensor) -> Tensor:
     return hidden
+
+
+@contextmanager
+def _forward_replaced(module: torch.nn.Module, forward: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """``module.forward`` is ``forward`` while inside; afterwards whatever it was, including a
+    forward a wrapper had set on the instance (accelerate's hooks do)."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from atkd_core.data.prepare import prepare_data
 from atkd_core.errors import UserError
@@ -399,3 +400,23 @@ def test_a_model_that_transforms_its_logits_is_refused_for_fused_losses():
         UserError, match=r"GPTNeoXForCausalLM transforms its logits .*final_logit_softcapping"
     ):
         OutputLayer(model, 100)
+
+
+def test_bypassing_the_output_layer_restores_a_forward_a_wrapper_had_set():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from atkd_core.training.heads import OutputLayer
+
+    model = GPTNeoXForCausalLM(
+        GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    )
+    layer = OutputLayer(model, 50)
+    wrapped = layer.module.forward  # as a wrapper (e.g. accelerate's hooks) sets on the instance
+    layer.module.forward = wrapped
+    with layer.bypassed():
+        assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == 32  # hidden states, not logits
+    assert layer.module.__dict__["forward"] is wrapped
+    del layer.module.forward
+    with layer.bypassed():
+        pass
+    assert "forward" not in layer.module.__dict__
