@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from atkd_core.config import load_config
@@ -45,6 +47,12 @@ def main() -> None:
         "--peak-tflops", type=float, default=None, help="the device's peak dense TFLOP/s: adds an MFU column"
     )
     args = parser.parse_args()
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        """Each phase on stderr with the time since start: a real-size run spends minutes before
+        its first step (model init, scoring, op builds), and a timed-out run shows where."""
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -59,8 +67,11 @@ def main() -> None:
         )
         prepare_data(base, root / "prepared", log=lambda _: None)
         tokenizer = root / "prepared" / "tokenizer"
+        progress("data prepared")
         teacher = Path(materialize_model(base.teacher, tokenizer, root / "teacher"))
+        progress(f"teacher {args.teacher} initialised")
         student = Path(materialize_model(base.student, tokenizer, root / "student"))
+        progress(f"student {args.student} initialised")
         run_scoring_stage(
             teacher,
             root / "prepared",
@@ -73,6 +84,7 @@ def main() -> None:
             hard_fraction=0.5,
             log=lambda _: None,
         )
+        progress("teacher scored")
         rows = []
         for name, source, loss in CASES:
             config = load_config(
@@ -98,7 +110,8 @@ def main() -> None:
                 cache_dir=root / "cache",
                 teacher_dir=teacher,
             )
-            run_training(job, lambda metrics, step: None, log=lambda _: None)
+            progress(f"{name}: training")
+            run_training(job, lambda metrics, step: None, log=progress)
             history = [
                 json.loads(line) for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()
             ]

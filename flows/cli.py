@@ -11,7 +11,7 @@ from pathlib import Path
 
 from atkd_core.config import PipelineConfig, config_to_yaml, load_config
 from atkd_core.errors import ConfigError, UserError
-from atkd_core.pipeline import LocalStages, student_stages, teacher_stages
+from atkd_core.pipeline import LocalStages, pipeline_outputs, student_stages, teacher_stages
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the whole pipeline flow on a config")
     _add_config_args(run)
+    run.add_argument(
+        "--direct",
+        action="store_true",
+        help="call the same stages in this process without Prefect or MLflow (no tracking, no registry)",
+    )
 
     config = commands.add_parser("config", help="inspect configs").add_subparsers(
         dest="config_command", required=True
@@ -99,10 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_run(config: PipelineConfig) -> int:
+def _cmd_run(config: PipelineConfig, direct: bool) -> int:
+    started = time.perf_counter()
+    if direct:
+        outputs = pipeline_outputs(config, _local_stages(config))
+        minutes, seconds = divmod(time.perf_counter() - started, 60)
+        print(f"\n=== atkd run --direct: done in {int(minutes)}m{int(seconds):02d}s ===")
+        for stage, path in outputs.items():
+            print(f"  {stage:<16} {path}")
+        return 0
     from flows.distill import distill_pipeline
 
-    started = time.perf_counter()
     result = distill_pipeline(config)
     minutes, seconds = divmod(time.perf_counter() - started, 60)
     print(f"\n=== atkd run: done in {int(minutes)}m{int(seconds):02d}s ===")
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_score(config)
         if args.command == "train":
             return _cmd_train(config, args.stage)
-        return _cmd_run(config)
+        return _cmd_run(config, args.direct)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"atkd: config error: {line}", file=sys.stderr)

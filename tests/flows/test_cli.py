@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from atkd_core.config import config_to_yaml
 from flows.cli import main
-from tests.conftest import REPO_ROOT, tiny_config
+from tests.conftest import PIPELINE_STAGES, REPO_ROOT, tiny_config
 
 
 @pytest.mark.slow
@@ -95,3 +96,21 @@ def test_large_vocabulary_profile_trains_the_same_fused_and_unfused(tmp_path, ca
 
     student = AutoConfig.from_pretrained(tmp_path / "fused-True" / "models" / "student")
     assert student.vocab_size == 50304 and student.hidden_size == 768
+
+
+@pytest.mark.slow
+def test_atkd_run_direct_runs_every_stage_without_prefect_or_mlflow(tmp_path, capsys):
+    training = {"batch_size": 16, "micro_batch_size": 16, "max_steps": 2}
+    config = tiny_config(
+        tmp_path / "work", finetune={"training": training}, distill={"training": training}, eval={"limit": 2}
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(config))
+    assert main(["run", str(path), "--direct"]) == 0
+    out = capsys.readouterr().out
+    listed = dict(line.split() for line in out.split("=== atkd run --direct: done in")[1].splitlines()[1:])
+    assert set(listed) == PIPELINE_STAGES
+    for output in listed.values():
+        assert (Path(output) / "manifest.json").is_file()
+    # No tracking: neither an MLflow store nor a run was written anywhere in the workdir.
+    assert not list((tmp_path / "work").rglob("mlflow*"))
