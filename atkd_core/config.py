@@ -104,6 +104,22 @@ class DataConfig(StrictModel):
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="A malformed or unusable row: fail naming file/line/field, or skip and count it."
     )
+    on_overlong: Literal["truncate_prompt", "truncate", "skip", "error"] = Field(
+        "truncate_prompt",
+        description=(
+            "An example longer than max_length. truncate_prompt: drop the middle of the prompt (its "
+            "start, with the instruction, and its end, with the response marker, stay), down to "
+            "min_prompt_tokens; a response that still does not fit with its EOS skips the row. "
+            "truncate: the same, then cut the response (its EOS is then not trained). skip: skip every "
+            "over-long row. error: fail naming the first one. Every case is counted in the manifest."
+        ),
+    )
+    min_prompt_tokens: int = Field(
+        16,
+        ge=1,
+        le=32767,
+        description="The fewest prompt tokens truncation keeps. Range: 1..32767, below data.max_length.",
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
@@ -113,6 +129,11 @@ class DataConfig(StrictModel):
             raise ValueError("data.hub_name: must be set when data.source is 'hub'")
         if self.field_preset == "custom" and self.fields is None:
             raise ValueError("data.fields: must be set when data.field_preset is 'custom'")
+        if self.min_prompt_tokens >= self.max_length:
+            raise ValueError(
+                f"data.min_prompt_tokens: {self.min_prompt_tokens} leaves no room for a response within "
+                f"data.max_length={self.max_length}; allowed: 1..{self.max_length - 1}"
+            )
         if "{instruction}" not in self.prompt_template:
             raise ValueError("data.prompt_template: must contain {instruction}")
         if "{instruction}" not in self.context_template or "{context}" not in self.context_template:

@@ -22,13 +22,14 @@ def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
         manifest, reused = prepare_data(config, output, log=logger.info)
         logger.info("prepare_data: %s %s", "reused" if reused else "wrote", output)
         run.log_params({"source": manifest["source"], "vocab_size": manifest["vocab_size"], "reused": reused})
-        run.log_metrics(
-            {
-                f"{split}/{key}": value
-                for split, counts in manifest["counts"].items()
-                for key, value in counts.items()
-            }
-        )
+        metrics = {}
+        for split, counts in manifest["counts"].items():
+            for key, value in counts.items():
+                if isinstance(value, dict):  # the over-long rows' outcomes
+                    metrics.update({f"{split}/{key}_{outcome}": n for outcome, n in value.items()})
+                else:
+                    metrics[f"{split}/{key}"] = value
+        run.log_metrics(metrics)
         run.log_artifact(output / "manifest.json")
     return str(output)
 

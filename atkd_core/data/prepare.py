@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import random
+import string
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
@@ -134,27 +135,66 @@ def read_hub_split(
     return rows, skipped
 
 
+class Encoded(NamedTuple):
+    """One tokenised example and how it was made to fit ``max_length``."""
+
+    input_ids: list[int]
+    labels: list[int]
+    fit: Literal["whole", "prompt_truncated", "response_truncated"]
+
+
 def encode_example(
-    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> tuple[list[int], list[int]]:
+    prompt: str,
+    response: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    *,
+    min_prompt_tokens: int = 1,
+    keep_prompt_tail: int = 0,
+) -> Encoded:
     """Token ids and labels for one example: IGNORE_INDEX on the prompt, kept on the response + EOS.
 
     The prompt's trailing whitespace (the newline after "### Response:") is trained as the start of
     the response, and the split is made as lm-evaluation-harness makes it (context tokens, then the
     rest of the whole text's tokens), so the harness scores exactly the tokens trained here.
-    When too long, the prompt is truncated first, from its start, so the template's response marker
-    right before the answer survives; a response longer than ``max_length - 1`` keeps its beginning.
+
+    Too long, the prompt loses its middle: its first tokens (the instruction) and its last
+    ``keep_prompt_tail`` (the template's response marker) stay, never fewer than
+    ``min_prompt_tokens`` in all. Only a response whose tokens and EOS do not fit beside that many
+    prompt tokens is cut, keeping its beginning and losing its EOS (``fit`` says which happened; the
+    caller's policy decides whether such a row is kept).
     """
     context = prompt.rstrip()
     prompt_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     whole_ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
     response_ids = whole_ids[len(prompt_ids) :] + [tokenizer.eos_token_id]
-    response_ids = response_ids[: max_length - 1]
-    prompt_budget = max_length - len(response_ids)
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) - prompt_budget) :]
-    input_ids = prompt_ids + response_ids
+    fit: Literal["whole", "prompt_truncated", "response_truncated"] = "whole"
+    if len(prompt_ids) + len(response_ids) > max_length:
+        floor = min(len(prompt_ids), min_prompt_tokens)
+        if len(response_ids) <= max_length - floor:
+            prompt_ids = _drop_middle(prompt_ids, max_length - len(response_ids), keep_prompt_tail)
+            fit = "prompt_truncated"
+        else:
+            prompt_ids = _drop_middle(prompt_ids, floor, keep_prompt_tail)
+            response_ids = response_ids[: max_length - len(prompt_ids)]
+            fit = "response_truncated"
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    return input_ids, labels
+    return Encoded(prompt_ids + response_ids, labels, fit)
+
+
+def _drop_middle(ids: list[int], budget: int, keep_tail: int) -> list[int]:
+    """``ids`` cut to ``budget`` tokens: the last ``keep_tail`` (at most the budget) and the first rest."""
+    if len(ids) <= budget:
+        return ids
+    tail = min(keep_tail, budget)
+    return ids[: budget - tail] + ids[len(ids) - tail :]
+
+
+def template_tail_tokens(template: str, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens of the template's text after its last field (e.g. "### Response:"), which truncation keeps."""
+    literal, field, _, _ = list(string.Formatter().parse(template))[-1]
+    suffix = literal if field is None else ""
+    return len(tokenizer(suffix.rstrip(), add_special_tokens=False)["input_ids"])
 
 
 def _holdout(rows: list[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
@@ -246,24 +286,63 @@ def tokenize_splits(
     output_dir: Path,
     log: Callable[[str], None],
 ) -> dict[str, dict[str, int]]:
-    """Tokenise every split's rows into ``output_dir/dataset`` (a DatasetDict); return counts per split."""
+    """Tokenise every split's rows into ``output_dir/dataset`` (a DatasetDict); return counts per split.
+
+    Over-long rows follow ``data.on_overlong``; each split's counts say how many were shortened,
+    cut or skipped, and a line is logged whenever one was.
+    """
+    data = config.data
+    tails = {
+        "plain": template_tail_tokens(data.prompt_template, tokenizer),
+        "context": template_tail_tokens(data.context_template, tokenizer),
+    }
     splits, counts = {}, {}
     for split in SPLITS:
         columns: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "category": []}
+        overlong = {"prompt_truncated": 0, "response_truncated": 0, "skipped": 0}
         for index, row in enumerate(rows[split]):
-            prompt = format_prompt(config.data, row["instruction"], row["context"])
-            input_ids, labels = encode_example(prompt, row["response"], tokenizer, config.data.max_length)
+            prompt = format_prompt(data, row["instruction"], row["context"])
+            encoded = encode_example(
+                prompt,
+                row["response"],
+                tokenizer,
+                data.max_length,
+                min_prompt_tokens=data.min_prompt_tokens,
+                keep_prompt_tail=tails["context" if row["context"] else "plain"],
+            )
+            if encoded.fit != "whole" and data.on_overlong == "error":
+                length = len(tokenizer(prompt + row["response"], add_special_tokens=False)["input_ids"]) + 1
+                raise DataError(
+                    f"{split} row {index + 1}: {length} tokens with its EOS, over data.max_length="
+                    f"{data.max_length}; raise data.max_length or set data.on_overlong to "
+                    "truncate_prompt, truncate or skip"
+                )
+            if (encoded.fit != "whole" and data.on_overlong == "skip") or (
+                encoded.fit == "response_truncated" and data.on_overlong == "truncate_prompt"
+            ):
+                overlong["skipped"] += 1
+                continue
+            if encoded.fit != "whole":
+                overlong[encoded.fit] += 1
             columns["id"].append(f"{split}-{index}")
-            columns["input_ids"].append(input_ids)
-            columns["labels"].append(labels)
+            columns["input_ids"].append(encoded.input_ids)
+            columns["labels"].append(encoded.labels)
             columns["category"].append(row["category"])
         splits[split] = Dataset.from_dict(columns)
         counts[split] = {
             "rows": len(columns["id"]),
             "tokens": sum(map(len, columns["input_ids"])),
             "label_tokens": sum(sum(t != IGNORE_INDEX for t in lab) for lab in columns["labels"]),
+            "overlong": overlong,
         }
         log(f"prepare_data: {split}: {counts[split]['rows']} rows, {counts[split]['tokens']} tokens")
+        if any(overlong.values()):
+            log(
+                f"prepare_data: {split}: over data.max_length={data.max_length} "
+                f"(data.on_overlong={data.on_overlong}): {overlong['prompt_truncated']} prompts shortened, "
+                f"{overlong['response_truncated']} responses cut (their EOS not trained), "
+                f"{overlong['skipped']} rows skipped"
+            )
     DatasetDict(splits).save_to_disk(str(output_dir / "dataset"))
     return counts
 

@@ -16,6 +16,7 @@ from atkd_core.data.prepare import (
     format_prompt,
     prepare_data,
     read_rows,
+    template_tail_tokens,
 )
 from atkd_core.manifest import read_manifest
 from tests.atkd_core.data.test_tokenizer import _tokenizer
@@ -25,7 +26,8 @@ from tests.conftest import tiny_config
 def test_labels_mask_prompt_and_keep_response_and_eos():
     tokenizer = _tokenizer()
     prompt = format_prompt(DataConfig(), "Write these letters in reverse order.", "a b c")
-    input_ids, labels = encode_example(prompt, "c b a", tokenizer, max_length=64)
+    input_ids, labels, fit = encode_example(prompt, "c b a", tokenizer, max_length=64)
+    assert fit == "whole"
     # The prompt's trailing newline is trained with the response (as the harness will score it).
     context_len = len(tokenizer(prompt.rstrip(), add_special_tokens=False)["input_ids"])
     assert labels[:context_len] == [IGNORE_INDEX] * context_len
@@ -36,14 +38,81 @@ def test_labels_mask_prompt_and_keep_response_and_eos():
     assert tokenizer.decode(input_ids[:-1]) == prompt + "c b a"
 
 
-def test_truncation_cuts_the_prompt_first_and_keeps_the_response_marker():
+def test_truncation_drops_the_prompts_middle_keeping_the_question_and_the_response_marker():
     tokenizer = _tokenizer()
-    prompt = format_prompt(DataConfig(), "Sort these numbers. " * 20, "")
-    input_ids, labels = encode_example(prompt, "1 2 3", tokenizer, max_length=24)
-    assert len(input_ids) == 24
-    kept = [t for t in labels if t != IGNORE_INDEX]
+    data = DataConfig()
+    prompt = format_prompt(data, "Sort these numbers.", "filler words here " * 30)
+    tail = template_tail_tokens(data.context_template, tokenizer)
+    encoded = encode_example(prompt, "1 2 3", tokenizer, max_length=40, keep_prompt_tail=tail)
+    assert encoded.fit == "prompt_truncated" and len(encoded.input_ids) == 40
+    kept = [t for t in encoded.labels if t != IGNORE_INDEX]
     assert tokenizer.decode(kept[:-1]) == "\n1 2 3" and kept[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(input_ids).split("1 2 3")[0].endswith("### Response:\n")
+    text = tokenizer.decode(encoded.input_ids)
+    assert "Sort these numbers." in text
+    assert text.split("1 2 3")[0].endswith("### Response:\n")
+
+
+def test_a_response_too_long_for_the_minimum_prompt_is_cut_and_says_so():
+    tokenizer = _tokenizer()
+    prompt = format_prompt(DataConfig(), "Count.", "")
+    encoded = encode_example(prompt, "one two three " * 20, tokenizer, max_length=24, min_prompt_tokens=8)
+    assert encoded.fit == "response_truncated" and len(encoded.input_ids) == 24
+    assert encoded.labels[:8] == [IGNORE_INDEX] * 8 and IGNORE_INDEX not in encoded.labels[8:]
+    assert encoded.input_ids[-1] != tokenizer.eos_token_id
+
+
+def _overlong_rows_config(tmp_path, policy):
+    rows = [
+        {"instruction": "Short.", "response": "ok"},
+        {"instruction": "Long context.", "context": "word " * 80, "response": "fine"},
+        {"instruction": "Long answer.", "response": "word " * 80},
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tiny_config(
+        tmp_path / "work",
+        data={
+            "source": "files",
+            "train_files": [str(path)],
+            "validation_files": [str(path)],
+            "test_files": [str(path)],
+            "max_length": 48,
+            "min_prompt_tokens": 16,
+            "on_overlong": policy,
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "rows", "overlong"),
+    [
+        ("truncate_prompt", 2, {"prompt_truncated": 1, "response_truncated": 0, "skipped": 1}),
+        ("truncate", 3, {"prompt_truncated": 1, "response_truncated": 1, "skipped": 0}),
+        ("skip", 1, {"prompt_truncated": 0, "response_truncated": 0, "skipped": 2}),
+    ],
+)
+def test_overlong_rows_follow_the_policy_and_are_counted_and_logged(tmp_path, policy, rows, overlong):
+    lines: list[str] = []
+    manifest, _ = prepare_data(_overlong_rows_config(tmp_path, policy), tmp_path / "prepared", log=lines.append)
+    assert manifest["counts"]["train"]["rows"] == rows
+    assert manifest["counts"]["train"]["overlong"] == overlong
+    assert any(f"(data.on_overlong={policy})" in line for line in lines)
+    dataset = load_from_disk(str(tmp_path / "prepared" / "dataset"))["train"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "prepared" / "tokenizer")
+    for row in dataset:
+        assert len(row["input_ids"]) <= 48
+        # Only a row the policy allowed to cut (truncate) may end without its EOS.
+        assert row["labels"][-1] == tokenizer.eos_token_id or policy == "truncate"
+
+
+def test_overlong_rows_fail_with_one_line_under_error(tmp_path):
+    with pytest.raises(DataError, match=r"train row 2: \d+ tokens with its EOS, over data.max_length=48"):
+        prepare_data(_overlong_rows_config(tmp_path, "error"), tmp_path / "prepared", log=lambda _: None)
+
+
+def test_min_prompt_tokens_must_leave_room_for_a_response():
+    with pytest.raises(ValueError, match="data.min_prompt_tokens: 64 leaves no room"):
+        DataConfig(max_length=64, min_prompt_tokens=64)
 
 
 def test_context_template_used_only_with_context():
