@@ -279,6 +279,11 @@ class TrainingConfig(StrictModel):
             raise ValueError(
                 "precision: 'fp16' is not supported by DeepSpeed on CPU; use fp32 (or bf16, ~5-30x slower)"
             )
+        if self.precision == "fp16" and self.device == "auto" and not _cuda_available():
+            raise ValueError(
+                "precision: 'fp16' with device 'auto' means the CPU on this machine (no CUDA device), "
+                "where DeepSpeed has no fp16; use fp32 or bf16, or set device: cuda for a GPU machine"
+            )
         return self
 
     @model_validator(mode="after")
@@ -533,7 +538,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. loss.lam=0.5")
         key, _, text = item.partition("=")
-        set_field(raw, key, yaml.safe_load(text) if text.strip() else None, f"--set {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise ConfigError(
+                f"--set {item!r}: VALUE is not valid YAML ({problem}); quote it, e.g. {key}='\"...\"'"
+            ) from None
+        set_field(raw, key, value, f"--set {item!r}")
     return raw
 
 
@@ -549,6 +561,13 @@ def set_field(raw: dict[str, Any], dotted_key: str, value: Any, what: str) -> No
             raise ConfigError(f"{what}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _cuda_available() -> bool:
+    """Whether this machine has a CUDA device (torch imported only when a check needs it)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:

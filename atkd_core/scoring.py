@@ -316,6 +316,7 @@ def finalize_cache(
         "hard_fraction": hard_fraction,
         "unc_threshold_at_hard_fraction": easy_threshold,
         "cache_bytes": sum((partial / f"{name}.safetensors").stat().st_size for name in checksums),
+        "shard_bytes": {name: (partial / f"{name}.safetensors").stat().st_size for name in checksums},
         "created_unix": round(time.time(), 3),
     }
     (partial / "spec.json").unlink(missing_ok=True)
@@ -324,6 +325,20 @@ def finalize_cache(
         shutil.rmtree(output_dir)
     partial.rename(output_dir)
     return manifest
+
+
+def cache_problem(directory: Path, manifest: dict[str, Any], *, check_hashes: bool) -> str | None:
+    """What is wrong with a finished cache's shards (missing, another size, another sha256), or None."""
+    sizes = manifest.get("shard_bytes", {})
+    for name, digest in sorted(manifest["shards"].items()):
+        path = directory / f"{name}.safetensors"
+        if not path.is_file():
+            return f"{name} is missing"
+        if name in sizes and path.stat().st_size != sizes[name]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {sizes[name]}"
+        if check_hashes and sha256_file(path) != digest:
+            return f"{name} is corrupt (its sha256 differs from the manifest)"
+    return None
 
 
 def prepared_data_sha256(prepared_dir: Path) -> str:
@@ -345,18 +360,21 @@ class TeacherCache:
                 for key, value in expected.__dict__.items()
                 if key != "teacher_dir" and manifest["spec"].get(key) != value
             ]
-            raise CacheError(f"{directory}: made for different inputs; " + "; ".join(differs))
+            raise CacheError(
+                f"{directory}: made for different inputs; "
+                + "; ".join(differs)
+                + "; score it again for these inputs (`atkd score CONFIG`)"
+            )
         self.directory = directory
         self.manifest = manifest
         self.spec = manifest["spec"]
         self._rows: dict[str, tuple[int, int, int]] = {}
         self._shards: list[dict[str, Tensor]] = []
-        for shard_index, (name, digest) in enumerate(sorted(manifest["shards"].items())):
+        problem = cache_problem(directory, manifest, check_hashes=True)
+        if problem is not None:
+            raise CacheError(f"{directory}: {problem}; `atkd score CONFIG` scores it again")
+        for shard_index, name in enumerate(sorted(manifest["shards"])):
             path = directory / f"{name}.safetensors"
-            if not path.is_file():
-                raise CacheError(f"{directory}: shard {name} is missing")
-            if sha256_file(path) != digest:
-                raise CacheError(f"{directory}: shard {name} is corrupt (sha256 differs from the manifest)")
             with safe_open(str(path), "pt") as handle:
                 ids = json.loads(handle.metadata()["example_ids"])
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
@@ -424,9 +442,12 @@ def run_scoring_stage(
     batch_size: int,
     hard_fraction: float,
     device: str = "cpu",
+    verify_hashes: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], bool]:
-    """The whole single-process stage: reuse an up-to-date cache, else score, finalise; (manifest, reused)."""
+    """The whole single-process stage: reuse an up-to-date, intact cache, else score, finalise;
+    (manifest, reused). A cache is intact when every shard is there at its recorded size and, with
+    ``verify_hashes``, its sha256; a damaged one is scored again, with a log line saying so."""
     from atkd_core.models.build import load_model
 
     manifest = require_manifest(prepared_dir, "prepare_data")
@@ -440,7 +461,10 @@ def run_scoring_stage(
     )
     existing = read_manifest(output_dir)
     if existing is not None and existing.get("input_fingerprint") == spec.fingerprint():
-        return existing, True
+        problem = cache_problem(output_dir, existing, check_hashes=verify_hashes)
+        if problem is None:
+            return existing, True
+        log(f"score_teacher: the cache in {output_dir} is damaged ({problem}); scoring it again")
     model = load_model(teacher_dir, device=device)
     score_teacher(model, prepared_dir, output_dir, spec, batch_size=batch_size, log=log)
     return finalize_cache(
@@ -465,6 +489,8 @@ def score_from_config(
         batch_size=config.scoring.batch_size,
         hard_fraction=config.loss.hard_fraction,
         device=default_device(),
+        # Hashing reads the whole cache: worth it when distillation is about to read it anyway.
+        verify_hashes=config.distill.teacher_source == "offline",
         log=log,
     )
     return output, manifest, reused

@@ -12,6 +12,9 @@ from pathlib import Path
 from atkd_core.config import PipelineConfig, config_to_yaml, load_config
 from atkd_core.errors import ConfigError, UserError
 from atkd_core.pipeline import LocalStages, pipeline_outputs, student_stages, teacher_stages
+from atkd_core.workdir import workdir_lock
+
+DEBUG_HELP = "show the traceback of an error caused by the input instead of its one-line message"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -24,11 +27,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a field, e.g. --set loss.lam=0.5 (repeatable; VALUE is parsed as YAML)",
     )
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``atkd``."""
     parser = argparse.ArgumentParser(prog="atkd", description="ATKD knowledge-distillation pipeline")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the whole pipeline flow on a config")
@@ -93,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
             "score", help="run prepare_data, finetune_teacher and score_teacher (reusing outputs)"
         )
     )
+    _add_config_args(
+        commands.add_parser(
+            "sync", help="send to MLflow what an outage kept in the workdir's tracking outbox"
+        )
+    )
     train = commands.add_parser("train", help="run one training stage alone (no Prefect, no MLflow)")
     _add_config_args(train)
     train.add_argument(
@@ -104,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_run(config: PipelineConfig, direct: bool) -> int:
+def _cmd_run(config: PipelineConfig, direct: bool, config_path: Path) -> int:
     started = time.perf_counter()
     if direct:
         outputs = pipeline_outputs(config, _local_stages(config))
@@ -129,6 +139,11 @@ def _cmd_run(config: PipelineConfig, direct: bool) -> int:
     print(f"  Prefect run      {result.prefect_flow_run_url or result.prefect_flow_run_id}")
     if result.summary:
         print("\nEvaluation (lm-evaluation-harness; gap = student - teacher):\n" + result.summary)
+    if result.unsent_tracking_calls:
+        _warn(
+            f"{result.unsent_tracking_calls} tracking calls did not reach MLflow (the outputs above are "
+            f"complete); send them with: atkd sync {config_path}"
+        )
     return 0
 
 
@@ -148,7 +163,8 @@ def _cmd_compare(
     from flows.compare import compare
 
     started = time.perf_counter()
-    result = compare(str(path), overrides, ablation)
+    with workdir_lock(grid.comparison.workdir, warn=_warn):
+        result = compare(str(path), overrides, ablation)
     minutes, seconds = divmod(time.perf_counter() - started, 60)
     print(f"\n=== atkd compare: {result.cells} runs done in {int(minutes)}m{int(seconds):02d}s ===")
     print(f"  report           {Path(result.report_dir) / 'report.md'}")
@@ -180,6 +196,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         f"Point this shell at them:\n  export {exports}"
     )
     return 0
+
+
+def _cmd_sync(config: PipelineConfig) -> int:
+    from infra.tracking import OUTBOX_NAME, resolve_tracking_uri, sync
+
+    sent, problems = sync(config)
+    where = config.workdir / OUTBOX_NAME
+    print(f"atkd sync: {sent} tracking calls sent to {resolve_tracking_uri(config)}")
+    for problem in problems:
+        print(f"atkd: not sent (kept in {where}): {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _cmd_data_build(config: PipelineConfig, out: Path | None) -> int:
@@ -219,37 +246,65 @@ def _cmd_train(config: PipelineConfig, stage: str) -> int:
     return 0
 
 
+def _warn(message: str) -> None:
+    print(f"atkd: warning: {message}", file=sys.stderr)
+
+
+def _checks_before_running(config: PipelineConfig, args: argparse.Namespace) -> None:
+    """What can be known wrong before any stage starts, each as one line (UserError)."""
+    from atkd_core.models.build import check_model_paths
+
+    check_model_paths({"teacher": config.teacher, "student": config.student})
+    if args.command == "run" and not args.direct and config.tracking.enabled:
+        from infra.tracking import check_tracking_server
+
+        check_tracking_server(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atkd`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "config" and args.config_command == "schema":
-            print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
-            return 0
-        if args.command == "serve":
-            return _cmd_serve(args)
-        if args.command == "compare":
-            return _cmd_compare(args.config, args.overrides, args.ablation, args.list, args.report_to)
-        config = load_config(args.config, args.overrides)
-        if args.command == "config":
-            print(config_to_yaml(config), end="")
-            return 0
-        if args.command == "data" and args.data_command == "build":
-            return _cmd_data_build(config, args.out)
+        return _dispatch(args)
+    except ConfigError as exc:
+        if args.debug:
+            raise
+        for line in str(exc).splitlines():
+            print(f"atkd: config error: {line}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"atkd: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command; user errors propagate to ``main``."""
+    if args.command == "config" and args.config_command == "schema":
+        print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+        return 0
+    if args.command == "serve":
+        return _cmd_serve(args)
+    if args.command == "compare":
+        return _cmd_compare(args.config, args.overrides, args.ablation, args.list, args.report_to)
+    config = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(config_to_yaml(config), end="")
+        return 0
+    if args.command == "data" and args.data_command == "build":
+        return _cmd_data_build(config, args.out)
+    if args.command == "sync":
+        return _cmd_sync(config)
+    with workdir_lock(config.workdir, warn=_warn):
+        _checks_before_running(config, args)
         if args.command == "data":
             return _cmd_data_prepare(config)
         if args.command == "score":
             return _cmd_score(config)
         if args.command == "train":
             return _cmd_train(config, args.stage)
-        return _cmd_run(config, args.direct)
-    except ConfigError as exc:
-        for line in str(exc).splitlines():
-            print(f"atkd: config error: {line}", file=sys.stderr)
-        return 2
-    except UserError as exc:
-        print(f"atkd: {exc}", file=sys.stderr)
-        return 1
+        return _cmd_run(config, args.direct, args.config)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from atkd_core.errors import UserError
 from atkd_core.grid import Cell, Grid, load_grid, teacher_label
 from atkd_core.pipeline import TeacherOutputs, student_stages, teacher_stages
 from atkd_core.reports.comparison import cell_scores
+from atkd_core.workdir import workdir_lock
 from flows.distill import PrefectStages, flow_run_links, publish, run_tags
 from infra.tracking import attach_run, pipeline_run
 from tasks.publish import artifact_key
@@ -146,8 +147,10 @@ def compare(
             "tracking": grid.base.tracking.model_copy(update={"run_name": f"compare {comparison.name}"}),
         }
     )
-    root.workdir.mkdir(parents=True, exist_ok=True)
-    with pipeline_run(root, tags={**run_tags(flow_run_id, flow_run_url), "atkd.kind": "comparison"}) as run:
+    with (
+        workdir_lock(root.workdir, warn=logger.warning),
+        pipeline_run(root, tags={**run_tags(flow_run_id, flow_run_url), "atkd.kind": "comparison"}) as run,
+    ):
         run.log_params({f"compare.{k}": v for k, v in comparison.model_dump(mode="json").items()})
         prepared = {
             key: PrefectStages(config, run.run_id).prepare_data() for key, config in grid.data_configs.items()

@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 
 from atkd_core.config import PipelineConfig, load_config
 from atkd_core.pipeline import pipeline_outputs
-from infra.tracking import RunHandle, pipeline_run
+from atkd_core.workdir import workdir_lock
+from infra.tracking import OUTBOX_NAME, RunHandle, pipeline_run, unsent_calls
 from tasks.data import generate_teacher_data_task, prepare_data_task
 from tasks.evaluate import evaluate_task
 from tasks.policies import run_cached
@@ -37,6 +38,9 @@ class PipelineResult(BaseModel):
     prefect_flow_run_id: str | None = Field(description="The Prefect flow run.")
     prefect_flow_run_url: str | None = Field(None, description="The flow run's page in the Prefect UI.")
     summary: str = Field("", description="The evaluation summary table (Markdown).")
+    unsent_tracking_calls: int = Field(
+        0, description="Tracking calls the server did not take, kept for `atkd sync` (0: all sent)."
+    )
 
 
 class PrefectStages:
@@ -144,11 +148,21 @@ def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResul
     """Run every stage of the ATKD pipeline on ``config``; return the output paths and run ids."""
     logger = get_run_logger()
     flow_run_id, flow_run_url = flow_run_links()
-    config.workdir.mkdir(parents=True, exist_ok=True)
-    with pipeline_run(config, tags=run_tags(flow_run_id, flow_run_url)) as parent:
+    with (
+        workdir_lock(config.workdir, warn=logger.warning),
+        pipeline_run(config, tags=run_tags(flow_run_id, flow_run_url)) as parent,
+    ):
         outputs = pipeline_outputs(config, PrefectStages(config, parent.run_id))
         version, summary = publish(config, parent, outputs)
     logger.info("pipeline finished: %s", outputs)
+    unsent = unsent_calls(config)
+    if unsent:
+        logger.warning(
+            "%d tracking calls (metrics, params, artifacts, registration) did not reach MLflow; they are "
+            "kept in %s: send them with `atkd sync CONFIG` once the server is back",
+            unsent,
+            config.workdir / OUTBOX_NAME,
+        )
     return PipelineResult(
         workdir=str(config.workdir),
         outputs=outputs,
@@ -159,6 +173,7 @@ def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResul
         prefect_flow_run_id=flow_run_id,
         prefect_flow_run_url=flow_run_url,
         summary=summary,
+        unsent_tracking_calls=unsent,
     )
 
 

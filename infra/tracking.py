@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ from atkd_core.errors import UserError
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 MAX_PARAM_LENGTH = 6000
+OUTBOX_NAME = "tracking-outbox.jsonl"
+PENDING_PREFIX = "pending-"  # the outbox's key of a run the server has not created yet
 METRICS_PER_BATCH = 1000
 
 
@@ -52,30 +56,94 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+class Outbox:
+    """Tracking calls that could not be made, kept as JSON lines in the workdir until ``atkd sync``
+    sends them: the science never waits on, or fails for, the tracking server."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / OUTBOX_NAME
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """Append one call (``run``: its run id or pending key, ``kind``, its arguments)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every call not yet sent, oldest first."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+
+    def replace(self, entries: list[dict[str, Any]]) -> None:
+        """Keep only ``entries`` (what a sync could not send)."""
+        if entries:
+            self.path.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+# Tracking URIs found unreachable in this process, with the first error: later calls go straight
+# to the outbox instead of each waiting out the HTTP client's retries.
+_outages: dict[str, str] = {}
+
+
+def _note_outage(uri: str, error: BaseException, outbox: Outbox) -> None:
+    if uri in _outages:
+        return
+    _outages[uri] = _root_cause(error)
+    print(
+        f"atkd: warning: MLflow at {uri} failed ({_outages[uri]}); the run goes on and keeps what was not "
+        f"logged in {outbox.path}: send it later with `atkd sync CONFIG`",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 @dataclass
 class RunHandle:
-    """A live MLflow run (or a no-op one when tracking is off)."""
+    """A live MLflow run, a run waiting in the outbox (``client`` None, ``outbox`` set), or a no-op
+    one when tracking is off (both None). With an outbox, no tracking call ever raises: what the
+    server does not take is kept for ``atkd sync``."""
 
     client: MlflowClient | None
     run_id: str | None
     tracking_uri: str | None = None
     experiment_id: str | None = None
-    _step_metrics: list[Metric] = field(default_factory=list)
+    outbox: Outbox | None = None
 
     def target(self) -> tuple[MlflowClient, str] | None:
-        """(client, run id) of the live run, or None for the no-op handle."""
+        """(client, run id) of the live run, or None for the no-op and the offline handle."""
         if self.client is None or self.run_id is None:
             return None
         return self.client, self.run_id
 
+    def _call(
+        self, kind: str, arguments: dict[str, Any], send: Callable[[MlflowClient, str], object]
+    ) -> None:
+        """``send`` to the live run, or keep the call in the outbox when the server cannot take it."""
+        target = self.target()
+        if target is not None and self.tracking_uri not in _outages:
+            try:
+                send(*target)
+                return
+            except Exception as exc:
+                if self.outbox is None:
+                    raise
+                _note_outage(str(self.tracking_uri), exc, self.outbox)
+        if self.outbox is not None and self.run_id is not None:
+            self.outbox.add({"run": self.run_id, "kind": kind, **arguments})
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (values truncated to MLflow's limit)."""
-        if (target := self.target()) is None:
-            return
-        client, run_id = target
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[start : start + 100])
+        values = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
+
+        def send(client: MlflowClient, run_id: str) -> None:
+            items = [Param(k, v) for k, v in values.items()]
+            for start in range(0, len(items), 100):
+                client.log_batch(run_id, params=items[start : start + 100])
+
+        self._call("params", {"params": values}, send)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log finite numeric metrics at ``step``."""
@@ -83,11 +151,13 @@ class RunHandle:
 
     def send_metrics(self, records: list[Metric]) -> None:
         """Send already timestamped metric records, in batches MLflow accepts."""
-        if (target := self.target()) is None:
-            return
-        client, run_id = target
-        for start in range(0, len(records), METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=records[start : start + METRICS_PER_BATCH])
+
+        def send(client: MlflowClient, run_id: str) -> None:
+            for start in range(0, len(records), METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=records[start : start + METRICS_PER_BATCH])
+
+        rows = [[m.key, m.value, m.timestamp, m.step] for m in records]
+        self._call("metrics", {"metrics": rows}, send)
 
     def web_url(self) -> str | None:
         """The run's page in the MLflow UI when the tracking URI is a server, else None."""
@@ -97,25 +167,37 @@ class RunHandle:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set tags on the run."""
-        if (target := self.target()) is not None:
-            client, run_id = target
-            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        values = {k: str(v) for k, v in tags.items()}
+        self._call(
+            "tags",
+            {"tags": values},
+            lambda client, run_id: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in values.items()]),
+        )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file or a directory as artifacts."""
-        if (target := self.target()) is None:
-            return
-        client, run_id = target
-        if path.is_dir():
-            client.log_artifacts(run_id, str(path), artifact_path)
-        else:
-            client.log_artifact(run_id, str(path), artifact_path)
+
+        def send(client: MlflowClient, run_id: str) -> None:
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path)
+            else:
+                client.log_artifact(run_id, str(path), artifact_path)
+
+        self._call("artifact", {"path": str(path.resolve()), "artifact_path": artifact_path}, send)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Save a text artifact."""
-        if (target := self.target()) is not None:
-            client, run_id = target
-            client.log_text(run_id, text, artifact_file)
+        self._call(
+            "text",
+            {"text": text, "artifact_file": artifact_file},
+            lambda client, run_id: client.log_text(run_id, text, artifact_file),
+        )
+
+    def terminate(self, status: str) -> None:
+        """Mark the run FINISHED or FAILED."""
+        self._call(
+            "terminate", {"status": status}, lambda client, run_id: client.set_terminated(run_id, status)
+        )
 
 
 def metric_records(metrics: Mapping[str, float], step: int) -> list[Metric]:
@@ -223,11 +305,32 @@ def register_model(
 
     A version already registered for the same weights (``content_hash``) is reused, so re-running
     a fully cached pipeline does not pile up identical versions. Returns the version, or None when
-    tracking is off.
+    tracking is off or the server cannot be reached (then the registration waits in the outbox).
     """
-    if run.client is None:
+    arguments = {
+        "model_dir": str(model_dir.resolve()),
+        "name": name,
+        "description": description,
+        "content_hash": content_hash,
+    }
+    target = run.target()
+    if target is None or run.tracking_uri in _outages:
+        if run.outbox is not None and run.run_id is not None:
+            run.outbox.add({"run": run.run_id, "kind": "register", **arguments})
         return None
-    client = run.client
+    try:
+        return _register(run, target[0], model_dir, name, description, content_hash)
+    except Exception as exc:
+        if run.outbox is None:
+            raise
+        _note_outage(str(run.tracking_uri), exc, run.outbox)
+        run.outbox.add({"run": run.run_id, "kind": "register", **arguments})
+        return None
+
+
+def _register(
+    run: RunHandle, client: MlflowClient, model_dir: Path, name: str, description: str, content_hash: str
+) -> str:
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="Students distilled by the ATKD pipeline.")
     existing = client.search_model_versions(f"name = '{name}' and tags.content_sha256 = '{content_hash}'")
@@ -235,7 +338,7 @@ def register_model(
         version = existing[0]
         client.update_model_version(name, version.version, description=description)
         return str(version.version)
-    run.log_artifact(model_dir, "model")
+    client.log_artifacts(str(run.run_id), str(model_dir), "model")
     version = client.create_model_version(
         name,
         source=f"runs:/{run.run_id}/model",
@@ -263,37 +366,60 @@ def pipeline_run(
     config: PipelineConfig, tags: Mapping[str, str] | None = None, parent_run_id: str | None = None
 ) -> Iterator[RunHandle]:
     """The parent run of one pipeline run (nested in ``parent_run_id``, e.g. a comparison's run);
-    marks it FINISHED or FAILED on exit."""
+    marks it FINISHED or FAILED on exit.
+
+    A top-level run needs the server at its start (TrackingUnavailable, one line, before any stage
+    runs); from then on an outage never fails the run (see Outbox).
+    """
     if not config.tracking.enabled:
         yield RunHandle(client=None, run_id=None)
         return
-    uri = resolve_tracking_uri(config)
-    client = connect(uri)
-    experiment_id = _experiment_id(client, config)
     run_tags = {RUN_NAME_TAG: config.tracking.run_name or config.name, **(tags or {})}
     if parent_run_id is not None:
-        run_tags[PARENT_TAG] = parent_run_id
-    run = client.create_run(experiment_id, tags=run_tags)
-    handle = RunHandle(client=client, run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id)
+        handle = _child_run(config, parent_run_id, run_tags)
+    else:
+        uri = resolve_tracking_uri(config)
+        client = connect(uri)
+        experiment_id = _experiment_id(client, config)
+        run = client.create_run(experiment_id, tags=run_tags)
+        handle = RunHandle(client, run.info.run_id, uri, experiment_id, Outbox(config.workdir))
     handle.log_params(flatten(config.model_dump(mode="json")))
     handle.log_text(config_to_yaml(config), "config.yaml")
     with _terminate_on_exit(handle):
         yield handle
 
 
+def _child_run(config: PipelineConfig, parent_key: str, tags: dict[str, str]) -> RunHandle:
+    """A new run nested in ``parent_key``: live, or waiting in the outbox when the server is down."""
+    outbox = Outbox(config.workdir)
+    uri = resolve_tracking_uri(config)
+    if uri not in _outages and not parent_key.startswith(PENDING_PREFIX):
+        try:
+            client = connect(uri)
+            experiment_id = client.get_run(parent_key).info.experiment_id
+            run = client.create_run(experiment_id, tags={PARENT_TAG: parent_key, **tags})
+            return RunHandle(client, run.info.run_id, uri, experiment_id, outbox)
+        except Exception as exc:
+            _note_outage(uri, exc, outbox)
+    key = f"{PENDING_PREFIX}{uuid.uuid4().hex}"
+    outbox.add({"run": key, "kind": "create", "parent": parent_key, "tags": tags})
+    return RunHandle(None, key, uri, None, outbox)
+
+
 def attach_run(config: PipelineConfig, run_id: str | None) -> RunHandle:
-    """A handle on an existing run (a no-op handle when tracking is off or ``run_id`` is None)."""
+    """A handle on an existing run (a no-op handle when tracking is off or ``run_id`` is None; an
+    offline one, which fills the outbox, when the server is down)."""
     if not config.tracking.enabled or run_id is None:
         return RunHandle(client=None, run_id=None)
-    client, uri, experiment_id = _open_run(config, run_id)
-    return RunHandle(client=client, run_id=run_id, tracking_uri=uri, experiment_id=experiment_id)
-
-
-def _open_run(config: PipelineConfig, run_id: str) -> tuple[MlflowClient, str, str]:
-    """(client, tracking URI, experiment id) of the existing run ``run_id``."""
+    outbox = Outbox(config.workdir)
     uri = resolve_tracking_uri(config)
-    client = connect(uri)
-    return client, uri, client.get_run(run_id).info.experiment_id
+    if uri not in _outages and not run_id.startswith(PENDING_PREFIX):
+        try:
+            client = connect(uri)
+            return RunHandle(client, run_id, uri, client.get_run(run_id).info.experiment_id, outbox)
+        except Exception as exc:
+            _note_outage(uri, exc, outbox)
+    return RunHandle(None, run_id, uri, None, outbox)
 
 
 @contextmanager
@@ -307,9 +433,7 @@ def stage_run(
     if not config.tracking.enabled or parent_run_id is None:
         yield RunHandle(client=None, run_id=None)
         return
-    client, uri, experiment_id = _open_run(config, parent_run_id)
-    run = client.create_run(experiment_id, tags={PARENT_TAG: parent_run_id, RUN_NAME_TAG: stage})
-    handle = RunHandle(client=client, run_id=run.info.run_id, tracking_uri=uri, experiment_id=experiment_id)
+    handle = _child_run(config, parent_run_id, {RUN_NAME_TAG: stage})
     if params:
         handle.log_params(params)
     with _terminate_on_exit(handle):
@@ -318,16 +442,87 @@ def stage_run(
 
 @contextmanager
 def _terminate_on_exit(handle: RunHandle) -> Iterator[None]:
-    target = handle.target()
-    if target is None:
-        yield
-        return
-    client, run_id = target
     try:
         yield
     except BaseException:
         # The stage's own error is the one to report, even when the server went away with it.
         with suppress(Exception):
-            client.set_terminated(run_id, status="FAILED")
+            handle.terminate("FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    handle.terminate("FINISHED")
+
+
+def unsent_calls(config: PipelineConfig) -> int:
+    """How many tracking calls of ``config``'s workdir wait in the outbox for ``atkd sync``."""
+    return len(Outbox(config.workdir).entries()) if config.tracking.enabled else 0
+
+
+def sync(config: PipelineConfig) -> tuple[int, list[str]]:
+    """Send the calls waiting in ``config``'s outbox, in order; returns (sent, problems). What cannot
+    be sent stays for the next sync. TrackingUnavailable (one line) when the server is still down."""
+    outbox = Outbox(config.workdir)
+    entries = outbox.entries()
+    if not entries:
+        return 0, []
+    uri = resolve_tracking_uri(config)
+    client = connect(uri)
+    created: dict[str, str] = {}
+    kept: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for entry in entries:
+        run_id = created.get(entry["run"], entry["run"])
+        try:
+            if entry["kind"] == "create":
+                parent = created.get(entry["parent"], entry["parent"])
+                experiment_id = client.get_run(parent).info.experiment_id
+                run = client.create_run(experiment_id, tags={PARENT_TAG: parent, **entry["tags"]})
+                created[entry["run"]] = run.info.run_id
+                continue
+            if run_id.startswith(PENDING_PREFIX):
+                raise RuntimeError("its run could not be created")
+            _replay(RunHandle(client, run_id, uri), entry)
+        except Exception as exc:
+            kept.append({**entry, "run": run_id})
+            problems.append(f"{entry['kind']} for run {run_id}: {_root_cause(exc)}")
+    outbox.replace(kept)
+    return len(entries) - len(kept), problems
+
+
+def _replay(handle: RunHandle, entry: dict[str, Any]) -> None:
+    """Make one outbox call on a live run (raising on failure)."""
+    kind = entry["kind"]
+    if kind == "params":
+        handle.log_params(entry["params"])
+    elif kind == "metrics":
+        handle.send_metrics([Metric(key, value, stamp, step) for key, value, stamp, step in entry["metrics"]])
+    elif kind == "tags":
+        handle.set_tags(entry["tags"])
+    elif kind == "artifact":
+        path = Path(entry["path"])
+        if not path.exists():
+            raise FileNotFoundError(f"{path} no longer exists")
+        handle.log_artifact(path, entry["artifact_path"])
+    elif kind == "text":
+        handle.log_text(entry["text"], entry["artifact_file"])
+    elif kind == "terminate":
+        handle.terminate(entry["status"])
+    elif kind == "register":
+        assert handle.client is not None
+        _register(
+            handle,
+            handle.client,
+            Path(entry["model_dir"]),
+            entry["name"],
+            entry["description"],
+            entry["content_hash"],
+        )
+    else:
+        raise ValueError(f"unknown outbox entry kind {kind!r}")
+
+
+def check_tracking_server(config: PipelineConfig) -> None:
+    """Before a run: a tracking server (an http(s) URI) answers; TrackingUnavailable (one line)
+    otherwise. A local store needs no check: it is created on first use."""
+    uri = resolve_tracking_uri(config)
+    if uri.startswith(("http://", "https://")):
+        connect(uri)

@@ -43,16 +43,29 @@ def _records(path: Path) -> list[tuple[str, Any]]:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    if suffix in (".parquet", ".csv"):
+        import pyarrow as pa
 
-        return [(f"{path}:row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    if suffix == ".csv":
-        import pyarrow.csv as pcsv
+        try:
+            if suffix == ".parquet":
+                import pyarrow.parquet as pq
 
-        # Line numbers count the header line.
-        return [(f"{path}:{i + 2}", r) for i, r in enumerate(pcsv.read_csv(path).to_pylist())]
-    text = path.read_text(encoding="utf-8")
+                return [(f"{path}:row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+            import pyarrow.csv as pcsv
+
+            # Line numbers count the header line.
+            return [(f"{path}:{i + 2}", r) for i, r in enumerate(pcsv.read_csv(path).to_pylist())]
+        except pa.ArrowException as exc:
+            raise DataError(f"{path}: cannot be read as {suffix[1:]} ({str(exc).splitlines()[0]})") from None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); re-encode the file as UTF-8, "
+            f"e.g. iconv -f latin1 -t utf-8 {path.name}"
+        ) from None
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     if suffix == ".json":
@@ -285,7 +298,7 @@ def tokenize_splits(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: Path,
     log: Callable[[str], None],
-) -> dict[str, dict[str, int]]:
+) -> dict[str, dict[str, Any]]:
     """Tokenise every split's rows into ``output_dir/dataset`` (a DatasetDict); return counts per split.
 
     Over-long rows follow ``data.on_overlong``; each split's counts say how many were shortened,

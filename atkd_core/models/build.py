@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from atkd_core.config import ModelConfig
-from atkd_core.errors import ConfigError
+from atkd_core.errors import ConfigError, UserError
 from atkd_core.models.presets import PRESETS, ArchSize
 
 
@@ -143,3 +143,26 @@ def materialize_model(spec: ModelConfig, tokenizer_dir: Path, directory: Path) -
 
     run_stage(directory, stage="materialize_model", input_fingerprint=identity, build=build)
     return str(directory)
+
+
+def check_model_paths(models: dict[str, ModelConfig]) -> None:
+    """Before a run: every model given by ``path`` (role -> spec, e.g. "teacher") is a local
+    directory or a hub id already in the local Hugging Face cache (hubs are offline here);
+    UserError naming the field and what to do otherwise."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for role, spec in models.items():
+        if spec.path is None or Path(spec.path).expanduser().is_dir():
+            continue
+        looks_like_hub_id = (
+            spec.path.count("/") == 1 and not spec.path.startswith((".", "/", "~")) and " " not in spec.path
+        )
+        if looks_like_hub_id and isinstance(try_to_load_from_cache(spec.path, "config.json"), str):
+            continue
+        where = (
+            "is neither a local directory nor a hub id in the local Hugging Face cache (model hubs are "
+            "not reachable here: save the model elsewhere with save_pretrained and copy the directory)"
+            if looks_like_hub_id
+            else "does not exist (a directory saved with save_pretrained is expected)"
+        )
+        raise UserError(f"{role}.path: {spec.path!r} {where}")

@@ -114,3 +114,28 @@ def test_atkd_run_direct_runs_every_stage_without_prefect_or_mlflow(tmp_path, ca
         assert (Path(output) / "manifest.json").is_file()
     # No tracking: neither an MLflow store nor a run was written anywhere in the workdir.
     assert not list((tmp_path / "work").rglob("mlflow*"))
+
+
+def test_atkd_score_verifies_a_reused_cache_and_scores_a_damaged_one_again(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(tiny_config(tmp_path / "work")))
+    assert main(["score", str(path)]) == 0
+    cache = tmp_path / "work" / "teacher_cache"
+    first = json.loads((cache / "manifest.json").read_text())["content_sha256"]
+    assert "score_teacher: reused" not in capsys.readouterr().out
+
+    shard = cache / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # same size: only the hash can tell
+    shard.write_bytes(bytes(data))
+    assert main(["score", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"the cache in {cache} is damaged (shard-00000 is corrupt" in out and "score_teacher: wrote" in out
+    assert json.loads((cache / "manifest.json").read_text())["content_sha256"] == first
+
+    # Online distillation does not read the cache: its reuse checks sizes only, which still catch a cut shard.
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert main(["score", str(path), "--set", "distill.teacher_source=online"]) == 0
+    assert "shard-00000 has" in capsys.readouterr().out
+    assert main(["score", str(path)]) == 0
+    assert "score_teacher: reused" in capsys.readouterr().out

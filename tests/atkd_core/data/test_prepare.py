@@ -93,7 +93,9 @@ def _overlong_rows_config(tmp_path, policy):
 )
 def test_overlong_rows_follow_the_policy_and_are_counted_and_logged(tmp_path, policy, rows, overlong):
     lines: list[str] = []
-    manifest, _ = prepare_data(_overlong_rows_config(tmp_path, policy), tmp_path / "prepared", log=lines.append)
+    manifest, _ = prepare_data(
+        _overlong_rows_config(tmp_path, policy), tmp_path / "prepared", log=lines.append
+    )
     assert manifest["counts"]["train"]["rows"] == rows
     assert manifest["counts"]["train"]["overlong"] == overlong
     assert any(f"(data.on_overlong={policy})" in line for line in lines)
