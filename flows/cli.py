@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -261,9 +262,24 @@ def _checks_before_running(config: PipelineConfig, args: argparse.Namespace) -> 
         check_tracking_server(config)
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Drops the traceback from Prefect's log records of an error caused by the input: the flow and
+    task runs still log their one-line failure, and ``main`` prints the message once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atkd`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in logger.filters):
+                logger.addFilter(_UserErrorsWithoutTraceback())
     try:
         return _dispatch(args)
     except ConfigError as exc:

@@ -49,7 +49,9 @@ def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_holder(tmp_path
         assert main(["data", "prepare", str(path)]) == 1
         assert time.perf_counter() - started < 10
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"atkd: workdir {tmp_path / 'work'} is in use by another run (pid {holder.pid} ")
+        assert err.startswith(
+            f"atkd: workdir {tmp_path / 'work'} is in use by another run (pid {holder.pid} "
+        )
         assert socket.gethostname() in err and len(err.splitlines()) == 1
         assert not (tmp_path / "work" / "prepared").exists()
     finally:
@@ -85,26 +87,55 @@ def test_a_busy_workdir_is_refused_by_the_library_too(tmp_path):
 
 def _bad_inputs(tmp_path):
     latin1 = tmp_path / "latin1.jsonl"
-    latin1.write_bytes(b'{"instruction": "ok", "response": "fine"}\n{"instruction": "caf\xe9", "response": "x"}\n')
+    latin1.write_bytes(
+        b'{"instruction": "ok", "response": "fine"}\n{"instruction": "caf\xe9", "response": "x"}\n'
+    )
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     port = free_port()
     return {
-        "malformed --set": (["config", "show", "{config}", "--set", "loss.lam"], "--set 'loss.lam': expected KEY=VALUE"),
+        "malformed --set": (
+            ["config", "show", "{config}", "--set", "loss.lam"],
+            "--set 'loss.lam': expected KEY=VALUE",
+        ),
         "--set value not YAML": (
             ["config", "show", "{config}", "--set", "loss.lam=[1"],
             "--set 'loss.lam=[1': VALUE is not valid YAML",
         ),
         "non-UTF-8 data": (
-            ["data", "prepare", "{config}", "--set", "data.source=files", "--set", f"data.train_files=[{latin1}]"],
+            [
+                "data",
+                "prepare",
+                "{config}",
+                "--set",
+                "data.source=files",
+                "--set",
+                f"data.train_files=[{latin1}]",
+            ],
             f"{latin1}:2: not UTF-8 (byte 0xe9)",
         ),
         "missing teacher.path": (
-            ["data", "prepare", "{config}", "--set", "teacher.preset=null", "--set", f"teacher.path={tmp_path}/nope"],
+            [
+                "data",
+                "prepare",
+                "{config}",
+                "--set",
+                "teacher.preset=null",
+                "--set",
+                f"teacher.path={tmp_path}/nope",
+            ],
             f"teacher.path: '{tmp_path}/nope' does not exist",
         ),
         "hub id not in the cache": (
-            ["data", "prepare", "{config}", "--set", "student.preset=null", "--set", "student.path=org/not-cached"],
+            [
+                "data",
+                "prepare",
+                "{config}",
+                "--set",
+                "student.preset=null",
+                "--set",
+                "student.path=org/not-cached",
+            ],
             "student.path: 'org/not-cached' is neither a local directory nor a hub id in the local",
         ),
         "unwritable workdir": (
@@ -190,3 +221,13 @@ def test_a_tracking_outage_after_the_outputs_keeps_the_calls_and_sync_sends_them
     assert evaluate.info.status == "FINISHED"
     assert "eval/summary.md" in [a.path for a in client.list_artifacts(evaluate.info.run_id, "eval")]
     assert client.get_model_version("test-student", "1").run_id == parent.info.run_id
+
+
+def test_a_user_error_inside_the_flow_prints_no_traceback(prefect_harness, tmp_path, capfd):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"instruction": "caf\xe9", "response": "x"}\n')
+    config = str(_write_config(tmp_path, data={"source": "files", "train_files": [str(latin1)]}))
+    assert main(["run", config]) == 1
+    captured = capfd.readouterr()
+    assert f"atkd: {latin1}:1: not UTF-8 (byte 0xe9)" in captured.err
+    assert "Traceback" not in captured.out + captured.err

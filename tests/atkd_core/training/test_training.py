@@ -420,3 +420,26 @@ def test_bypassing_the_output_layer_restores_a_forward_a_wrapper_had_set():
     with layer.bypassed():
         pass
     assert "forward" not in layer.module.__dict__
+
+
+def test_a_checkpoint_is_tied_to_its_caches_contents_not_its_path(tmp_path):
+    """An old checkpoint must not resume against a new cache written to the same directory."""
+    cache = tmp_path / "teacher_cache"
+    cache.mkdir()
+
+    def job_fingerprint(content: str) -> str:
+        (cache / "manifest.json").write_text(
+            json.dumps({"stage": "score_teacher", "content_sha256": content})
+        )
+        return TrainJob(
+            stage="distill",
+            config=tiny_config(tmp_path),
+            prepared_dir=tmp_path / "prepared",
+            init_dir=tmp_path / "init",
+            output_dir=tmp_path / "out",
+            checkpoint_dir=tmp_path / "ckpt",
+            cache_dir=cache,
+            teacher_dir=tmp_path / "teacher",
+        ).fingerprint()
+
+    assert job_fingerprint("old") != job_fingerprint("new") == job_fingerprint("new")
