@@ -61,9 +61,9 @@ def _records(path: Path) -> list[tuple[str, Any]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
+        bad_line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); re-encode the file as UTF-8, "
+            f"{path}:{bad_line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); re-encode the file as UTF-8, "
             f"e.g. iconv -f latin1 -t utf-8 {path.name}"
         ) from None
     if not text.strip():
