@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atkd_core.errors import ConfigError
 from atkd_core.layout import RunLayout
@@ -325,11 +325,11 @@ class LossConfig(StrictModel):
     setting: Literal["forward", "reverse"] = Field(
         "forward", description="ATKD over KL(teacher||student) (forward) or KL(student||teacher) (reverse)."
     )
-    hard_fraction: float = Field(
+    hard_fraction: float | Literal["auto"] = Field(
         0.5,
-        gt=0,
-        lt=1,
-        description="ATKD k: share of tokens (highest teacher UNC) that are hard. Range: (0, 1).",
+        description="ATKD k: share of tokens (highest teacher UNC) that are hard. auto: a fixed UNC "
+        "threshold at the valley of the teacher's UNC histogram over the training split (Otsu's rule, "
+        "from the scoring cache), the same for every batch. Range: (0, 1) or auto.",
     )
     lam: float = Field(
         0.2, ge=0, le=1, description="ATKD lambda: weight of the easy-token loss. Range: [0, 1]."
@@ -352,7 +352,7 @@ class LossConfig(StrictModel):
     ce_weight: float = Field(
         0.0, ge=0, le=1, description="Weight of cross-entropy mixed into KD/ATKD. Range: [0, 1]."
     )
-    chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+    chunk_size: int | Literal["auto"] | None = Field(
         "auto",
         description="Tokens per chunk of vocabulary-sized work; auto: sized by memory, 4M logits a chunk on "
         "plain logits (128 tokens at V=32000), 32M with a fused output layer (256 tokens at V=128000), the "
@@ -364,8 +364,36 @@ class LossConfig(StrictModel):
         "chunk, so the [tokens, vocabulary] logits are never built; false: plain logits (the same values).",
     )
 
+    @field_validator("hard_fraction", mode="before")
+    @classmethod
+    def _check_hard_fraction(cls, value: Any) -> Any:
+        # One message for both forms (a union would report one line per member).
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be a number in (0, 1) or auto") from None
+        if isinstance(value, bool) or not 0 < number < 1:
+            raise ValueError("must be a number in (0, 1) or auto")
+        return number
+
+    @field_validator("chunk_size", mode="before")
+    @classmethod
+    def _check_chunk_size(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError("must be a number of tokens >= 1, auto or null")
+        return value
+
     @model_validator(mode="after")
     def _check_threshold(self) -> LossConfig:
+        if self.hard_fraction == "auto" and self.split_scope == "threshold":
+            raise ValueError(
+                "loss.hard_fraction: auto chooses the UNC threshold itself; it cannot be combined with "
+                "loss.split_scope 'threshold' (drop one of them)"
+            )
         if self.split_scope == "threshold" and self.unc_threshold is None:
             raise ValueError("loss.unc_threshold: must be set when loss.split_scope is 'threshold'")
         return self
@@ -648,6 +676,12 @@ def _allowed_for(loc: tuple[Any, ...]) -> str | None:
                 bounds.append(f"{symbol} {bound}")
     if bounds:
         return " and ".join(bounds)
+    mixed_union = get_origin(field.annotation) is not Literal and any(
+        get_origin(arg) is not Literal and arg is not type(None) for arg in get_args(field.annotation)
+    )
+    if mixed_union and field.description and "Range: " in field.description:
+        # e.g. a number or "auto": the literal alone would read as the only choice.
+        return field.description.rsplit("Range: ", 1)[1].rstrip(".")
     choices = _literal_choices(field.annotation)
     if choices:
         return ", ".join(repr(c) for c in choices)

@@ -253,9 +253,11 @@ class LocalStages:
 
     def distill_student(self, train_data: str, student_init: str, cache: str, teacher: str) -> str:
         """See StageRunner."""
-        from atkd_core.training.job import distill_job
+        from atkd_core.training.job import auto_split_line, distill_job
 
         job = distill_job(self.config, Path(train_data), Path(student_init), Path(cache), Path(teacher))
+        if (line := auto_split_line(self.config, job)) is not None:
+            self.log(f"distill: {line}")
         return self._train(job)
 
     def evaluate(self, prepared: str, models: dict[str, str]) -> str:

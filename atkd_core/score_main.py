@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--hard-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--hard-fraction",
+        type=lambda text: text if text == "auto" else float(text),
+        default=0.5,
+        help="k recorded in the manifest (a number in (0, 1) or auto)",
+    )
     args = parser.parse_args(argv)
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -33,10 +33,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from atkd_core.config import LossConfig
 from atkd_core.data.batching import IGNORE_INDEX, collate, shift_targets
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.errors import CacheError
-from atkd_core.losses import SparseTeacher
+from atkd_core.losses import SparseTeacher, otsu_threshold, unc_histogram
+from atkd_core.losses.atkd import UNC_BINS
 from atkd_core.manifest import (
     MANIFEST_NAME,
     fingerprint,
@@ -279,7 +281,7 @@ def _claim_partial(partial: Path, spec: ScoringSpec, rank: int) -> None:
 
 
 def finalize_cache(
-    output_dir: Path, spec: ScoringSpec, *, hard_fraction: float, num_examples: int
+    output_dir: Path, spec: ScoringSpec, *, hard_fraction: float | str, num_examples: int
 ) -> dict[str, Any]:
     """Check every shard of the partial directory, write the manifest and publish it (rank 0)."""
     partial = _partial_dir(output_dir)
@@ -300,7 +302,9 @@ def finalize_cache(
     quantiles = {
         f"{q:g}": float(torch.quantile(unc.double(), q)) if unc.numel() else float("nan") for q in QUANTILES
     }
-    easy_threshold = quantiles.get(f"{1 - hard_fraction:g}")
+    histogram = unc_histogram(unc, UNC_BINS)
+    otsu, otsu_share = otsu_threshold(histogram)
+    easy_threshold = otsu if hard_fraction == "auto" else quantiles.get(f"{1 - float(hard_fraction):g}")
     manifest = {
         "stage": "score_teacher",
         "input_fingerprint": spec.fingerprint(),
@@ -315,6 +319,10 @@ def finalize_cache(
         "unc_mean": float(unc.mean()) if unc.numel() else float("nan"),
         "hard_fraction": hard_fraction,
         "unc_threshold_at_hard_fraction": easy_threshold,
+        # What loss.hard_fraction auto splits at: counts over [0, 1] and Otsu's threshold on them.
+        "unc_histogram": histogram,
+        "unc_auto_threshold": otsu,
+        "unc_auto_hard_fraction": otsu_share,
         "cache_bytes": sum((partial / f"{name}.safetensors").stat().st_size for name in checksums),
         "shard_bytes": {name: (partial / f"{name}.safetensors").stat().st_size for name in checksums},
         "created_unix": round(time.time(), 3),
@@ -325,6 +333,53 @@ def finalize_cache(
         shutil.rmtree(output_dir)
     partial.rename(output_dir)
     return manifest
+
+
+def _with_unc_histogram(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A cache manifest written before the UNC histogram was recorded, completed from its shards
+    (no teacher pass; the shards, hence the content hash, are unchanged)."""
+    if "unc_histogram" in manifest:
+        return manifest
+    uncs = []
+    for name in sorted(manifest["shards"]):
+        with safe_open(str(directory / f"{name}.safetensors"), "pt") as handle:
+            uncs.append(handle.get_tensor("unc"))
+    histogram = unc_histogram(torch.cat(uncs) if uncs else torch.zeros(0), UNC_BINS)
+    threshold, share = otsu_threshold(histogram)
+    manifest = {
+        **manifest,
+        "unc_histogram": histogram,
+        "unc_auto_threshold": threshold,
+        "unc_auto_hard_fraction": share,
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def resolve_auto_split(loss: LossConfig, cache_manifest: dict[str, Any]) -> LossConfig:
+    """``loss`` with ``hard_fraction: auto`` made concrete from a cache's UNC histogram: a fixed
+    threshold (``split_scope: threshold``) and the share of the cache's tokens it makes hard.
+    Any other loss is returned unchanged."""
+    if loss.hard_fraction != "auto":
+        return loss
+    threshold = cache_manifest.get("unc_auto_threshold")
+    if threshold is None:
+        raise CacheError(
+            "loss.hard_fraction auto needs the cache's UNC histogram; this cache has none: run "
+            "`atkd score CONFIG`, which adds it"
+        )
+    if math.isnan(threshold):
+        raise CacheError(
+            "loss.hard_fraction auto: the teacher's UNC histogram has no valley (every token in one bin); "
+            "set a numeric loss.hard_fraction"
+        )
+    return loss.model_copy(
+        update={
+            "hard_fraction": cache_manifest["unc_auto_hard_fraction"],
+            "split_scope": "threshold",
+            "unc_threshold": threshold,
+        }
+    )
 
 
 def cache_problem(directory: Path, manifest: dict[str, Any], *, check_hashes: bool) -> str | None:
@@ -405,6 +460,7 @@ class TeacherCache:
         batch, length = targets.shape
         k = self.spec["top_k"]
         target_logprob = torch.zeros(batch, length)
+        unc = torch.zeros(batch, length)
         log_tail = torch.zeros(batch, length)
         topk_ids = torch.zeros(batch, length, k, dtype=torch.int32)
         topk_logprobs = torch.zeros(batch, length, k)
@@ -421,12 +477,17 @@ class TeacherCache:
                     f"({positions.numel()} vs {cached_targets.numel()} tokens); the cache was made from other data"
                 )
             target_logprob[row, positions] = tensors["target_logprob"][start:end]
+            unc[row, positions] = tensors["unc"][start:end]
             log_tail[row, positions] = tensors["log_tail_mass"][start:end]
             topk_ids[row, positions] = tensors["topk_ids"][start:end]
             topk_logprobs[row, positions] = tensors["topk_logprobs"][start:end].float()
         device = targets.device
         return SparseTeacher(
-            target_logprob.to(device), topk_ids.to(device), topk_logprobs.to(device), log_tail.to(device)
+            target_logprob.to(device),
+            topk_ids.to(device),
+            topk_logprobs.to(device),
+            log_tail.to(device),
+            unc.to(device),
         )
 
 
@@ -440,7 +501,7 @@ def run_scoring_stage(
     storage_dtype: str,
     shard_size: int,
     batch_size: int,
-    hard_fraction: float,
+    hard_fraction: float | str,
     device: str = "cpu",
     verify_hashes: bool = True,
     log: Callable[[str], None] = print,
@@ -463,7 +524,7 @@ def run_scoring_stage(
     if existing is not None and existing.get("input_fingerprint") == spec.fingerprint():
         problem = cache_problem(output_dir, existing, check_hashes=verify_hashes)
         if problem is None:
-            return existing, True
+            return _with_unc_histogram(output_dir, existing), True
         log(f"score_teacher: the cache in {output_dir} is damaged ({problem}); scoring it again")
     model = load_model(teacher_dir, device=device)
     score_teacher(model, prepared_dir, output_dir, spec, batch_size=batch_size, log=log)

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
-from atkd_core.training.job import TrainJob, distill_job, finetune_job
+from atkd_core.training.job import TrainJob, auto_split_line, distill_job, finetune_job
 from infra.launcher import launch_training
 from infra.tracking import MetricsBuffer, RunHandle, flatten, stage_run
 from tasks.policies import StageInputs
@@ -72,5 +72,13 @@ def distill_student_task(
     job = distill_job(config, Path(prepared_dir), Path(student_init), Path(cache_dir), Path(teacher_dir))
     with stage_run(config, parent_run_id, "distill_student") as run:
         run.log_params(flatten(config.loss.model_dump(mode="json"), "loss."))
+        if (line := auto_split_line(config, job)) is not None:
+            logger.info("distill: %s", line)
+            resolved = {
+                "auto_unc_threshold": float(job.config.loss.unc_threshold or 0.0),
+                "auto_hard_fraction": float(job.config.loss.hard_fraction),
+            }
+            run.log_params({f"loss.{key}": value for key, value in resolved.items()})
+            run.log_metrics(resolved)
         _train(job, run, logger)
     return str(job.output_dir)

@@ -18,6 +18,7 @@ from datasets import load_from_disk
 from atkd_core.data.batching import IGNORE_INDEX, collate, next_token_logits, shift_targets
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.losses import divergence_per_token, teacher_uncertainty
+from atkd_core.losses.atkd import dataset_threshold
 from atkd_core.models.build import load_model
 
 
@@ -26,7 +27,7 @@ def easy_hard_agreement(
     student_dir: Path,
     teacher_dir: Path,
     prepared_dir: Path,
-    hard_fraction: float,
+    hard_fraction: float | str,
     *,
     batch_size: int = 16,
     max_examples: int = 512,
@@ -61,7 +62,7 @@ def easy_hard_agreement(
         agreements.append((student_logits.argmax(-1) == teacher_logits.argmax(-1))[valid].float())
         uncs.append(teacher_uncertainty(teacher_logits, targets)[valid])
     kl, agreement, unc = torch.cat(kls), torch.cat(agreements), torch.cat(uncs)
-    threshold = float(torch.quantile(unc.double(), 1 - hard_fraction)) if unc.numel() else float("nan")
+    threshold = dataset_threshold(unc, hard_fraction)
     hard = unc >= threshold
     report: dict[str, Any] = {"unc_threshold": threshold, "hard_fraction": hard_fraction}
     for name, total in nll.items():

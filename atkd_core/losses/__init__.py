@@ -10,7 +10,9 @@ from atkd_core.losses.atkd import (
     atkd_loss,
     decompose_kl,
     hard_token_mask,
+    otsu_threshold,
     teacher_uncertainty,
+    unc_histogram,
 )
 from atkd_core.losses.distributions import LinearHead, SparseTeacher, Teacher
 from atkd_core.losses.divergences import (
@@ -39,9 +41,11 @@ __all__ = [
     "forward_kl",
     "generalized_jsd",
     "hard_token_mask",
+    "otsu_threshold",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
     "teacher_uncertainty",
+    "unc_histogram",
     "tvd",
 ]

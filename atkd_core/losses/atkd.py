@@ -133,11 +133,14 @@ def teacher_uncertainty(
     Dense teacher [.., V] (or a LinearHead, its logits made per chunk): exp(logsumexp of the
     non-target logits - logsumexp of all), over chunks of ``chunk_size`` tokens (UNC_CHUNK when
     None: no gradient is involved, so chunking is free) so only one ``[chunk, V]`` block is live.
-    Sparse teacher: 1 - exp(target_logprob).
+    Sparse teacher: its cached ``unc`` when present, else 1 - exp(target_logprob).
     """
     valid = targets != ignore_index
     if isinstance(teacher, SparseTeacher):
-        unc = -torch.expm1(teacher.target_logprob.float().clamp(max=0.0))
+        if teacher.unc is not None:
+            unc = teacher.unc.float()
+        else:
+            unc = -torch.expm1(teacher.target_logprob.float().clamp(max=0.0))
         return torch.where(valid, unc, torch.zeros_like(unc))
     flat = (
         teacher.reshape_flat() if isinstance(teacher, LinearHead) else teacher.reshape(-1, teacher.shape[-1])
@@ -186,6 +189,56 @@ def hard_token_mask(
     if split_scope not in ("batch", "sequence"):
         raise ValueError(f"split_scope must be batch, sequence or threshold, got {split_scope!r}")
     return _top_fraction(unc, valid, hard_fraction)
+
+
+UNC_BINS = 200  # histogram bins over [0, 1]: 0.005 wide, finer than any threshold worth telling apart
+
+
+def unc_histogram(unc: Tensor, bins: int = UNC_BINS) -> list[int]:
+    """Counts of ``unc`` (any shape, values in [0, 1]) in ``bins`` equal bins over [0, 1]."""
+    index = (unc.detach().double().flatten().clamp(0, 1) * bins).long().clamp(max=bins - 1)
+    return torch.bincount(index, minlength=bins).tolist()
+
+
+def otsu_threshold(counts: list[int]) -> tuple[float, float]:
+    """The automatic easy/hard split of a UNC histogram over [0, 1]: (threshold, hard share).
+
+    Otsu's rule: the bin edge that maximises the between-group variance w_e * w_h * (mu_e - mu_h)^2,
+    i.e. the valley between the near-certain tokens (UNC near 0) and the uncertain ones; where
+    several edges tie (empty bins between the groups), the middle one. Tokens with
+    ``UNC >= threshold`` are hard. An empty histogram, or one whose tokens all share one bin, has no
+    valley: (NaN, NaN).
+    """
+    bins = len(counts)
+    total = float(sum(counts))
+    if total == 0 or sum(1 for c in counts if c) < 2:
+        return float("nan"), float("nan")
+    centers = [(i + 0.5) / bins for i in range(bins)]
+    grand = sum(c * x for c, x in zip(counts, centers, strict=True))
+    best, first, last, easy_count, easy_sum = -1.0, 1, 1, 0.0, 0.0
+    for edge in range(1, bins):
+        easy_count += counts[edge - 1]
+        easy_sum += counts[edge - 1] * centers[edge - 1]
+        hard_count = total - easy_count
+        if easy_count == 0 or hard_count == 0:
+            continue
+        between = easy_count * hard_count * (easy_sum / easy_count - (grand - easy_sum) / hard_count) ** 2
+        if between > best * (1 + 1e-12):
+            best, first, last = between, edge, edge
+        elif between >= best * (1 - 1e-12):
+            last = edge
+    edge = (first + last) // 2
+    return edge / bins, sum(counts[edge:]) / total
+
+
+def dataset_threshold(unc: Tensor, hard_fraction: float | str) -> float:
+    """The UNC at or above which a token of ``unc`` ([n], a whole split) is hard: the quantile at
+    1 - k for a numeric k, Otsu's threshold for ``auto``; NaN when ``unc`` is empty."""
+    if unc.numel() == 0:
+        return float("nan")
+    if hard_fraction == "auto":
+        return otsu_threshold(unc_histogram(unc))[0]
+    return float(torch.quantile(unc.double(), 1 - float(hard_fraction)))
 
 
 def _top_fraction(unc: Tensor, valid: Tensor, hard_fraction: float) -> tuple[Tensor, float]:
@@ -295,6 +348,11 @@ class ATKDSplit:
         )
 
 
+def _positive(denominator: float) -> float:
+    """``denominator``, or 1 for an empty group (whose terms are all zero anyway)."""
+    return float(denominator) if denominator > 0 else 1.0
+
+
 def atkd_terms(
     teacher: Teacher,
     flat_teacher: Teacher,
@@ -325,8 +383,10 @@ def atkd_terms(
     easy_denominator, hard_denominator = (
         num_tokens if num_tokens is not None else (int(easy.sum()), int(hard.sum()))
     )
-    easy_weight = lam / max(float(easy_denominator), 1.0)
-    hard_weight = (1.0 - lam) / max(float(hard_denominator), 1.0)
+    # A denominator is a count, or a step's count over its micro-batches (below 1 when the step has
+    # fewer such tokens than micro-batches): only an empty group's zero needs replacing.
+    easy_weight = lam / _positive(easy_denominator)
+    hard_weight = (1.0 - lam) / _positive(hard_denominator)
     weights = torch.stack(
         [hard.float() * hard_weight, easy.float() * easy_weight + hard.float() * hard_weight], -1
     )

@@ -32,12 +32,16 @@ class SparseTeacher:
     topk_logprobs: [N, K] their log-probabilities.
     log_tail_mass: [N] log of the probability outside the top-K; derived from ``topk_logprobs``
         when None (less exact when the top-K holds almost all the mass).
+    unc: [N] UNC = 1 - p_g as scoring computed it (exact even where p_g rounds to 1); derived from
+        ``target_logprob`` when None. Given, the ATKD split and the step's cached group counts read
+        the same values, so a token at the threshold cannot fall on both sides.
     """
 
     target_logprob: Tensor
     topk_ids: Tensor
     topk_logprobs: Tensor
     log_tail_mass: Tensor | None = None
+    unc: Tensor | None = None
 
     def reshape_flat(self) -> SparseTeacher:
         """The same record with every leading dimension flattened to N."""
@@ -47,6 +51,7 @@ class SparseTeacher:
             topk_ids=self.topk_ids.reshape(-1, k),
             topk_logprobs=self.topk_logprobs.reshape(-1, k),
             log_tail_mass=None if self.log_tail_mass is None else self.log_tail_mass.reshape(-1),
+            unc=None if self.unc is None else self.unc.reshape(-1),
         )
 
     def rows(self, start: int, end: int) -> SparseTeacher:
@@ -56,6 +61,7 @@ class SparseTeacher:
             topk_ids=self.topk_ids[start:end],
             topk_logprobs=self.topk_logprobs[start:end],
             log_tail_mass=None if self.log_tail_mass is None else self.log_tail_mass[start:end],
+            unc=None if self.unc is None else self.unc[start:end],
         )
 
     @property

@@ -59,7 +59,9 @@ def cross_entropy_terms(
     def fn(start: int, end: int, chunk: Tensor) -> Tensor:
         return -torch.log_softmax(chunk, -1).gather(-1, safe[start:end, None])
 
-    return Terms((valid.float() * (weight / max(float(num_tokens), 1.0)))[:, None], fn)
+    # num_tokens may be a step's count over its micro-batches, below 1: only zero needs replacing.
+    denominator = float(num_tokens) if num_tokens > 0 else 1.0
+    return Terms((valid.float() * (weight / denominator))[:, None], fn)
 
 
 def weighted_token_sum(

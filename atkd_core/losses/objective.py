@@ -213,7 +213,7 @@ class ATKD(Objective):
             teacher,
             flat_teacher,
             targets,
-            hard_fraction=loss.hard_fraction,
+            hard_fraction=float(loss.hard_fraction),
             lam=loss.lam,
             setting=loss.setting,
             temperature=loss.temperature,
@@ -259,4 +259,9 @@ def build_objective(loss: LossConfig) -> Objective:
             "skew_reverse_kl": {"alpha": loss.skew_alpha},
         }.get(loss.divergence, {})
         return Divergence(loss.divergence, params, loss.temperature, loss.chunk_size, loss.ce_weight)
+    if loss.hard_fraction == "auto":
+        raise ValueError(
+            "loss.hard_fraction auto must be resolved from the teacher's UNC histogram first "
+            "(atkd_core.scoring.resolve_auto_split; the distillation job does it)"
+        )
     return ATKD(loss)

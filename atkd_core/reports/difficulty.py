@@ -10,23 +10,25 @@ from typing import Any
 import torch
 from datasets import load_from_disk
 
+from atkd_core.losses.atkd import dataset_threshold
 from atkd_core.reports.figures import plot_token_difficulty
 from atkd_core.scoring import TeacherCache
 
 
 def token_difficulty_report(
-    cache: TeacherCache, prepared_dir: Path, hard_fraction: float, output_dir: Path
+    cache: TeacherCache, prepared_dir: Path, hard_fraction: float | str, output_dir: Path
 ) -> dict[str, Any]:
     """Write ``unc_histogram.png`` and ``difficulty.json`` into ``output_dir``; return the JSON's content.
 
-    Easy/hard shares use the dataset-wide threshold: the UNC quantile at 1 - hard_fraction.
+    Easy/hard shares use the dataset-wide threshold: the UNC quantile at 1 - hard_fraction, or for
+    ``auto`` Otsu's threshold on the UNC histogram (what distillation then splits at).
     """
     train = load_from_disk(str(prepared_dir / "dataset"))["train"]
     by_family: dict[str, list[torch.Tensor]] = {}
     for example_id, category in zip(train["id"], train["category"], strict=True):
         by_family.setdefault(category or "(none)", []).append(cache.field(example_id, "unc"))
     all_unc = torch.cat([u for parts in by_family.values() for u in parts]).double()
-    threshold = float(torch.quantile(all_unc, 1 - hard_fraction)) if all_unc.numel() else float("nan")
+    threshold = dataset_threshold(all_unc, hard_fraction)
     families = {}
     for family, parts in sorted(by_family.items()):
         unc = torch.cat(parts).double()

@@ -92,7 +92,7 @@ def plot_evaluation_summary(rows: list[dict[str, Any]], models: list[str], path:
 
 
 def plot_token_difficulty(
-    unc: Any, threshold: float, hard_fraction: float, family_unc_means: dict[str, float], path: Path
+    unc: Any, threshold: float, hard_fraction: float | str, family_unc_means: dict[str, float], path: Path
 ) -> None:
     """The UNC histogram of the training tokens with the hard threshold, beside the mean UNC per family."""
     plt = pyplot()
@@ -102,7 +102,7 @@ def plot_token_difficulty(
         threshold,
         color="#C44E52",
         linestyle="--",
-        label=f"hard if UNC >= {threshold:.3f} (k={hard_fraction})",
+        label=f"hard if UNC >= {threshold:.3f} (k={hard_fraction}, {float((unc >= threshold).mean()):.0%} of tokens)",
     )
     left.set(
         xlabel="teacher UNC = 1 - p(target)",

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from atkd_core.config import PipelineConfig, TrainingConfig
+from atkd_core.errors import CacheError
 from atkd_core.losses.objective import CrossEntropy, Objective, build_objective
-from atkd_core.manifest import content_identity, fingerprint
+from atkd_core.manifest import content_identity, fingerprint, read_manifest
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -124,7 +125,19 @@ def finetune_job(config: PipelineConfig, prepared_dir: Path, teacher_init: Path)
 def distill_job(
     config: PipelineConfig, prepared_dir: Path, student_init: Path, cache_dir: Path, teacher_dir: Path
 ) -> TrainJob:
-    """The distillation stage in the run's standard layout; the cache offline, the teacher online."""
+    """The distillation stage in the run's standard layout; the cache offline, the teacher online.
+
+    ``loss.hard_fraction: auto`` is resolved here, offline and online alike, from the cache's UNC
+    histogram (the scoring pass over the training split): the job trains with, and is
+    fingerprinted by, the concrete threshold.
+    """
+    if config.loss.hard_fraction == "auto":
+        from atkd_core.scoring import resolve_auto_split  # scoring imports training: not at the top
+
+        manifest = read_manifest(cache_dir)
+        if manifest is None:
+            raise CacheError(f"{cache_dir}: no teacher cache, which loss.hard_fraction auto is derived from")
+        config = config.model_copy(update={"loss": resolve_auto_split(config.loss, manifest)})
     offline = config.distill.teacher_source == "offline"
     return TrainJob(
         stage="distill",
@@ -168,3 +181,14 @@ class TrainState:
     def device(self) -> torch.device:
         """The engine's device."""
         return self.engine.device
+
+
+def auto_split_line(config: PipelineConfig, job: TrainJob) -> str | None:
+    """One log line with what ``loss.hard_fraction: auto`` resolved to for ``job``, or None."""
+    if config.loss.hard_fraction != "auto":
+        return None
+    loss = job.config.loss
+    return (
+        f"loss.hard_fraction auto: hard if teacher UNC >= {loss.unc_threshold:.3f} (Otsu's threshold on the "
+        f"cache's UNC histogram), {float(loss.hard_fraction):.1%} of the training tokens"
+    )

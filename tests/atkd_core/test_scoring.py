@@ -13,7 +13,7 @@ from datasets import load_from_disk
 from atkd_core.data.batching import collate, next_token_logits, shift_targets
 from atkd_core.data.prepare import prepare_data
 from atkd_core.errors import CacheError
-from atkd_core.losses import atkd_loss
+from atkd_core.losses import atkd_loss, otsu_threshold
 from atkd_core.manifest import read_manifest
 from atkd_core.models.build import load_model, materialize_model
 from atkd_core.reports.difficulty import token_difficulty_report
@@ -233,3 +233,27 @@ def test_two_processes_write_the_same_cache_as_one(setup, tmp_path):
     )
     multi = read_manifest(tmp_path / "multi")
     assert multi["shards"] == single["shards"] and multi["tokens"] == single["tokens"]
+
+
+def test_the_cache_records_the_auto_split_and_the_report_uses_it(setup, tmp_path):
+    _, _, prepared, teacher_dir, _ = setup
+    manifest, _ = score(prepared, teacher_dir, tmp_path / "cache")
+    cache = TeacherCache(tmp_path / "cache")
+    unc = torch.cat([cache.field(i, "unc") for i in load_from_disk(str(prepared / "dataset"))["train"]["id"]])
+    assert sum(manifest["unc_histogram"]) == unc.numel() == manifest["tokens"]
+    threshold, share = otsu_threshold(manifest["unc_histogram"])
+    recorded = [manifest["unc_auto_threshold"], manifest["unc_auto_hard_fraction"]]
+    assert recorded == pytest.approx([threshold, share], nan_ok=True)
+    report = token_difficulty_report(cache, prepared, "auto", tmp_path / "report")
+    assert report["hard_fraction"] == "auto"
+    assert report["unc_threshold"] == pytest.approx(threshold, nan_ok=True)
+
+
+def test_a_cache_without_a_histogram_gets_one_from_its_shards_when_reused(setup, tmp_path):
+    _, _, prepared, teacher_dir, _ = setup
+    manifest, _ = score(prepared, teacher_dir, tmp_path / "cache")
+    old = {k: v for k, v in manifest.items() if not k.startswith(("unc_histogram", "unc_auto"))}
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(old))
+    again, reused = score(prepared, teacher_dir, tmp_path / "cache")
+    assert reused and again["unc_histogram"] == manifest["unc_histogram"]
+    assert again["content_sha256"] == manifest["content_sha256"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -153,3 +155,17 @@ def test_a_retrained_teacher_reruns_exactly_the_stages_after_it_and_the_student_
     fresh = retrained.model_copy(update={"workdir": tmp_path / "fresh"})
     distill_pipeline(fresh)
     assert _student_weights(tmp_path / "shared") == _student_weights(tmp_path / "fresh") != old_student
+
+
+def test_the_auto_split_is_logged_with_the_distillation_and_the_difficulty_report(prefect_harness, tmp_path):
+    config = tiny_config(tmp_path, loss={"hard_fraction": "auto"}, eval={"enabled": False})
+    result = distill_pipeline(config)
+    client = MlflowClient(tracking_uri=result.mlflow_tracking_uri)
+    distill = child_runs(client, client.get_run(result.mlflow_run_id))["distill_student"]
+    cache = json.loads((tmp_path / "teacher_cache" / "manifest.json").read_text())
+    assert float(distill.data.params["loss.auto_unc_threshold"]) == pytest.approx(cache["unc_auto_threshold"])
+    assert distill.data.metrics["auto_hard_fraction"] == pytest.approx(cache["unc_auto_hard_fraction"])
+    assert distill.data.params["loss.hard_fraction"] == "auto"
+    report = json.loads((config.layout.teacher_report / "difficulty.json").read_text())
+    assert report["hard_fraction"] == "auto"
+    assert report["unc_threshold"] == pytest.approx(cache["unc_auto_threshold"], nan_ok=True)

@@ -19,7 +19,7 @@ from atkd_core.models.build import materialize_model
 from atkd_core.scoring import run_scoring_stage
 from atkd_core.training.checkpoint import CheckpointError
 from atkd_core.training.distributed import child_environment
-from atkd_core.training.job import TrainJob
+from atkd_core.training.job import TrainJob, auto_split_line, distill_job
 from atkd_core.training.main import run_training
 from infra.launcher import launch_training
 from tests.conftest import REPO_ROOT, tiny_config
@@ -443,3 +443,28 @@ def test_a_checkpoint_is_tied_to_its_caches_contents_not_its_path(tmp_path):
         ).fingerprint()
 
     assert job_fingerprint("old") != job_fingerprint("new") == job_fingerprint("new")
+
+
+@pytest.mark.slow
+def test_the_auto_split_is_the_caches_threshold_whatever_the_batching(inputs, tmp_path):
+    """hard_fraction auto: distill_job fixes the split at the cache's Otsu threshold, so splitting
+    the batch into micro-batches changes nothing (a per-batch k would)."""
+    root, teacher, student = inputs
+    manifest = json.loads((root / "cache" / "manifest.json").read_text())
+    runs = {}
+    for micro in (8, 2):
+        config = make_job(
+            inputs,
+            tmp_path,
+            training={"micro_batch_size": micro},
+            loss={"hard_fraction": "auto"},
+            name=f"m{micro}",
+        ).config
+        job = distill_job(config, root / "prepared", student, root / "cache", teacher)
+        assert job.config.loss.split_scope == "threshold"
+        assert job.config.loss.unc_threshold == manifest["unc_auto_threshold"]
+        assert job.config.loss.hard_fraction == manifest["unc_auto_hard_fraction"]
+        assert "loss.hard_fraction auto: hard if teacher UNC >= " in (auto_split_line(config, job) or "")
+        run_training(job, lambda m, s: None, quiet)
+        runs[micro] = losses(job)
+    assert runs[2] == pytest.approx(runs[8], rel=1e-5, abs=1e-7)

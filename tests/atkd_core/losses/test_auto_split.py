@@ -1,0 +1,66 @@
+"""loss.hard_fraction auto: Otsu's threshold on the teacher's UNC histogram."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atkd_core.config import LossConfig
+from atkd_core.errors import CacheError
+from atkd_core.losses import otsu_threshold, unc_histogram
+from atkd_core.losses.atkd import dataset_threshold
+from atkd_core.scoring import resolve_auto_split
+
+
+def _bimodal(easy_share: float, seed: int = 0) -> torch.Tensor:
+    """Near-certain tokens around UNC 0.1 and uncertain ones around 0.7 (sd 0.05): the valley is at 0.4."""
+    generator = torch.Generator().manual_seed(seed)
+    n = 20_000
+    easy = int(n * easy_share)
+    confident = 0.1 + 0.05 * torch.randn(easy, generator=generator)
+    uncertain = 0.7 + 0.05 * torch.randn(n - easy, generator=generator)
+    return torch.cat([confident, uncertain]).clamp(0, 1)
+
+
+@pytest.mark.parametrize("easy_share", [0.3, 0.6, 0.8])
+def test_otsu_recovers_the_valley_of_a_bimodal_unc_distribution(easy_share):
+    threshold, hard_share = otsu_threshold(unc_histogram(_bimodal(easy_share)))
+    assert abs(threshold - 0.4) < 0.03
+    assert hard_share == pytest.approx(1 - easy_share, abs=0.005)
+
+
+def test_the_histogram_counts_every_token_in_its_bin():
+    counts = unc_histogram(torch.tensor([0.0, 0.0049, 0.0051, 0.5, 1.0]), bins=200)
+    assert sum(counts) == 5 and counts[0] == 2 and counts[1] == 1 and counts[100] == 1 and counts[199] == 1
+
+
+def test_a_histogram_without_a_valley_has_no_threshold():
+    assert all(math.isnan(v) for v in otsu_threshold([0] * 200))
+    assert all(math.isnan(v) for v in otsu_threshold([0] * 50 + [7] + [0] * 149))
+
+
+def test_dataset_threshold_is_the_quantile_or_otsus():
+    unc = _bimodal(0.6)
+    assert dataset_threshold(unc, 0.4) == pytest.approx(float(torch.quantile(unc.double(), 0.6)))
+    assert dataset_threshold(unc, "auto") == otsu_threshold(unc_histogram(unc))[0]
+
+
+def test_resolving_auto_gives_a_fixed_threshold_split():
+    manifest = {"unc_auto_threshold": 0.42, "unc_auto_hard_fraction": 0.37}
+    resolved = resolve_auto_split(LossConfig(hard_fraction="auto"), manifest)
+    assert (resolved.split_scope, resolved.unc_threshold, resolved.hard_fraction) == ("threshold", 0.42, 0.37)
+    numeric = LossConfig(hard_fraction=0.7)
+    assert resolve_auto_split(numeric, manifest) is numeric
+    with pytest.raises(CacheError, match="has no UNC histogram|this cache has none"):
+        resolve_auto_split(LossConfig(hard_fraction="auto"), {})
+    with pytest.raises(CacheError, match="no valley"):
+        resolve_auto_split(LossConfig(hard_fraction="auto"), {"unc_auto_threshold": float("nan")})
+
+
+def test_auto_cannot_be_combined_with_a_given_threshold():
+    with pytest.raises(ValueError, match="auto chooses the UNC threshold itself"):
+        LossConfig(hard_fraction="auto", split_scope="threshold", unc_threshold=0.5)
+    with pytest.raises(ValueError, match="must be a number in \\(0, 1\\) or auto"):
+        LossConfig(hard_fraction="half")
