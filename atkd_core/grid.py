@@ -74,6 +74,14 @@ class CompareConfig(StrictModel):
         pattern=r"^(rougeL|exact_match)$",
         description="The generation metric averaged over the suite's tasks into a cell's score: rougeL or exact_match.",
     )
+    objectives: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "Named arms beside the built-in objectives: name -> dotted config settings, e.g. atkd_auto: "
+            "{loss.objective: atkd, loss.hard_fraction: auto}; usable in axes.objective and pairs. A name "
+            f"may not be one of {sorted(OBJECTIVES)}."
+        ),
+    )
     pairs: list[tuple[str, str]] = Field(
         default_factory=list,
         description="(baseline, ATKD) objective pairs whose per-seed differences are reported with a 95% CI.",
@@ -90,17 +98,25 @@ class CompareConfig(StrictModel):
             raise ValueError(f"seeds must be distinct and >= 0, got {seeds}")
         return seeds
 
+    @property
+    def all_objectives(self) -> dict[str, dict[str, Any]]:
+        """The built-in objectives and this comparison's own arms, by name."""
+        return {**OBJECTIVES, **self.objectives}
+
     @model_validator(mode="after")
     def _check_axes(self) -> CompareConfig:
+        if clash := sorted(set(self.objectives) & set(OBJECTIVES)):
+            raise ValueError(f"objectives: {clash} are built-in objectives; give the arm another name")
+        known = sorted(self.all_objectives)
         for axes in (self.axes, *self.ablations.values()):
             for name, values in axes.items():
                 if not values or len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
                     raise ValueError(f"axes.{name}: needs at least one value and no repeats, got {values}")
-                if name == OBJECTIVE_AXIS and not set(values) <= set(OBJECTIVES):
-                    raise ValueError(f"axes.objective: {values} not all in {sorted(OBJECTIVES)}")
+                if name == OBJECTIVE_AXIS and not set(values) <= set(known):
+                    raise ValueError(f"axes.objective: {values} not all in {known}")
         for baseline, atkd in self.pairs:
-            if {baseline, atkd} - set(OBJECTIVES):
-                raise ValueError(f"pairs: ({baseline}, {atkd}) must be objectives from {sorted(OBJECTIVES)}")
+            if {baseline, atkd} - set(known):
+                raise ValueError(f"pairs: ({baseline}, {atkd}) must be objectives from {known}")
         return self
 
 
@@ -233,7 +249,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, ablation: st
 def _cell(grid: Grid, base_raw: dict[str, Any], values: dict[str, Any], seed: int) -> Cell:
     settings: dict[str, Any] = {}
     for axis, value in values.items():
-        settings.update(OBJECTIVES[value] if axis == OBJECTIVE_AXIS else {axis: value})
+        settings.update(grid.comparison.all_objectives[value] if axis == OBJECTIVE_AXIS else {axis: value})
     settings.update(dict.fromkeys(grid.comparison.seed_fields, seed))
     # A name stands for itself in the cell's path; a number needs its field, or two ablations
     # (k = 0.5 and lam = 0.5) would share a folder and one's checkpoints would meet the other's.

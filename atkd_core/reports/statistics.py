@@ -27,6 +27,22 @@ def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float
     return mean, mean - half, mean + half
 
 
+def detectable_effect(values: list[float], level: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true mean difference a paired t-test on ``len(values)`` pairs with this spread
+    detects with ``power`` at two-sided ``level``: (t_(1+level)/2 + t_power) * sd / sqrt(n), with
+    n - 1 degrees of freedom (the usual approximation); infinite with fewer than two values."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return math.inf
+    _, std = mean_std(values)
+    n = len(values)
+    return float((stats.t.ppf(0.5 + level / 2, n - 1) + stats.t.ppf(power, n - 1)) * std / math.sqrt(n))
+
+
+POOLED = "all (mean over them per seed)"
+
+
 def summarize(results: list[dict[str, Any]], axes: list[str], key: str) -> list[dict[str, Any]]:
     """One row per cell: its axis values, ``key``'s mean and std over seeds, and the seed count."""
     groups: dict[tuple, list[float]] = {}
@@ -44,7 +60,10 @@ def paired_differences(
     results: list[dict[str, Any]], axes: list[str], pairs: list[tuple[str, str]], key: str
 ) -> list[dict[str, Any]]:
     """For each (baseline, ATKD) pair and each combination of the other axes: the per-seed
-    differences ATKD − baseline (same seed, so same init and data order), their mean and 95% CI."""
+    differences ATKD − baseline (same seed, so same init and data order), their mean, 95% CI and
+    the smallest effect the seeds could detect. With several combinations (e.g. teachers), one more
+    row pools them: per seed, the mean of its differences over the combinations, so the seed stays
+    the unit (runs of one seed share the student's init and data order)."""
     if OBJECTIVE_AXIS not in axes:
         return []
     others = [a for a in axes if a != OBJECTIVE_AXIS]
@@ -54,24 +73,31 @@ def paired_differences(
     }
     rows = []
     contexts = sorted({context for context, _, _ in by_cell}, key=str)
+
+    def row(context: tuple, pair: str, diffs: list[float]) -> dict[str, Any]:
+        mean, low, high = confidence_interval(diffs)
+        return {
+            **dict(zip(others, context, strict=True)),
+            "pair": pair,
+            "mean": mean,
+            "ci_low": low,
+            "ci_high": high,
+            "n": len(diffs),
+            "detectable": detectable_effect(diffs),
+        }
+
     for baseline, atkd in pairs:
+        per_seed: dict[int, dict[tuple, float]] = {}
         for context in contexts:
-            seeds = sorted(
-                s for c, o, s in by_cell if c == context and o == atkd and (c, baseline, s) in by_cell
-            )
-            diffs = [by_cell[(context, atkd, s)] - by_cell[(context, baseline, s)] for s in seeds]
-            diffs = [d for d in diffs if math.isfinite(d)]
-            if not diffs:
-                continue
-            mean, low, high = confidence_interval(diffs)
-            rows.append(
-                {
-                    **dict(zip(others, context, strict=True)),
-                    "pair": f"{atkd} - {baseline}",
-                    "mean": mean,
-                    "ci_low": low,
-                    "ci_high": high,
-                    "n": len(diffs),
-                }
-            )
+            for seed in sorted(s for c, o, s in by_cell if c == context and o == atkd):
+                if (context, baseline, seed) in by_cell:
+                    diff = by_cell[(context, atkd, seed)] - by_cell[(context, baseline, seed)]
+                    if math.isfinite(diff):
+                        per_seed.setdefault(seed, {})[context] = diff
+            diffs = [d[context] for _, d in sorted(per_seed.items()) if context in d]
+            if diffs:
+                rows.append(row(context, f"{atkd} - {baseline}", diffs))
+        complete = [sum(d.values()) / len(d) for d in per_seed.values() if len(d) == len(contexts)]
+        if len(contexts) > 1 and complete:
+            rows.append(row((POOLED,) * len(others), f"{atkd} - {baseline}", complete))
     return rows

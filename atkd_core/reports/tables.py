@@ -53,10 +53,11 @@ def pairs_markdown(rows: list[dict[str, Any]], axes: list[str], digits: int = 2)
             f"{row['mean']:+.{digits}f}",
             f"[{row['ci_low']:+.{digits}f}, {row['ci_high']:+.{digits}f}]",
             str(row["n"]),
+            f"{row['detectable']:.{digits}f}" if "detectable" in row else "-",
         ]
         for row in rows
     ]
-    return markdown_table([*others, "difference", "mean", "95% CI", "seeds"], body)
+    return markdown_table([*others, "difference", "mean", "95% CI", "seeds", "detectable (80% power)"], body)
 
 
 TEACHER_COLUMNS = (

@@ -128,3 +128,40 @@ def test_summary_and_pivot_table():
     assert table.splitlines()[0] == "| t | kd | atkd |"
     assert table.splitlines()[3] == "| b | 4.50 ± 0.71 | 6.50 ± 0.71 |"
     assert set(OBJECTIVES) == {"sft", "kd", "atkd", "rkd", "rkd_atkd"}
+
+
+def test_named_arms_expand_to_their_settings_and_may_not_shadow_a_built_in(tmp_path):
+    arms = {
+        "atkd_auto": {"loss.objective": "atkd", "loss.hard_fraction": "auto"},
+        "atkd_k07": {"loss.objective": "atkd", "loss.hard_fraction": 0.7},
+    }
+    path = write_comparison(
+        tmp_path,
+        objectives=arms,
+        axes={"objective": ["kd", "atkd_auto", "atkd_k07"]},
+        pairs=[["kd", "atkd_auto"]],
+    )
+    grid = load_grid(path)
+    by_arm = {c.values["objective"]: c.config.loss for c in grid.cells}
+    assert by_arm["atkd_auto"].hard_fraction == "auto" and by_arm["atkd_k07"].hard_fraction == 0.7
+    assert by_arm["kd"].objective == "kd" and len(grid.cells) == 9
+    with pytest.raises(ConfigError, match=r"\['kd'\] are built-in objectives"):
+        load_grid(write_comparison(tmp_path, objectives={"kd": {"loss.lam": 0.1}}))
+    with pytest.raises(ConfigError, match="not all in"):
+        load_grid(write_comparison(tmp_path, axes={"objective": ["kd", "atkd_nope"]}))
+
+
+def test_the_pooled_row_takes_each_seeds_mean_over_teachers_and_reports_the_detectable_effect():
+    diffs = {("a", 0): 1.0, ("a", 1): 2.0, ("a", 2): 0.0, ("b", 0): 3.0, ("b", 1): -1.0, ("b", 2): 1.0}
+    results = []
+    for (teacher, seed), diff in diffs.items():
+        results.append({"values": {"t": teacher, "objective": "kd"}, "seed": seed, "score": 10.0})
+        results.append({"values": {"t": teacher, "objective": "atkd"}, "seed": seed, "score": 10.0 + diff})
+    rows = paired_differences(results, ["t", "objective"], [("kd", "atkd")], "score")
+    pooled = rows[-1]
+    assert pooled["t"].startswith("all") and pooled["n"] == 3
+    seed_means = [2.0, 0.5, 0.5]
+    assert pooled["mean"] == pytest.approx(sum(seed_means) / 3)
+    sd = stats.tstd(seed_means)
+    expected = (stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * sd / math.sqrt(3)
+    assert pooled["detectable"] == pytest.approx(expected)
