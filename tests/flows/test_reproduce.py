@@ -1,5 +1,6 @@
-"""The reproduction grid (configs/reproduce.yaml) end to end, shrunk to minutes: every objective,
-two teacher sizes, two seeds, tiny data and step counts. The full grid is `make reproduce`."""
+"""The pre-registered confirmation (configs/confirm.yaml, `make reproduce`) end to end, shrunk to
+minutes: every arm, two teacher sizes, two seeds, tiny data and step counts; and the shape of the
+exploratory grid (configs/reproduce.yaml, `make reproduce-exploratory`)."""
 
 from __future__ import annotations
 
@@ -29,17 +30,50 @@ TINY = [
 ]
 
 
-def tiny_reproduction(tmp_path) -> str:
-    """configs/reproduce.yaml with its base copied beside it and the sizes shrunk."""
-    raw = yaml.safe_load((REPO_ROOT / "configs" / "reproduce.yaml").read_text())
+def tiny_confirmation(tmp_path) -> str:
+    """configs/confirm.yaml with its base copied beside it and the sizes shrunk."""
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "confirm.yaml").read_text())
     (tmp_path / raw["base"]).write_text((REPO_ROOT / "configs" / raw["base"]).read_text())
     raw["workdir"] = str(tmp_path / "reproduce")
-    raw["base_set"] = TINY
+    raw["base_set"] = [*raw["base_set"], *TINY]
     raw["axes"]["teacher.preset"] = ["neox-tiny", "neox-small"]
-    raw["seeds"] = [0, 1]
-    path = tmp_path / "reproduce.yaml"
+    raw["seeds"] = [3, 4]
+    path = tmp_path / "confirm.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return str(path)
+
+
+def test_the_shipped_confirmation_is_the_preregistered_design():
+    """What docs/reproduction.md registered: 3 teachers x 4 warm-started arms x seeds 3-8, new
+    seeds only, one budget; and the from-scratch ce_weight 0.5 ablation."""
+    grid = load_grid(REPO_ROOT / "configs" / "confirm.yaml")
+    assert grid.axes == {
+        "teacher.preset": ["neox-tiny", "neox-small", "neox-medium"],
+        "objective": ["kd", "atkd_k05", "atkd_auto", "atkd_k07"],
+    }
+    assert grid.comparison.seeds == [3, 4, 5, 6, 7, 8] and len(grid.cells) == 72
+    exploratory = load_grid(REPO_ROOT / "configs" / "reproduce.yaml").comparison.seeds
+    assert not set(grid.comparison.seeds) & set(exploratory)
+    assert grid.comparison.pairs[0] == ("kd", "atkd_auto")
+    arms = {c.values["objective"]: c.config.loss for c in grid.cells}
+    assert [arms[a].hard_fraction for a in ("atkd_k05", "atkd_auto", "atkd_k07")] == [0.5, "auto", 0.7]
+    assert all(c.config.distill.sft_warmup_epochs == 1.0 for c in grid.cells)
+    budgets = {
+        json.dumps(c.config.distill.training.model_dump(mode="json", exclude={"seed"}), sort_keys=True)
+        for c in grid.cells
+    }
+    assert len(budgets) == 1 and len(grid.teacher_configs) == 3
+    scratch = load_grid(REPO_ROOT / "configs" / "confirm.yaml", ablation="scratch_ce")
+    assert len(scratch.cells) == 36
+    assert all(
+        c.config.distill.sft_warmup_epochs == 0.0 and c.config.loss.ce_weight == 0.5 for c in scratch.cells
+    )
+    # The teachers are the exploratory grid's: same groups, so the confirmation reuses them.
+    assert (
+        set(scratch.teacher_configs)
+        == set(grid.teacher_configs)
+        == set(load_grid(REPO_ROOT / "configs" / "reproduce.yaml").teacher_configs)
+    )
 
 
 def test_the_shipped_grid_is_the_papers():
@@ -61,17 +95,19 @@ def test_the_shipped_grid_is_the_papers():
 
 
 @pytest.mark.slow
-def test_tiny_reproduction_grid_runs_and_reports(prefect_harness, tmp_path, capsys):
-    path = tiny_reproduction(tmp_path)
+def test_tiny_confirmation_runs_and_reports(prefect_harness, tmp_path, capsys):
+    path = tiny_confirmation(tmp_path)
     docs = tmp_path / "docs"
     assert main(["compare", path, "--report-to", str(docs)]) == 0
-    assert "=== atkd compare: 20 runs done" in capsys.readouterr().out
+    assert "=== atkd compare: 16 runs done" in capsys.readouterr().out
     report = (docs / "report.md").read_text()
-    assert "| teacher.preset | sft | kd | atkd | rkd | rkd_atkd |" in report
-    for pair in ("atkd - kd", "rkd_atkd - rkd"):
-        assert report.count(f"| {pair} |") == 2
+    assert "| teacher.preset | kd | atkd_k05 | atkd_auto | atkd_k07 |" in report
+    for pair in ("atkd_auto - kd", "atkd_k05 - kd", "atkd_k07 - kd"):
+        # One row per teacher and the row pooled over them per seed.
+        assert report.count(f"| {pair} |") == 3
+    assert "| all (mean over them per seed) | atkd_auto - kd |" in report
     summary = json.loads((docs / "summary.json").read_text())
-    assert len(summary["scores"]) == 10 and all(row["n"] == 2 for row in summary["scores"])
+    assert len(summary["scores"]) == 8 and all(row["n"] == 2 for row in summary["scores"])
     assert [t["teacher"].split("-")[1] for t in summary["teachers"]] == ["tiny", "small"]
     assert all(0 < t["unc_mean"] < 1 and "teacher_score" in t for t in summary["teachers"])
     for name in ("scores.png", "unc.png"):
