@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from atkd_core.config import PipelineConfig, load_config
 from atkd_core.pipeline import pipeline_outputs
+from atkd_core.reports.comparison import cell_scores
 from atkd_core.workdir import workdir_lock
 from infra.tracking import OUTBOX_NAME, RunHandle, pipeline_run, unsent_calls
 from tasks.data import generate_teacher_data_task, prepare_data_task
@@ -111,6 +112,13 @@ class PrefectStages:
         )
 
 
+def headline_metrics(eval_dir: Path) -> dict[str, float]:
+    """What two pipeline runs are compared on, for their parent run: the student's and teacher's
+    ROUGE-L averaged over the generation tasks, their validation perplexities and the gap."""
+    scores = cell_scores(eval_dir, "rougeL")
+    return {**scores, "score_gap": scores["student_score"] - scores["teacher_score"]}
+
+
 def read_summary(outputs: dict[str, str]) -> str:
     """The evaluation summary table of a run's outputs ('' when evaluation was off)."""
     summary = Path(outputs.get("evaluate", "")) / "summary.md"
@@ -143,7 +151,14 @@ def run_tags(flow_run_id: str, flow_run_url: str | None) -> dict[str, str]:
     return tags
 
 
-@flow(name="distill_pipeline")
+# The run's name says what it trains, not a random "adjective-animal" (Prefect's default).
+RUN_NAME = (
+    "{config.name}: {config.loss.objective} k={config.loss.hard_fraction} lam={config.loss.lam} "
+    "seed={config.distill.training.seed}"
+)
+
+
+@flow(name="distill_pipeline", flow_run_name=RUN_NAME)
 def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:  # noqa: B008 (UI form default)
     """Run every stage of the ATKD pipeline on ``config``; return the output paths and run ids."""
     logger = get_run_logger()
@@ -153,6 +168,8 @@ def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResul
         pipeline_run(config, tags=run_tags(flow_run_id, flow_run_url)) as parent,
     ):
         outputs = pipeline_outputs(config, PrefectStages(config, parent.run_id))
+        if "evaluate" in outputs:
+            parent.log_metrics(headline_metrics(Path(outputs["evaluate"])))
         version, summary = publish(config, parent, outputs)
     logger.info("pipeline finished: %s", outputs)
     unsent = unsent_calls(config)

@@ -299,7 +299,12 @@ def _root_cause(error: BaseException) -> str:
 
 
 def register_model(
-    run: RunHandle, model_dir: Path, name: str, description: str, content_hash: str
+    run: RunHandle,
+    model_dir: Path,
+    name: str,
+    description: str,
+    content_hash: str,
+    tags: Mapping[str, str] | None = None,
 ) -> str | None:
     """Log ``model_dir`` as the run's ``model`` artifact and register it as a version of ``name``.
 
@@ -312,6 +317,7 @@ def register_model(
         "name": name,
         "description": description,
         "content_hash": content_hash,
+        "tags": dict(tags or {}),
     }
     target = run.target()
     if target is None or run.tracking_uri in _outages:
@@ -319,7 +325,7 @@ def register_model(
             run.outbox.add({"run": run.run_id, "kind": "register", **arguments})
         return None
     try:
-        return _register(run, target[0], model_dir, name, description, content_hash)
+        return _register(run, target[0], model_dir, name, description, content_hash, tags)
     except Exception as exc:
         if run.outbox is None:
             raise
@@ -329,7 +335,13 @@ def register_model(
 
 
 def _register(
-    run: RunHandle, client: MlflowClient, model_dir: Path, name: str, description: str, content_hash: str
+    run: RunHandle,
+    client: MlflowClient,
+    model_dir: Path,
+    name: str,
+    description: str,
+    content_hash: str,
+    tags: Mapping[str, str] | None = None,
 ) -> str:
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="Students distilled by the ATKD pipeline.")
@@ -337,6 +349,8 @@ def _register(
     if existing:
         version = existing[0]
         client.update_model_version(name, version.version, description=description)
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(name, version.version, key, value)
         return str(version.version)
     client.log_artifacts(str(run.run_id), str(model_dir), "model")
     version = client.create_model_version(
@@ -344,21 +358,29 @@ def _register(
         source=f"runs:/{run.run_id}/model",
         run_id=run.run_id,
         description=description,
-        tags={"content_sha256": content_hash},
+        tags={**(tags or {}), "content_sha256": content_hash},
     )
     return str(version.version)
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# MLflow 3's UI opens an experiment of this kind in its training-runs view, not the GenAI one.
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
 
 def _experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
     name = config.tracking.experiment_name
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
         return experiment.experiment_id
+    tags = {EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
     if str(client.tracking_uri).startswith(("http://", "https://")):
-        return client.create_experiment(name)  # the server decides (and serves) artifact storage
+        return client.create_experiment(name, tags=tags)  # the server decides (and serves) artifact storage
     # A local store needs an explicit location: otherwise artifacts land in ./mlruns of the cwd.
     artifacts = (config.workdir / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    return client.create_experiment(name, artifact_location=artifacts, tags=tags)
 
 
 @contextmanager
@@ -515,6 +537,7 @@ def _replay(handle: RunHandle, entry: dict[str, Any]) -> None:
             entry["name"],
             entry["description"],
             entry["content_hash"],
+            entry.get("tags"),
         )
     else:
         raise ValueError(f"unknown outbox entry kind {kind!r}")

@@ -15,6 +15,25 @@ from infra.tracking import attach_run, register_model
 from tasks.policies import IO_RETRIES
 
 
+def version_tags(config: PipelineConfig, student_dir: Path) -> dict[str, str]:
+    """What tells registered students apart: the objective and its settings, the teacher, the seed
+    and the training data's content hash (from the student's manifest)."""
+    loss = config.loss
+    student = read_manifest(student_dir) or {}
+    return {
+        "objective": loss.objective,
+        "divergence": loss.divergence if loss.objective == "kd" else "-",
+        "setting": loss.setting if loss.objective == "atkd" else "-",
+        "hard_fraction": str(loss.hard_fraction) if loss.objective == "atkd" else "-",
+        "lam": str(loss.lam) if loss.objective == "atkd" else "-",
+        "ce_weight": str(loss.ce_weight),
+        "teacher": config.teacher.preset or str(config.teacher.path),
+        "student": config.student.preset or str(config.student.path),
+        "seed": str(config.distill.training.seed),
+        "data_sha256": str(student.get("train_data_sha256", "unknown")),
+    }
+
+
 def registered_model_name(config: PipelineConfig) -> str:
     """The registry name of the pipeline's students."""
     return config.tracking.registered_model_name or f"{config.name}-student"
@@ -30,7 +49,14 @@ def register_student_task(
     manifest = read_manifest(Path(student_dir)) or {}
     content_hash = manifest.get("content_sha256") or manifest.get("input_fingerprint", "unknown")
     description = f"Distilled by pipeline run {run.run_id} ({config.name}).\n\n{summary}"
-    version = register_model(run, Path(student_dir), registered_model_name(config), description, content_hash)
+    version = register_model(
+        run,
+        Path(student_dir),
+        registered_model_name(config),
+        description,
+        content_hash,
+        version_tags(config, Path(student_dir)),
+    )
     if version is not None:
         run.set_tags({"registered_model": f"{registered_model_name(config)}/{version}"})
         get_run_logger().info("registered %s version %s", registered_model_name(config), version)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from atkd_core.manifest import fingerprint, read_manifest, sha256_file
+from atkd_core.manifest import content_identity, fingerprint, read_manifest, sha256_file
 from atkd_core.training.checkpoint import METRICS_FILE, save_model
 from atkd_core.training.distributed import process_group
 from atkd_core.training.ds_config import render_ds_config, resolve_device
@@ -84,6 +84,8 @@ def _write_manifest(
         "steps": len(history) and history[-1]["step"],
         "final": history[-1] if history else {},
         "world_size": world_size,
+        # What it was trained on, for the registry's tags (the fingerprint above hashes it in too).
+        "train_data_sha256": content_identity(job.prepared_dir),
         # The weights and architecture only: metrics.jsonl carries timings that differ run to run.
         "content_sha256": fingerprint(
             {

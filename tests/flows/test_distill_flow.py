@@ -73,6 +73,26 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
     mine = [a for a in artifacts if str(a.flow_run_id) == result.prefect_flow_run_id]
     assert len(mine) == 1 and result.mlflow_run_id in mine[0].data and "| atkd_add |" in mine[0].data
 
+    # What a Prefect and MLflow user sees at a glance: the flow run named from the config, the
+    # parent run's headline metrics, the training-runs view, the registered version's tags.
+    with get_client(sync_client=True) as prefect_client:
+        flow_run = prefect_client.read_flow_run(result.prefect_flow_run_id)
+    assert flow_run.name == "test: atkd k=0.5 lam=0.2 seed=0"
+    headline = parent.data.metrics
+    assert headline["score_gap"] == pytest.approx(headline["student_score"] - headline["teacher_score"])
+    assert headline["student_perplexity"] > 1 and headline["teacher_perplexity"] > 1
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = version.tags
+    assert (tags["objective"], tags["hard_fraction"], tags["lam"], tags["teacher"], tags["seed"]) == (
+        "atkd",
+        "0.5",
+        "0.2",
+        "neox-tiny",
+        "0",
+    )
+    assert len(tags["data_sha256"]) == 64 and tags["divergence"] == "-"
+
 
 def test_flow_parameter_schema_is_the_config_model():
     from prefect.utilities.callables import parameter_schema
