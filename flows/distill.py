@@ -151,6 +151,12 @@ def run_tags(flow_run_id: str, flow_run_url: str | None) -> dict[str, str]:
     return tags
 
 
+# What the ad-hoc deployment's form opens on: the demo config, in a workdir and under a name (hence
+# a registered model, adhoc-student) of its own, so a run from the UI never touches `make demo`'s.
+ADHOC_DEFAULT = load_config(
+    Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", ["name=adhoc", "workdir=runs/adhoc"]
+)
+
 # The run's name says what it trains, not a random "adjective-animal" (Prefect's default).
 RUN_NAME = (
     "{config.name}: {config.loss.objective} k={config.loss.hard_fraction} lam={config.loss.lam} "
@@ -159,7 +165,7 @@ RUN_NAME = (
 
 
 @flow(name="distill_pipeline", flow_run_name=RUN_NAME)
-def distill_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:  # noqa: B008 (UI form default)
+def distill_pipeline(config: PipelineConfig = ADHOC_DEFAULT) -> PipelineResult:
     """Run every stage of the ATKD pipeline on ``config``; return the output paths and run ids."""
     logger = get_run_logger()
     flow_run_id, flow_run_url = flow_run_links()

@@ -7,9 +7,10 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from atkd_core.config import load_config
+from atkd_core.config import PipelineConfig, load_config
 from flows.distill import distill_pipeline
-from tests.conftest import PIPELINE_STAGES, child_runs, tiny_config
+from tasks.publish import registered_model_name
+from tests.conftest import PIPELINE_STAGES, REPO_ROOT, child_runs, tiny_config
 
 
 def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
@@ -100,6 +101,12 @@ def test_flow_parameter_schema_is_the_config_model():
     schema = parameter_schema(distill_pipeline.fn).model_dump()
     assert "config" in schema["properties"]
     assert "PipelineConfig" in str(schema)
+    # The ad-hoc form opens on the demo config, in a workdir and under a registry name of its own.
+    default = PipelineConfig.model_validate(schema["properties"]["config"]["default"])
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    assert default.model_dump(exclude={"name", "workdir"}) == demo.model_dump(exclude={"name", "workdir"})
+    assert (default.name, str(default.workdir)) == ("adhoc", "runs/adhoc")
+    assert registered_model_name(default) == "adhoc-student" != registered_model_name(demo)
 
 
 def _task_states(flow_run_id: str) -> dict[str, str]:
