@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import deployment
 from pydantic import BaseModel, Field
 
 from atkd_core.config import PipelineConfig
@@ -126,7 +127,13 @@ def _result_row(cell: Cell, outcome: dict[str, Any], started_unix: float) -> dic
 def compare(
     config_path: str, overrides: list[str] | None = None, ablation: str | None = None
 ) -> ComparisonResult:
-    """Run the grid of the comparison config at ``config_path`` (or its named ablation) and report it."""
+    """Run the grid of the comparison config at ``config_path`` (or its named ablation) and report it.
+
+    Args:
+        config_path: A comparison YAML, relative to the checkout (e.g. configs/compare-demo.yaml).
+        overrides: KEY=VALUE overrides of the comparison YAML, as with `atkd compare --set`.
+        ablation: The name of one of its ablations to run instead of its axes (null: the axes).
+    """
     logger = get_run_logger()
     started, started_unix = time.perf_counter(), time.time()
     grid = load_grid(config_path, overrides, ablation)
@@ -168,6 +175,9 @@ def compare(
                 *([f"--ablation {ablation}"] if ablation else []),
             ]
         )
+        if deployment.name is not None:
+            # Run by a deployment (the UI, a schedule), not the command line: say which.
+            command = f"the Prefect deployment compare/{deployment.name} (equivalent: {command})"
         report_dir = comparison_report_task(grid, results, teachers, failed, elapsed, command, run.run_id)
         report = (Path(report_dir) / "report.md").read_text()
         create_markdown_artifact(

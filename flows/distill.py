@@ -205,5 +205,10 @@ def distill_config_file(
     config_path: str = "configs/demo.yaml", overrides: list[str] | None = None
 ) -> PipelineResult:
     """Run the pipeline on a config file of the checkout with ``--set``-style overrides (for
-    scheduled deployments, whose parameters should follow the file rather than copy it)."""
+    scheduled deployments, whose parameters should follow the file rather than copy it).
+
+    Args:
+        config_path: A pipeline YAML config, relative to the checkout (e.g. configs/demo.yaml).
+        overrides: KEY=VALUE overrides applied to it, as with `atkd run --set` (e.g. workdir=runs/nightly).
+    """
     return distill_pipeline(load_config(config_path, overrides))

@@ -466,12 +466,23 @@ def stage_run(
 def _terminate_on_exit(handle: RunHandle) -> Iterator[None]:
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         # The stage's own error is the one to report, even when the server went away with it.
         with suppress(Exception):
-            handle.terminate("FAILED")
+            handle.terminate(ended_status(exc))
         raise
     handle.terminate("FINISHED")
+
+
+# How Prefect stops a cancelled run (by name: infra does not depend on Prefect's internals).
+CANCELLATIONS = {"TerminationSignal", "Abort", "CancelledRun", "CancelledError"}
+
+
+def ended_status(error: BaseException) -> str:
+    """The MLflow status of a run that ended with ``error``: KILLED when it was stopped
+    (cancelled in Prefect, interrupted), FAILED when it broke."""
+    stopped = isinstance(error, KeyboardInterrupt | SystemExit) or type(error).__name__ in CANCELLATIONS
+    return "KILLED" if stopped else "FAILED"
 
 
 def unsent_calls(config: PipelineConfig) -> int:

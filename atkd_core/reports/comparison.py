@@ -120,7 +120,7 @@ def write_report(
     lines = [
         title,
         "",
-        f"- Command: `{command}`",
+        f"- Run by: {command}" if command.startswith("the Prefect deployment") else f"- Command: `{command}`",
         f"- Base config: `{comparison.base}`"
         + (f" with `{' '.join(comparison.base_set)}`" if comparison.base_set else ""),
         f"- Grid: {' x '.join(f'{name} {values}' for name, values in grid.axes.items())}, seeds {comparison.seeds}: "

@@ -109,6 +109,17 @@ def test_flow_parameter_schema_is_the_config_model():
     assert registered_model_name(default) == "adhoc-student" != registered_model_name(demo)
 
 
+def test_every_deployment_parameter_is_described():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.compare import compare
+    from flows.distill import distill_config_file
+
+    for fn in (distill_config_file.fn, compare.fn):
+        properties = parameter_schema(fn).model_dump()["properties"]
+        assert all(p.get("description") for p in properties.values()), properties
+
+
 def _task_states(flow_run_id: str) -> dict[str, str]:
     """Task name -> final state name of one flow run, read back from the Prefect API."""
     from prefect.client.orchestration import get_client

@@ -1,12 +1,13 @@
-"""Tracking failures: an unreachable server is a clear error after retries; a flaky one never
-costs training its metrics until the end, and what was lost is reported."""
+"""Tracking failures: an unreachable server is a clear error at the start and costs a running
+stage nothing (its calls wait in the outbox); a flaky one never costs training its metrics."""
 
 from __future__ import annotations
 
 import pytest
 from prefect import flow
 
-from infra.tracking import MetricsBuffer, RunHandle, TrackingUnavailable, connect
+from infra import tracking
+from infra.tracking import MetricsBuffer, RunHandle, TrackingUnavailable, connect, ended_status
 from tasks.data import prepare_data_task
 from tests.conftest import free_port, tiny_config
 
@@ -75,15 +76,29 @@ def test_connect_names_the_unreachable_server(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_stage_fails_with_the_clear_error_after_its_retries(prefect_harness, tmp_path, monkeypatch):
+def test_a_stage_completes_and_keeps_its_calls_when_the_server_is_unreachable(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """Mid-pipeline, an unreachable server costs the stage nothing: no retry, no failure; its run
+    and everything logged to it wait in the outbox for `atkd sync`."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "_outages", {})
     uri = f"http://127.0.0.1:{free_port()}"
     config = tiny_config(tmp_path, tracking={"experiment_name": "x", "tracking_uri": uri})
 
-    failed, error, task_run_id = run_one_stage(config, "some-parent-run")
-    assert failed and isinstance(error, TrackingUnavailable)
-    assert str(error).startswith(f"MLflow tracking at {uri} is unreachable (ConnectionRefusedError")
-    assert run_count(task_run_id) == 3  # the first attempt and two retries
+    failed, _, task_run_id = run_one_stage(config, "some-parent-run")
+    assert not failed and run_count(task_run_id) == 1
+    entries = tracking.Outbox(config.workdir).entries()
+    assert entries[0]["kind"] == "create" and entries[0]["parent"] == "some-parent-run"
+    assert {"params", "metrics", "artifact", "terminate"} <= {e["kind"] for e in entries}
+    assert {e["run"] for e in entries} == {entries[0]["run"]}
+
+
+def test_a_stopped_run_is_killed_and_a_broken_one_failed():
+    from prefect.exceptions import TerminationSignal
+
+    assert ended_status(KeyboardInterrupt()) == ended_status(TerminationSignal(15)) == "KILLED"
+    assert ended_status(ValueError("bad")) == "FAILED"
 
 
 def test_user_errors_are_not_retried(prefect_harness, tmp_path):
