@@ -26,6 +26,7 @@ from atkd_core.errors import UserError
 from atkd_core.grid import Cell, Grid, load_grid, teacher_label
 from atkd_core.pipeline import TeacherOutputs, student_stages, teacher_stages
 from atkd_core.reports.comparison import cell_scores
+from atkd_core.reports.publishing import inline_images
 from atkd_core.workdir import workdir_lock
 from flows.distill import PrefectStages, flow_run_links, publish, run_tags
 from infra.tracking import attach_run, pipeline_run
@@ -181,7 +182,7 @@ def compare(
         report_dir = comparison_report_task(grid, results, teachers, failed, elapsed, command, run.run_id)
         report = (Path(report_dir) / "report.md").read_text()
         create_markdown_artifact(
-            report,
+            inline_images(report, Path(report_dir)),
             key=artifact_key(f"compare-{comparison.name}"),
             description=f"comparison {comparison.name}",
         )

@@ -132,7 +132,8 @@ def publish(config: PipelineConfig, run: RunHandle, outputs: dict[str, str]) -> 
     version = None
     if run.run_id is not None and config.tracking.register_model:
         version = register_student_task(config, run.run_id, outputs["distill_student"], summary)
-    publish_summary_task(config, run.run_id, version, summary)
+    figure = Path(outputs.get("evaluate", "")) / "summary.png"
+    publish_summary_task(config, run.run_id, version, summary, str(figure) if figure.is_file() else None)
     return version, summary
 
 

@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from atkd_core.config import PipelineConfig
 from atkd_core.manifest import read_manifest
+from atkd_core.reports.publishing import png_data_uri
 from infra.tracking import attach_run, register_model
 from tasks.policies import IO_RETRIES
 
@@ -70,9 +71,14 @@ def artifact_key(name: str) -> str:
 
 @task(name="publish_summary", **IO_RETRIES)
 def publish_summary_task(
-    config: PipelineConfig, run_id: str | None, registered_version: str | None, summary: str
+    config: PipelineConfig,
+    run_id: str | None,
+    registered_version: str | None,
+    summary: str,
+    figure: str | None = None,
 ) -> str:
-    """A Prefect Markdown artifact: the MLflow run (linked when it is on a server) and the eval table."""
+    """A Prefect Markdown artifact: the MLflow run (linked when it is on a server), the eval table
+    and its figure (``figure``, embedded)."""
     run = attach_run(config, run_id)
     lines = [f"## ATKD pipeline `{config.name}`", ""]
     if run.run_id is not None:
@@ -84,6 +90,9 @@ def publish_summary_task(
     if registered_version is not None:
         lines.append(f"- Registered model: `{registered_model_name(config)}` version {registered_version}")
     lines += ["", "### Evaluation (gap = student - teacher)", "", summary or "(evaluation disabled)"]
+    if figure is not None:
+        # Inside the artifact: a link to a file would not resolve in the Prefect UI.
+        lines += ["", f"![evaluation summary]({png_data_uri(Path(figure))})"]
     artifact_id = create_markdown_artifact(
         "\n".join(lines), key=artifact_key(config.name), description=f"ATKD pipeline {config.name}"
     )

@@ -11,6 +11,7 @@ from atkd_core.grid import Grid, teacher_label
 from atkd_core.manifest import read_manifest
 from atkd_core.reports.difficulty import cache_unc, kl_decomposition_magnitudes
 from atkd_core.reports.figures import plot_summary, plot_unc
+from atkd_core.reports.publishing import write_html
 from atkd_core.reports.statistics import paired_differences, summarize
 from atkd_core.reports.tables import pairs_markdown, pivot_markdown, teachers_markdown
 from atkd_core.scoring import TeacherCache
@@ -86,7 +87,8 @@ def write_report(
     elapsed_s: float,
     command: str,
 ) -> str:
-    """Write the comparison's tables, figures and ``report.md`` into ``grid.output_dir``; return the Markdown."""
+    """Write the comparison's tables, figures, ``report.md`` and a self-contained ``report.html``
+    into ``grid.output_dir``; return the Markdown."""
     import csv
 
     comparison = grid.comparison
@@ -169,4 +171,6 @@ def write_report(
         lines += ["## Failed runs", "", *(f"- {item}" for item in failed), ""]
     markdown = "\n".join(lines)
     (out / "report.md").write_text(markdown)
+    # What MLflow's artifact viewer can show with its figures (it renders HTML, not linked PNGs).
+    write_html(markdown, out, f"Comparison {comparison.name}")
     return markdown

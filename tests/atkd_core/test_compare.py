@@ -165,3 +165,37 @@ def test_the_pooled_row_takes_each_seeds_mean_over_teachers_and_reports_the_dete
     sd = stats.tstd(seed_means)
     expected = (stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * sd / math.sqrt(3)
     assert pooled["detectable"] == pytest.approx(expected)
+
+
+def _png(path, color):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(1, 1))
+    axes.plot([0, 1], [0, 1], color=color)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def test_published_reports_carry_their_figures_inside_them(tmp_path):
+    """The Prefect artifact's Markdown and MLflow's HTML embed the PNGs: a link by file name would
+    not resolve in either UI."""
+    import base64
+    import re
+
+    from atkd_core.reports.publishing import inline_images, write_html
+
+    _png(tmp_path / "scores.png", "red")
+    markdown = (
+        "# Report\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![scores](scores.png)\n\n![gone](missing.png)\n"
+    )
+    inlined = inline_images(markdown, tmp_path)
+    (uri,) = re.findall(r"!\[scores\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", inlined)
+    assert base64.b64decode(uri) == (tmp_path / "scores.png").read_bytes()
+    assert "![gone](missing.png)" in inlined  # nothing to embed: left as it was
+    html = write_html(markdown, tmp_path, "t").read_text()
+    assert "<table>" in html and "<td>1</td>" in html
+    (src,) = re.findall(r'<img alt="scores" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert base64.b64decode(src).startswith(b"\x89PNG")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -73,6 +75,11 @@ def test_flow_runs_and_logs_parent_and_child_runs(prefect_harness, tmp_path):
         )
     mine = [a for a in artifacts if str(a.flow_run_id) == result.prefect_flow_run_id]
     assert len(mine) == 1 and result.mlflow_run_id in mine[0].data and "| atkd_add |" in mine[0].data
+    # Its figure travels inside it (a file link would not resolve in the Prefect UI).
+    (encoded,) = re.findall(
+        r"!\[evaluation summary\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", mine[0].data
+    )
+    assert base64.b64decode(encoded).startswith(b"\x89PNG")
 
     # What a Prefect and MLflow user sees at a glance: the flow run named from the config, the
     # parent run's headline metrics, the training-runs view, the registered version's tags.

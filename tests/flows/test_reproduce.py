@@ -112,3 +112,6 @@ def test_tiny_confirmation_runs_and_reports(prefect_harness, tmp_path, capsys):
     assert all(0 < t["unc_mean"] < 1 and "teacher_score" in t for t in summary["teachers"])
     for name in ("scores.png", "unc.png"):
         assert (docs / name).stat().st_size > 1000
+    # MLflow's viewer shows the HTML with its figures; the Markdown's links only work in a checkout.
+    html = (docs / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == report.count(".png)") >= 2
