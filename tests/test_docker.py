@@ -81,7 +81,7 @@ def test_compose_references_resolve():
             else:
                 assert source in compose["volumes"], f"{name}: undeclared volume {source}"
     # MLflow's store is Postgres, and both servers' databases exist.
-    assert any("postgresql://" in part for part in services["mlflow"]["command"])
+    assert any("postgresql+psycopg2://" in part for part in services["mlflow"]["command"])
     assert "CREATE DATABASE prefect" in (DOCKER / "postgres-init" / "01-databases.sql").read_text()
     # Every ${VAR} has a default, so `docker compose config` needs no .env file.
     text = (DOCKER / "compose.yaml").read_text()
@@ -110,3 +110,15 @@ def test_docker_compose_config_accepts_the_file():
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_each_database_uri_names_a_driver_its_image_installs():
+    """SQLAlchemy maps a bare postgresql:// to psycopg 3, which the MLflow image does not have
+    (the service then fails at start): each URI must name the driver, and its image install it."""
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    command = " ".join(compose["services"]["mlflow"]["command"])
+    (scheme,) = re.findall(r"--backend-store-uri=(postgresql[+\w]*)://", command)
+    assert scheme == "postgresql+psycopg2"
+    assert "psycopg2-binary==" in (DOCKER / "Dockerfile.mlflow").read_text()
+    prefect_url = compose["services"]["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert prefect_url.startswith("postgresql+asyncpg://")
