@@ -302,9 +302,12 @@ def finalize_cache(
     quantiles = {
         f"{q:g}": float(torch.quantile(unc.double(), q)) if unc.numel() else float("nan") for q in QUANTILES
     }
-    histogram = unc_histogram(unc, UNC_BINS)
-    otsu, otsu_share = otsu_threshold(histogram)
-    easy_threshold = otsu if hard_fraction == "auto" else quantiles.get(f"{1 - float(hard_fraction):g}")
+    auto_split = _auto_split_fields(unc)
+    easy_threshold = (
+        auto_split["unc_auto_threshold"]
+        if hard_fraction == "auto"
+        else quantiles.get(f"{1 - float(hard_fraction):g}")
+    )
     manifest = {
         "stage": "score_teacher",
         "input_fingerprint": spec.fingerprint(),
@@ -319,10 +322,7 @@ def finalize_cache(
         "unc_mean": float(unc.mean()) if unc.numel() else float("nan"),
         "hard_fraction": hard_fraction,
         "unc_threshold_at_hard_fraction": easy_threshold,
-        # What loss.hard_fraction auto splits at: counts over [0, 1] and Otsu's threshold on them.
-        "unc_histogram": histogram,
-        "unc_auto_threshold": otsu,
-        "unc_auto_hard_fraction": otsu_share,
+        **auto_split,
         "cache_bytes": sum((partial / f"{name}.safetensors").stat().st_size for name in checksums),
         "shard_bytes": {name: (partial / f"{name}.safetensors").stat().st_size for name in checksums},
         "created_unix": round(time.time(), 3),
@@ -335,6 +335,14 @@ def finalize_cache(
     return manifest
 
 
+def _auto_split_fields(unc: Tensor) -> dict[str, Any]:
+    """What ``loss.hard_fraction: auto`` splits at, for a cache manifest: the UNC histogram over
+    [0, 1] of every cached token (``unc`` [n]) and Otsu's threshold on it with its hard share."""
+    histogram = unc_histogram(unc, UNC_BINS)
+    threshold, share = otsu_threshold(histogram)
+    return {"unc_histogram": histogram, "unc_auto_threshold": threshold, "unc_auto_hard_fraction": share}
+
+
 def _with_unc_histogram(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """A cache manifest written before the UNC histogram was recorded, completed from its shards
     (no teacher pass; the shards, hence the content hash, are unchanged)."""
@@ -344,14 +352,7 @@ def _with_unc_histogram(directory: Path, manifest: dict[str, Any]) -> dict[str, 
     for name in sorted(manifest["shards"]):
         with safe_open(str(directory / f"{name}.safetensors"), "pt") as handle:
             uncs.append(handle.get_tensor("unc"))
-    histogram = unc_histogram(torch.cat(uncs) if uncs else torch.zeros(0), UNC_BINS)
-    threshold, share = otsu_threshold(histogram)
-    manifest = {
-        **manifest,
-        "unc_histogram": histogram,
-        "unc_auto_threshold": threshold,
-        "unc_auto_hard_fraction": share,
-    }
+    manifest = {**manifest, **_auto_split_fields(torch.cat(uncs) if uncs else torch.zeros(0))}
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
