@@ -49,7 +49,8 @@ def test_override_without_equals_is_a_config_error():
     ("override", "expected"),
     [
         ("loss.lam=1.5", ["loss.lam", "1.5", "<= 1", ">= 0"]),
-        ("loss.hard_fraction=0", ["loss.hard_fraction", "0", "> 0", "< 1"]),
+        ("loss.hard_fraction=0", ["loss.hard_fraction", "0", "(0, 1)", "auto"]),
+        ("loss.chunk_size=0", ["loss.chunk_size", "0", ">= 1", "auto or null"]),
         ("distill.training.zero_stage=4", ["distill.training.zero_stage", "4", "<= 3"]),
         ("loss.objective=magic", ["loss.objective", "'magic'", "'atkd'"]),
         ("loss.divergence=kl", ["loss.divergence", "'kl'", "'forward_kl'", "'reverse_kl'"]),
