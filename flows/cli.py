@@ -115,22 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _since(started: float) -> str:
+    """The time since ``started`` (a perf_counter reading) as e.g. 2m50s."""
+    minutes, seconds = divmod(time.perf_counter() - started, 60)
+    return f"{int(minutes)}m{int(seconds):02d}s"
+
+
+def _print_outputs(command: str, started: float, outputs: dict[str, str]) -> None:
+    print(f"\n=== {command}: done in {_since(started)} ===")
+    for stage, path in outputs.items():
+        print(f"  {stage:<16} {path}")
+
+
 def _cmd_run(config: PipelineConfig, direct: bool, config_path: Path) -> int:
     started = time.perf_counter()
     if direct:
-        outputs = pipeline_outputs(config, _local_stages(config))
-        minutes, seconds = divmod(time.perf_counter() - started, 60)
-        print(f"\n=== atkd run --direct: done in {int(minutes)}m{int(seconds):02d}s ===")
-        for stage, path in outputs.items():
-            print(f"  {stage:<16} {path}")
+        _print_outputs("atkd run --direct", started, pipeline_outputs(config, _local_stages(config)))
         return 0
     from flows.distill import distill_pipeline
 
     result = distill_pipeline(config)
-    minutes, seconds = divmod(time.perf_counter() - started, 60)
-    print(f"\n=== atkd run: done in {int(minutes)}m{int(seconds):02d}s ===")
-    for stage, path in result.outputs.items():
-        print(f"  {stage:<16} {path}")
+    _print_outputs("atkd run", started, result.outputs)
     if result.mlflow_run_id:
         print(f"  MLflow run       {result.mlflow_run_url or result.mlflow_run_id}")
         if result.mlflow_run_url is None:
@@ -166,8 +171,7 @@ def _cmd_compare(
     started = time.perf_counter()
     with workdir_lock(grid.comparison.workdir, warn=_warn):
         result = compare(str(path), overrides, ablation)
-    minutes, seconds = divmod(time.perf_counter() - started, 60)
-    print(f"\n=== atkd compare: {result.cells} runs done in {int(minutes)}m{int(seconds):02d}s ===")
+    print(f"\n=== atkd compare: {result.cells} runs done in {_since(started)} ===")
     print(f"  report           {Path(result.report_dir) / 'report.md'}")
     if report_to is not None:
         shutil.copytree(result.report_dir, report_to, dirs_exist_ok=True)
