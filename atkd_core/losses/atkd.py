@@ -38,7 +38,7 @@ from atkd_core.losses.distributions import (
     target_split,
 )
 from atkd_core.losses.divergences import dense_rows, flatten_inputs, teacher_rows
-from atkd_core.losses.engine import Terms, weighted_token_sum
+from atkd_core.losses.engine import Terms, combine, weighted_token_sum
 
 UNC_CHUNK = 256
 Setting = Literal["forward", "reverse"]
@@ -62,9 +62,15 @@ class KLDecomposition:
 
 
 def _pieces(
-    chunk: Tensor, teacher: Tensor | SparseTeacher, target: Tensor, setting: Setting, temperature: float
+    chunk: Tensor,
+    teacher: Tensor | SparseTeacher,
+    target: Tensor,
+    setting: Setting,
+    temperature: float,
+    with_cross_entropy: bool = False,
 ) -> Tensor:
-    """[n, V] student logits (float32) -> [n, 2] per-token (TKD, DKD) in ``setting``."""
+    """[n, V] student logits (float32) -> [n, 2] per-token (TKD, DKD) in ``setting``, or [n, 3] with
+    the cross-entropy -log q_g appended (read from the split; only meaningful at temperature 1)."""
     split = target_split(chunk, teacher, target, temperature)
     if setting == "forward":
         tkd = binary_kl(split.log_p_target, split.log_p_rest, split.log_q_target, split.log_q_rest)
@@ -72,7 +78,8 @@ def _pieces(
     else:
         tkd = binary_kl(split.log_q_target, split.log_q_rest, split.log_p_target, split.log_p_rest)
         dkd = kl_from_logprobs(split.log_q_hat, split.log_p_hat)
-    return torch.stack([tkd, dkd], -1)
+    columns = [tkd, dkd, -split.log_q_target] if with_cross_entropy else [tkd, dkd]
+    return torch.stack(columns, -1)
 
 
 def _check_setting(setting: str) -> None:
@@ -367,10 +374,15 @@ def atkd_terms(
     unc_threshold: float | None = None,
     chunk_size: int | None = None,
     num_tokens: tuple[float, float] | None = None,
+    cross_entropy: Terms | None = None,
 ) -> tuple[Terms, ATKDSplit]:
     """ATKD before the reduction: column 0 weighs TKD (hard tokens), column 1 DKD (every valid
     token), each by lam or 1 - lam over its group's count; and the split. ``teacher`` and
-    ``targets`` as given to atkd_loss (the split reads their shape), ``flat_teacher`` flattened."""
+    ``targets`` as given to atkd_loss (the split reads their shape), ``flat_teacher`` flattened.
+
+    ``cross_entropy`` (cross_entropy_terms over the same targets) is appended as a last column; at
+    temperature 1 its values come from the split's -log q_g, saving a second pass over the
+    vocabulary per chunk."""
     valid = targets != ignore_index
     unc = teacher_uncertainty(
         teacher, targets, temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size
@@ -393,9 +405,23 @@ def atkd_terms(
     flat_targets = targets.reshape(-1)
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
 
+    shared_cross_entropy = cross_entropy is not None and temperature == 1.0
+
     def terms_fn(start: int, end: int, chunk: Tensor) -> Tensor:
         return _pieces(
-            chunk, teacher_rows(flat_teacher, start, end), safe_targets[start:end], setting, temperature
+            chunk,
+            teacher_rows(flat_teacher, start, end),
+            safe_targets[start:end],
+            setting,
+            temperature,
+            with_cross_entropy=shared_cross_entropy,
         )
 
-    return Terms(weights, terms_fn), ATKDSplit(easy=easy, hard=hard, unc_threshold=threshold)
+    terms = Terms(weights, terms_fn)
+    if cross_entropy is not None:
+        terms = (
+            Terms(torch.cat([weights, cross_entropy.weights], -1), terms_fn)
+            if shared_cross_entropy
+            else combine(terms, cross_entropy)
+        )
+    return terms, ATKDSplit(easy=easy, hard=hard, unc_threshold=threshold)

@@ -125,9 +125,43 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(near_zero, a, b).clamp(min=MASK_LOGIT)
 
 
-def _masked_logsumexp(logits: Tensor, index: Tensor) -> Tensor:
-    """logsumexp over each row with the columns in ``index`` [n, j] left out. [n, V] -> [n]."""
-    return logits.scatter(-1, index, MASK_LOGIT).logsumexp(-1)
+class _PickedAndRest(torch.autograd.Function):
+    """A sparse teacher reads the student only through a few columns and the mass of all others.
+
+    Forward: ``picked`` [n, J] = the columns ``index`` [n, J] of logits / T, and ``lse_rest`` [n] =
+    logsumexp of logits / T over every other column (its own maximum, so a rest far below the row's
+    largest logit does not underflow). Backward builds the [n, V] gradient in one exp pass: the
+    rest's softmax times its incoming gradient, the picked columns' gradients scattered in. Composed
+    from autograd ops (log-softmax, gathers, a masked logsumexp) the same values cost several more
+    vocabulary-sized passes forward and a zero-filled [n, V] buffer per gather backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, index: Tensor, temperature: float):
+        scaled = (logits.float() / temperature).clamp_(min=MASK_LOGIT)
+        picked = scaled.gather(-1, index)
+        lse_rest = scaled.scatter_(-1, index, MASK_LOGIT).logsumexp(-1)
+        ctx.save_for_backward(logits, index, lse_rest)
+        ctx.temperature = temperature
+        return picked, lse_rest
+
+    @staticmethod
+    def backward(ctx, grad_picked: Tensor, grad_rest: Tensor):
+        logits, index, lse_rest = ctx.saved_tensors
+        temperature = ctx.temperature
+        scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+        # d/dz of lse_rest is the rest's softmax, of z / T it is 1 / T: one pass, one [n, V] buffer.
+        grad = (scaled - lse_rest[:, None]).exp_().mul_((grad_rest / temperature)[:, None])
+        # Overwritten, not multiplied away: with every column picked the rest is empty and the exp
+        # above is inf there. scatter_add_ then sums repeated columns, as a gather's adjoint must.
+        grad.scatter_(-1, index, 0.0).scatter_add_(-1, index, grad_picked.float() / temperature)
+        return grad.to(logits.dtype), None, None
+
+
+def picked_and_rest(logits: Tensor, index: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(logits[index] / T [n, J], logsumexp of logits / T outside ``index`` [n]) from logits [n, V]
+    and int64 ``index`` [n, J] (repeats allowed). An empty rest gives about MASK_LOGIT."""
+    return _PickedAndRest.apply(logits, index, temperature)
 
 
 def _sparse_tail(teacher: SparseTeacher, vocab_size: int) -> Tensor:
@@ -156,17 +190,33 @@ def full_logprobs(
     student: [n, V] float32 logits (finite). teacher: [n, V] logits or a SparseTeacher of n rows.
     Returns two [n, B] float32 tables.
     """
-    student = student / temperature
     if isinstance(teacher, Tensor):
         return torch.log_softmax(scaled_teacher_logits(teacher, temperature), -1), torch.log_softmax(
-            student, -1
+            student / temperature, -1
         )
+    log_p = torch.cat([teacher.topk_logprobs.float(), _sparse_tail(teacher, student.shape[-1])[:, None]], -1)
+    topk, tail = picked_and_rest(student, teacher.topk_ids.long(), temperature)
+    buckets = torch.cat([topk, tail[:, None]], -1)
+    return log_p, buckets - buckets.logsumexp(-1, keepdim=True)
+
+
+def full_logprobs_with_target(
+    student: Tensor, teacher: Tensor | SparseTeacher, target: Tensor, temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """full_logprobs and the student's log q_g [n] at the targets [n] (valid ids), from the same
+    pass over the student's logits: the cross-entropy without a second vocabulary-sized pass."""
+    if isinstance(teacher, Tensor):
+        log_p, log_q = full_logprobs(student, teacher, temperature)
+        return log_p, log_q, log_q.gather(-1, target[:, None].long()).squeeze(-1)
     ids = teacher.topk_ids.long()
     log_p = torch.cat([teacher.topk_logprobs.float(), _sparse_tail(teacher, student.shape[-1])[:, None]], -1)
-    lse = student.logsumexp(-1, keepdim=True)
-    student_tail = _masked_logsumexp(student, ids)[:, None] - lse
-    log_q = torch.cat([student.gather(-1, ids) - lse, student_tail], -1)
-    return log_p, log_q
+    picked, rest = picked_and_rest(student, torch.cat([ids, target[:, None].long()], -1), temperature)
+    topk, target_logit = picked[:, :-1], picked[:, -1]
+    # The target belongs to the tail bucket unless the teacher's top-K holds it.
+    tail = torch.where((ids == target[:, None]).any(-1), rest, torch.logaddexp(rest, target_logit))
+    buckets = torch.cat([topk, tail[:, None]], -1)
+    lse = buckets.logsumexp(-1, keepdim=True)
+    return log_p, buckets - lse, target_logit - lse.squeeze(-1)
 
 
 @dataclass(frozen=True)
@@ -239,8 +289,8 @@ def target_split(
     student: [n, V] float32 logits (finite); teacher: [n, V] logits or a SparseTeacher of n rows;
     target: [n] ground-truth ids (valid, i.e. already free of ignore_index).
     """
-    log_q_hat, log_q_target, log_q_rest = non_target_split(student, target, temperature)
     if isinstance(teacher, Tensor):
+        log_q_hat, log_q_target, log_q_rest = non_target_split(student, target, temperature)
         log_p_hat, log_p_target, log_p_rest = non_target_split(teacher.detach(), target, temperature)
         return TargetSplit(log_p_target, log_p_rest, log_q_target, log_q_rest, log_p_hat, log_q_hat)
 
@@ -258,15 +308,20 @@ def target_split(
     p_buckets = torch.cat([topk_rest, tail_rest[:, None]], -1)
     log_p_rest = p_buckets.logsumexp(-1)
 
-    q_topk = log_q_hat.gather(-1, ids).masked_fill(is_target, MASK_LOGIT)
-    q_tail = _masked_logsumexp(log_q_hat, ids)
+    # The student through its top-K and target columns and the mass outside both: the target is
+    # picked last, so a repeat of it inside the top-K is masked out of the non-target buckets.
+    picked, q_tail = picked_and_rest(student, torch.cat([ids, target[:, None].long()], -1), temperature)
+    q_topk, q_target = picked[:, :-1].masked_fill(is_target, MASK_LOGIT), picked[:, -1]
+    q_rest_buckets = torch.cat([q_topk, q_tail[:, None]], -1)
+    lse_rest = q_rest_buckets.logsumexp(-1)
+    lse_all = torch.logaddexp(lse_rest, q_target)
     return TargetSplit(
         log_p_target=log_p_target,
         log_p_rest=log_p_rest,
-        log_q_target=log_q_target,
-        log_q_rest=log_q_rest,
+        log_q_target=q_target - lse_all,
+        log_q_rest=lse_rest - lse_all,
         log_p_hat=p_buckets - log_p_rest[:, None],
-        log_q_hat=torch.cat([q_topk, q_tail[:, None]], -1),
+        log_q_hat=q_rest_buckets - lse_rest[:, None],
     )
 
 

@@ -26,9 +26,10 @@ from atkd_core.losses.distributions import (
     SparseTeacher,
     Teacher,
     full_logprobs,
+    full_logprobs_with_target,
     kl_from_logprobs,
 )
-from atkd_core.losses.engine import Terms, weighted_token_sum
+from atkd_core.losses.engine import Terms, combine, weighted_token_sum
 
 DivergenceFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -181,7 +182,7 @@ def divergence_loss(
         temperature=temperature,
         ignore_index=ignore_index,
         num_tokens=num_tokens,
-        **params,
+        params=params,
     )
     loss, _ = weighted_token_sum(student, *terms, chunk_size)
     return loss
@@ -195,19 +196,37 @@ def divergence_terms(
     temperature: float = 1.0,
     ignore_index: int = -100,
     num_tokens: int | float | None = None,
-    **params: float,
+    cross_entropy: Terms | None = None,
+    params: dict[str, float] | None = None,
 ) -> Terms:
     """Divergence ``name`` as one column weighted 1 / ``num_tokens`` on valid tokens (see
-    divergence_loss); ``flat_teacher`` and ``flat_targets`` as flatten_inputs returns them."""
+    divergence_loss); ``flat_teacher`` and ``flat_targets`` as flatten_inputs returns them.
+
+    ``params``: the divergence's own (beta, alpha). ``cross_entropy`` (cross_entropy_terms over the
+    same targets) is appended as a last column; at temperature 1 its values come from the same pass
+    over the student's logits."""
     valid = flat_targets != ignore_index
     denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
-    terms_of = partial(DIVERGENCE_TERMS[name], **params)
+    weights = (valid.float() / max(denominator, 1.0))[:, None]
+    terms_of = partial(DIVERGENCE_TERMS[name], **(params or {}))
 
     def terms_fn(start: int, end: int, chunk: Tensor) -> Tensor:
         log_p, log_q = full_logprobs(chunk, teacher_rows(flat_teacher, start, end), temperature)
         return terms_of(log_p, log_q)[:, None]
 
-    return Terms((valid.float() / max(denominator, 1.0))[:, None], terms_fn)
+    if cross_entropy is None:
+        return Terms(weights, terms_fn)
+    if temperature != 1.0:
+        return combine(Terms(weights, terms_fn), cross_entropy)
+    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+
+    def with_cross_entropy(start: int, end: int, chunk: Tensor) -> Tensor:
+        log_p, log_q, log_q_target = full_logprobs_with_target(
+            chunk, teacher_rows(flat_teacher, start, end), safe_targets[start:end], temperature
+        )
+        return torch.stack([terms_of(log_p, log_q), -log_q_target], -1)
+
+    return Terms(torch.cat([weights, cross_entropy.weights], -1), with_cross_entropy)
 
 
 def divergence_per_token(

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from atkd_core.losses.distributions import LinearHead
+from atkd_core.losses.distributions import LinearHead, picked_and_rest
 
 # terms_fn(start, end, student_chunk_fp32 [n, V]) -> per-token terms [n, M]
 TermsFn = Callable[[int, int, Tensor], Tensor]
@@ -57,7 +57,8 @@ def cross_entropy_terms(
     safe = torch.where(valid, targets, torch.zeros_like(targets))
 
     def fn(start: int, end: int, chunk: Tensor) -> Tensor:
-        return -torch.log_softmax(chunk, -1).gather(-1, safe[start:end, None])
+        target_logit, lse_rest = picked_and_rest(chunk, safe[start:end, None], 1.0)
+        return (torch.logaddexp(lse_rest[:, None], target_logit) - target_logit).float()
 
     # num_tokens may be a step's count over its micro-batches, below 1: only zero needs replacing.
     denominator = float(num_tokens) if num_tokens > 0 else 1.0

@@ -26,7 +26,7 @@ from torch import Tensor
 from atkd_core.losses.atkd import ATKDSplit, atkd_terms
 from atkd_core.losses.distributions import LinearHead, Teacher
 from atkd_core.losses.divergences import divergence_terms, flatten_inputs, flatten_student
-from atkd_core.losses.engine import Terms, combine, cross_entropy_terms, weighted_token_sum
+from atkd_core.losses.engine import Terms, cross_entropy_terms, weighted_token_sum
 
 if TYPE_CHECKING:
     from atkd_core.config import LossConfig
@@ -99,17 +99,18 @@ class Objective(ABC):
         """student: logits [B, T, V] or a LinearHead over hidden [B, T, H]; teacher the same shape, a
         SparseTeacher, or None when not needed; targets [B, T]."""
         chunk = chunk_tokens(self.chunk_size, student.shape[-1], fused=isinstance(student, LinearHead))
+        # Always the last column: the cross-entropy is logged for every objective, whatever its weight.
         teacher_terms = None
         if self.needs_teacher:
             if teacher is None:
                 raise ValueError(f"{type(self).__name__} needs a teacher")
             flat_student, flat_teacher, flat_targets = flatten_inputs(student, teacher, targets)
-            teacher_terms = self.teacher_terms(teacher, flat_teacher, targets, counts, chunk)
+            ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
+            teacher_terms = self.teacher_terms(teacher, flat_teacher, targets, counts, chunk, ce)
         else:
             flat_student, flat_targets = flatten_student(student, targets)
-        # Always a column: the cross-entropy is logged for every objective, whatever its weight.
-        ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
-        terms = ce if teacher_terms is None else combine(teacher_terms[0], ce)
+            ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
+        terms = ce if teacher_terms is None else teacher_terms[0]
         loss, values = weighted_token_sum(
             flat_student, terms.weights.to(flat_student.device), terms.fn, chunk
         )
@@ -121,9 +122,16 @@ class Objective(ABC):
         return ObjectiveOutput(loss, cross_entropy, diagnostics)
 
     def teacher_terms(
-        self, teacher: Teacher, flat_teacher: Teacher, targets: Tensor, counts: StepCounts, chunk: int | None
+        self,
+        teacher: Teacher,
+        flat_teacher: Teacher,
+        targets: Tensor,
+        counts: StepCounts,
+        chunk: int | None,
+        ce: Terms,
     ) -> tuple[Terms, ATKDSplit | None] | None:
-        """The terms against the teacher (and ATKD's split); None for objectives without a teacher.
+        """The terms against the teacher with ``ce`` (the cross-entropy column) last, and ATKD's
+        split; None for objectives without a teacher.
 
         ``chunk``: tokens per chunk of vocabulary-sized work (e.g. a dense teacher's UNC)."""
         return None
@@ -168,16 +176,23 @@ class Divergence(Objective):
         self.name, self.params, self.temperature = name, params, temperature
 
     def teacher_terms(
-        self, teacher: Teacher, flat_teacher: Teacher, targets: Tensor, counts: StepCounts, chunk: int | None
+        self,
+        teacher: Teacher,
+        flat_teacher: Teacher,
+        targets: Tensor,
+        counts: StepCounts,
+        chunk: int | None,
+        ce: Terms,
     ) -> tuple[Terms, ATKDSplit | None]:
-        """The divergence over the step's token count."""
+        """The divergence over the step's token count, then the cross-entropy."""
         terms = divergence_terms(
             self.name,
             flat_teacher,
             targets.reshape(-1),
             temperature=self.temperature,
             num_tokens=counts.tokens,
-            **self.params,
+            cross_entropy=ce,
+            params=self.params,
         )
         return terms, None
 
@@ -199,9 +214,15 @@ class ATKD(Objective):
         self.hard_threshold = loss.unc_threshold if loss.split_scope == "threshold" else None
 
     def teacher_terms(
-        self, teacher: Teacher, flat_teacher: Teacher, targets: Tensor, counts: StepCounts, chunk: int | None
+        self,
+        teacher: Teacher,
+        flat_teacher: Teacher,
+        targets: Tensor,
+        counts: StepCounts,
+        chunk: int | None,
+        ce: Terms,
     ) -> tuple[Terms, ATKDSplit | None]:
-        """The ATKD terms and split.
+        """The ATKD terms, the cross-entropy, and the split.
 
         With step-wide group counts (a fixed threshold and a caller that counted the step's groups)
         each group is normalised by the step's count; otherwise by this micro-batch's, a mean that
@@ -221,6 +242,7 @@ class ATKD(Objective):
             unc_threshold=loss.unc_threshold,
             chunk_size=chunk,
             num_tokens=step_counts,
+            cross_entropy=ce,
         )
 
     def diagnostics(

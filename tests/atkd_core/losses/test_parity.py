@@ -139,14 +139,19 @@ def sparse_teacher(teacher_logits, targets, k, exact_tail=True):
 @pytest.mark.parametrize("k", [1, 3, 8, V])
 @pytest.mark.parametrize("setting", ["forward", "reverse"])
 @pytest.mark.parametrize("chunk_size", [None, 5])
-def test_sparse_atkd_matches_bucketed_reference(k, setting, chunk_size):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_atkd_matches_bucketed_reference(k, setting, chunk_size, temperature):
     student, teacher, targets = make_inputs((12,), torch.float32, "some", seed=3)
-    sparse = sparse_teacher(teacher, targets, k)
-    out = atkd_loss(student, sparse, targets, setting=setting, chunk_size=chunk_size)
+    # The cache holds the teacher at the loss temperature.
+    sparse = sparse_teacher(teacher / temperature, targets, k)
+    out = atkd_loss(student, sparse, targets, setting=setting, chunk_size=chunk_size, temperature=temperature)
     (grad,) = torch.autograd.grad(out.loss, student)
     topk = [[row.tolist() for row in sparse.topk_ids]]
     ref, ref_grad = reference_grad(
-        lambda s: reference_atkd(s, teacher.double(), targets, setting=setting, topk=topk)[0], student
+        lambda s: reference_atkd(
+            s, teacher.double(), targets, setting=setting, topk=topk, temperature=temperature
+        )[0],
+        student,
     )
     torch.testing.assert_close(out.loss.double(), ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-4)
@@ -154,10 +159,11 @@ def test_sparse_atkd_matches_bucketed_reference(k, setting, chunk_size):
 
 @pytest.mark.parametrize(("name", "params"), DIVERGENCE_CASES)
 @pytest.mark.parametrize("k", [2, 6, V])
-def test_sparse_divergence_matches_bucketed_reference(name, params, k):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_divergence_matches_bucketed_reference(name, params, k, temperature):
     student, teacher, targets = make_inputs((10,), torch.float32, "some", seed=4)
-    sparse = sparse_teacher(teacher, targets, k)
-    loss = divergence_loss(name, student, sparse, targets, **params)
+    sparse = sparse_teacher(teacher / temperature, targets, k)
+    loss = divergence_loss(name, student, sparse, targets, temperature=temperature, **params)
     (grad,) = torch.autograd.grad(loss, student)
     ids = sparse.topk_ids.tolist()
 
@@ -165,7 +171,7 @@ def test_sparse_divergence_matches_bucketed_reference(name, params, k):
         from tests.atkd_core.losses.reference import token_divergence
 
         values = [
-            token_divergence(name, s[i], teacher[i].double(), 1.0, topk=ids[i], **params)
+            token_divergence(name, s[i], teacher[i].double(), temperature, topk=ids[i], **params)
             for i in range(targets.numel())
             if targets[i] != -100
         ]
@@ -174,3 +180,76 @@ def test_sparse_divergence_matches_bucketed_reference(name, params, k):
     ref, ref_grad = reference_grad(reference, student)
     torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "reverse_kl", "atkd"])
+def test_sparse_student_tail_far_below_its_top_logit_is_exact(objective):
+    # A confident student: its tail sits 150 nats under its best logit, where exp() relative to the
+    # row's maximum underflows in float32; the tail's log-mass must still be exact.
+    student, teacher, targets = make_inputs((8,), torch.float32, "none", seed=6)
+    student = student.detach().clone()
+    student[:, :3] += 150.0
+    student.requires_grad_(True)
+    sparse = sparse_teacher(teacher, targets, 3)
+    topk = [row.tolist() for row in sparse.topk_ids]
+    if objective == "atkd":
+        loss = atkd_loss(student, sparse, targets).loss
+        ref, ref_grad = reference_grad(
+            lambda s: reference_atkd(s, teacher.double(), targets, topk=[topk])[0], student
+        )
+    else:
+        from tests.atkd_core.losses.reference import token_divergence
+
+        loss = divergence_loss(objective, student, sparse, targets)
+        ref, ref_grad = reference_grad(
+            lambda s: torch.stack(
+                [token_divergence(objective, s[i], teacher[i].double(), 1.0, topk=topk[i]) for i in range(8)]
+            ).mean(),
+            student,
+        )
+    (grad,) = torch.autograd.grad(loss, student)
+    assert float(ref) > 1.0  # the tail term is large: a floored tail would change it visibly
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["kd", "atkd"])
+@pytest.mark.parametrize("teacher_kind", ["dense", "sparse K=3", "sparse K=V"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_objective_cross_entropy_column_matches_reference(objective, teacher_kind, temperature):
+    """The cross-entropy the objectives read from the divergence's own pass (temperature 1) or
+    compute apart: loss = teacher loss + ce_weight x CE, in value and gradient, and the logged CE."""
+    from atkd_core.config import LossConfig
+    from atkd_core.losses.objective import StepCounts, build_objective
+
+    student, teacher, targets = make_inputs((14,), torch.float32, "some", seed=8)
+    if teacher_kind != "dense":
+        k = 3 if teacher_kind == "sparse K=3" else V
+        teacher = sparse_teacher(teacher / temperature, targets, k)
+        # Targets both inside and outside the top-K, so both placements of the target are covered.
+        inside = (teacher.topk_ids == targets.clamp(min=0)[:, None]).any(-1) & (targets != -100)
+        assert k == V or (bool(inside.any()) and bool((~inside & (targets != -100)).any()))
+    valid = int((targets != -100).sum())
+    config = LossConfig(
+        objective=objective, hard_fraction=0.5, lam=0.3, temperature=temperature, ce_weight=0.5
+    )
+    out = build_objective(config)(student, teacher, targets, StepCounts(float(valid)))
+    (grad,) = torch.autograd.grad(out.loss, student)
+
+    def expected(s):
+        if objective == "kd":
+            teacher_loss = divergence_loss("forward_kl", s, teacher, targets, temperature=temperature)
+        else:
+            teacher_loss = atkd_loss(
+                s, teacher, targets, hard_fraction=0.5, lam=0.3, temperature=temperature
+            ).loss
+        ce = torch.nn.functional.cross_entropy(s.double(), targets, ignore_index=-100)
+        return teacher_loss.double() + 0.5 * ce, ce
+
+    reference, reference_ce = expected(student.detach().requires_grad_(True))
+    leaf = student.detach().clone().requires_grad_(True)
+    (reference_grad_,) = torch.autograd.grad(expected(leaf)[0], leaf)
+    torch.testing.assert_close(out.loss.double(), reference.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad, reference_grad_.float(), atol=1e-5, rtol=1e-4)
+    assert out.cross_entropy == pytest.approx(float(reference_ce), rel=1e-5)
