@@ -27,6 +27,25 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _when(field: str, values: tuple[str, ...], then: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-schema rule: where ``field`` holds one of ``values``, the section must match ``then``."""
+    return {"if": {"properties": {field: {"enum": list(values)}}, "required": [field]}, "then": then}
+
+
+def _cross_field_rules(*rules: dict[str, Any]) -> ConfigDict:
+    """StrictModel's config with cross-field rules in the section's JSON schema.
+
+    Prefect checks a deployment's parameters against that schema when a run is submitted (and its
+    form shows the failures), but cannot run the model validators; these rules repeat the
+    validators' checks that JSON Schema can state, so such mistakes are refused at submit rather than
+    when the run starts. The validators stay the authority; tests hold the two in agreement.
+    """
+    return ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra={"allOf": list(rules)})
+
+
+_NON_EMPTY_STRING: dict[str, Any] = {"type": "string", "minLength": 1}
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
@@ -68,6 +87,20 @@ DEFAULT_CONTEXT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{cont
 
 class DataConfig(StrictModel):
     """Where the instruction data comes from and how it becomes token ids and labels."""
+
+    model_config = _cross_field_rules(
+        _when(
+            "source",
+            ("files",),
+            {"properties": {"train_files": {"minItems": 1}}, "required": ["train_files"]},
+        ),
+        _when("source", ("hub",), {"properties": {"hub_name": _NON_EMPTY_STRING}, "required": ["hub_name"]}),
+        _when(
+            "field_preset",
+            ("custom",),
+            {"properties": {"fields": {"type": "object"}}, "required": ["fields"]},
+        ),
+    )
 
     source: Literal["embedded", "files", "hub"] = Field(
         "embedded",
@@ -152,6 +185,10 @@ class DataConfig(StrictModel):
 
 class TokenizerConfig(StrictModel):
     """The tokenizer: trained locally on the data (embedded default) or loaded from a model/directory."""
+
+    model_config = _cross_field_rules(
+        _when("source", ("path",), {"properties": {"path": _NON_EMPTY_STRING}, "required": ["path"]}),
+    )
 
     source: Literal["train", "teacher", "path"] = Field(
         "train", description="train: BPE trained on the training split; teacher: the teacher's; path: `path`."
@@ -242,6 +279,10 @@ class OptimConfig(StrictModel):
 class TrainingConfig(StrictModel):
     """How a model is trained: DeepSpeed ZeRO, precision, batch, schedule, checkpoints, seed."""
 
+    model_config = _cross_field_rules(
+        _when("precision", ("fp16",), {"properties": {"device": {"not": {"const": "cpu"}}}}),
+    )
+
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage. Range: 0..3.")
     offload_optimizer: bool = Field(False, description="Offload optimizer state to CPU (ZeRO 1-3).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -314,6 +355,17 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_forwa
 
 class LossConfig(StrictModel):
     """The distillation objective (docs/architecture.md, "The method")."""
+
+    model_config = _cross_field_rules(
+        _when(
+            "split_scope",
+            ("threshold",),
+            {
+                "properties": {"unc_threshold": {"type": "number"}, "hard_fraction": {"type": "number"}},
+                "required": ["unc_threshold"],
+            },
+        ),
+    )
 
     objective: Literal["sft", "kd", "atkd"] = Field(
         "atkd", description="sft: cross-entropy; kd: a divergence; atkd."
@@ -414,6 +466,17 @@ class ScoringConfig(StrictModel):
 
 class DistillConfig(StrictModel):
     """Training the student against the teacher."""
+
+    model_config = _cross_field_rules(
+        _when(
+            "data_source",
+            ("student_generated", "on_policy"),
+            {
+                "properties": {"teacher_source": {"const": "online"}, "sft_warmup_epochs": {"maximum": 0}},
+                "required": ["teacher_source"],
+            },
+        ),
+    )
 
     teacher_source: Literal["offline", "online"] = Field(
         "offline",

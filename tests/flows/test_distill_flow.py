@@ -116,6 +116,50 @@ def test_flow_parameter_schema_is_the_config_model():
     assert registered_model_name(default) == "adhoc-student" != registered_model_name(demo)
 
 
+CROSS_FIELD_MISTAKES = {
+    "data.source hub without hub_name": {"data": {"source": "hub", "hub_name": None}},
+    "data.source files without files": {"data": {"source": "files", "train_files": []}},
+    "data.field_preset custom without fields": {"data": {"field_preset": "custom", "fields": None}},
+    "tokenizer.source path without path": {"tokenizer": {"source": "path", "path": None}},
+    "fp16 on cpu": {"finetune": {"training": {"precision": "fp16", "device": "cpu"}}},
+    "threshold split without a threshold": {"loss": {"split_scope": "threshold", "unc_threshold": None}},
+    "threshold split with auto k": {
+        "loss": {"split_scope": "threshold", "unc_threshold": 0.3, "hard_fraction": "auto"}
+    },
+    "on-policy data with the offline teacher": {
+        "distill": {"data_source": "on_policy", "teacher_source": "offline"}
+    },
+    "on-policy data with an SFT warm-up": {
+        "distill": {"data_source": "on_policy", "teacher_source": "online", "sft_warmup_epochs": 1.0}
+    },
+}
+
+
+def _merged(base: dict, change: dict) -> dict:
+    out = dict(base)
+    for key, value in change.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+@pytest.mark.parametrize("mistake", sorted(CROSS_FIELD_MISTAKES))
+def test_cross_field_mistakes_are_refused_at_submit(mistake):
+    """What the Prefect server checks when a run is submitted (the deployment's parameter schema,
+    with Prefect's own validator) refuses the combinations the config model refuses."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import ValidationError as SubmitError
+    from prefect.utilities.schema_tools.validation import validate
+
+    schema = parameter_schema(distill_pipeline.fn).model_dump()
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml").model_dump(mode="json")
+    validate({"config": demo}, schema, raise_on_error=True)
+    bad = _merged(demo, CROSS_FIELD_MISTAKES[mistake])
+    with pytest.raises(ValueError):
+        PipelineConfig.model_validate(bad)
+    with pytest.raises(SubmitError):
+        validate({"config": bad}, schema, raise_on_error=True)
+
+
 def test_every_deployment_parameter_is_described():
     from prefect.utilities.callables import parameter_schema
 
