@@ -462,6 +462,69 @@ def stage_run(
         yield handle
 
 
+STAGE_KEY_TAG = "atkd.stage_key"
+CACHED_TAG = "cached"
+MADE_BY_TAG = "atkd.made_by_run"
+
+
+def _search_one(client: MlflowClient, experiment_id: str, filter_string: str) -> str | None:
+    """The newest run of the experiment matching ``filter_string``, or None."""
+    runs = client.search_runs(
+        [experiment_id], filter_string, max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _quoted(value: str) -> str:
+    """``value`` as an MLflow search-filter string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def record_stage(
+    config: PipelineConfig, parent_run_id: str | None, stage: str, stage_key: str, cached: bool
+) -> None:
+    """Leave a stage's trace under ``parent_run_id`` keyed by its reuse key (the cache key).
+
+    A stage that ran already has its child run: it is tagged with the key and ``cached=false``. A stage Prefect served
+    from its cache ran no code, so it gets a child run of its own, tagged ``cached`` and linked
+    (tag and note) to the newest run that made that output. Tracking never fails the pipeline: with
+    the server away the cached run waits in the outbox like any other and the link is left out.
+    """
+    if not config.tracking.enabled or parent_run_id is None:
+        return
+    parent = attach_run(config, parent_run_id)
+    made_by: str | None = None
+    if (target := parent.target()) is not None and parent.experiment_id is not None:
+        client = target[0]
+        key = f"tags.`{STAGE_KEY_TAG}` = {_quoted(stage_key)}"
+        with suppress(Exception):
+            if not cached:
+                own = _search_one(
+                    client,
+                    parent.experiment_id,
+                    f"tags.`{PARENT_TAG}` = {_quoted(parent_run_id)} and tags.`{RUN_NAME_TAG}` = {_quoted(stage)}",
+                )
+                if own is not None:
+                    client.set_tag(own, STAGE_KEY_TAG, stage_key)
+                    # Explicitly false: MLflow's search cannot match a run by a tag it lacks.
+                    client.set_tag(own, CACHED_TAG, "false")
+                return
+            made_by = _search_one(client, parent.experiment_id, f"{key} and tags.`{CACHED_TAG}` = 'false'")
+    if not cached:
+        return
+    tags = {RUN_NAME_TAG: stage, CACHED_TAG: "true", STAGE_KEY_TAG: stage_key}
+    if made_by is not None:
+        tags[MADE_BY_TAG] = made_by
+    handle = _child_run(config, parent_run_id, tags)
+    maker = f"run `{made_by}`" if made_by is not None else "an earlier run (not found in this experiment)"
+    handle.set_tags(
+        {
+            "mlflow.note.content": f"Served from Prefect's cache: its inputs are unchanged, and {maker} made its output."
+        }
+    )
+    handle.terminate("FINISHED")
+
+
 @contextmanager
 def _terminate_on_exit(handle: RunHandle) -> Iterator[None]:
     try:

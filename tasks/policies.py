@@ -20,6 +20,7 @@ from atkd_core.config import PipelineConfig
 from atkd_core.errors import UserError
 from atkd_core.manifest import fingerprint
 from atkd_core.pipeline import StageTarget, stage_target
+from infra.tracking import record_stage
 
 R = TypeVar("R")
 
@@ -70,15 +71,31 @@ class StageInputs(CachePolicy):
     ) -> str | None:
         """The key, or None (no caching) when the stage has no target."""
         target = self.target(inputs)
-        if target is None:
-            return None
-        return fingerprint({"output": str(target.output.resolve()), "inputs": target.fingerprint})
+        return None if target is None else target_key(target)
+
+
+def target_key(target: StageTarget) -> str:
+    """A stage's reuse key: its output directory and the fingerprint of what it is made from."""
+    return fingerprint({"output": str(target.output.resolve()), "inputs": target.fingerprint})
 
 
 def run_cached(stage_task: Task[..., R], **inputs: Any) -> R:
     """Run ``stage_task`` on ``inputs``; a cached result is served only while the stage's output on
     disk is still the one made from these inputs (else the task runs and re-caches: an output that
-    was deleted or replaced is rebuilt, never pointed at)."""
+    was deleted or replaced is rebuilt, never pointed at). Tracked stages are keyed in MLflow, and
+    one served from the cache gets a child run saying so (infra.tracking.record_stage)."""
     policy = stage_task.cache_policy
     target = policy.target(inputs) if isinstance(policy, StageInputs) else None
-    return stage_task.with_options(refresh_cache=target is None or not target.current)(**inputs)
+    state = stage_task.with_options(refresh_cache=target is None or not target.current)(
+        **inputs, return_state=True
+    )
+    result = state.result()
+    if isinstance(policy, StageInputs) and target is not None and "parent_run_id" in inputs:
+        record_stage(
+            inputs["config"],
+            inputs["parent_run_id"],
+            policy.stage,
+            target_key(target),
+            state.name == "Cached",
+        )
+    return result

@@ -205,6 +205,18 @@ def test_second_run_hits_the_caches_and_a_loss_change_reruns_only_training_and_e
         STAGES, "Cached"
     )
     assert again.outputs == first.outputs
+    # The cached stages leave a trace in MLflow: a child run each, tagged and linked to its maker.
+    client = MlflowClient(tracking_uri=again.mlflow_tracking_uri)
+    made = child_runs(client, client.get_run(first.mlflow_run_id))
+    served = child_runs(client, client.get_run(again.mlflow_run_id))
+    tracked = {"prepare_data", "finetune_teacher", "score_teacher", "distill_student", "evaluate"}
+    assert tracked <= set(made) and tracked <= set(served)
+    for stage in tracked:
+        assert made[stage].data.tags["cached"] == "false"
+        assert served[stage].data.tags["cached"] == "true"
+        assert served[stage].data.tags["atkd.made_by_run"] == made[stage].info.run_id
+        assert served[stage].data.tags["atkd.stage_key"] == made[stage].data.tags["atkd.stage_key"]
+        assert served[stage].info.status == "FINISHED"
 
     changed = config.model_copy(update={"loss": config.loss.model_copy(update={"lam": 0.7})})
     states = _task_states(distill_pipeline(changed).prefect_flow_run_id)
