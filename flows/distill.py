@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
+from prefect.utilities.urls import url_for
 from pydantic import BaseModel, Field
 
 from atkd_core.config import PipelineConfig, load_config
@@ -139,9 +140,11 @@ def publish(config: PipelineConfig, run: RunHandle, outputs: dict[str, str]) -> 
 
 def flow_run_links() -> tuple[str, str | None]:
     """(id, UI URL or None) of the current Prefect flow run."""
-    url = current_flow_run.ui_url
-    # Without a UI (the temporary local API) Prefect renders the base as "None/flow-runs/...".
-    return str(current_flow_run.id), url if url and url.startswith(("http://", "https://")) else None
+    flow_run_id = str(current_flow_run.id)
+    # The UI's own route (runs/flow-run/<id>): prefect.runtime's flow_run.ui_url builds
+    # flow-runs/flow-run/<id>, a page the UI does not have. None without a UI (the temporary API).
+    url = url_for("flow-run", obj_id=flow_run_id)
+    return flow_run_id, url if url and url.startswith(("http://", "https://")) else None
 
 
 def run_tags(flow_run_id: str, flow_run_url: str | None) -> dict[str, str]:
