@@ -49,8 +49,17 @@ def preflight(tokenizer: PreTrainedTokenizerBase, models: dict[str, ModelConfig]
             spec.path, trust_remote_code=spec.trust_remote_code
         ).vocab_size
         if model_vocab < len(tokenizer):
+            added = len(tokenizer) - tokenizer.vocab_size
+            cause = (
+                f"the tokenizer's {added} added tokens (beyond its base {tokenizer.vocab_size}) have no row "
+                "in the model"
+                if added > 0 and model_vocab >= tokenizer.vocab_size
+                else "the model was saved with a smaller vocabulary than this tokenizer"
+            )
             raise TokenizerMismatch(
-                f"{name}: the model has {model_vocab} output rows but the tokenizer {len(tokenizer)} tokens"
+                f"{name}: the model has {model_vocab} output rows but the tokenizer {len(tokenizer)} tokens: "
+                f"{cause}; use the tokenizer the model was saved with (tokenizer.source: teacher or path), "
+                "or resize the model's embeddings to the tokenizer (resize_token_embeddings) and save it"
             )
         padded = f" (model pads to {model_vocab}; logits are sliced)" if model_vocab > len(tokenizer) else ""
         checked.append(f"{name}: {spec.path} shares the tokenizer's {len(tokenizer)} tokens{padded}")

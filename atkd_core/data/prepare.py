@@ -24,7 +24,7 @@ from atkd_core.config import DataConfig, FieldMap, PipelineConfig
 from atkd_core.data.batching import IGNORE_INDEX
 from atkd_core.data.preflight import preflight
 from atkd_core.data.suite import SPLITS, write_suite
-from atkd_core.data.tokenizer import load_tokenizer, pad_vocabulary, train_tokenizer
+from atkd_core.data.tokenizer import load_tokenizer, pad_vocabulary, padding_note, train_tokenizer
 from atkd_core.errors import ConfigError, DataError
 from atkd_core.manifest import fingerprint, run_stage, sha256_file
 
@@ -370,6 +370,8 @@ def prepare_data(
         for problem in skipped:
             log(f"prepare_data: skipped {problem}")
         tokenizer = _build_tokenizer(config, rows["train"])
+        if (note := padding_note(tokenizer)) is not None:
+            log(f"prepare_data: tokenizer: {note}")
         for line in preflight(tokenizer, {"teacher": config.teacher, "student": config.student}):
             log(f"prepare_data: tokenizer preflight: {line}")
         tokenizer.save_pretrained(staging / "tokenizer")
