@@ -195,6 +195,76 @@ def encode_example(
     return Encoded(prompt_ids + response_ids, labels, fit)
 
 
+class FittedPrompt(NamedTuple):
+    """A row's prompt after field-aware shortening, and which fields lost text."""
+
+    prompt: str
+    context_cut: bool
+    instruction_cut: bool
+
+
+def _longest_fitting(length: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest n in [0, length] with ``fits(n)``, assuming fits is monotone; None if not even 0."""
+    if not fits(0):
+        return None
+    low, high = 0, length
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _head_and_tail(text: str, keep: int) -> str:
+    """``text`` down to ``keep`` characters: its start and its end, the middle dropped."""
+    if keep >= len(text):
+        return text
+    head = (keep + 1) // 2
+    return text[:head] + text[len(text) - (keep - head) :]
+
+
+def fit_prompt_fields(
+    data: DataConfig,
+    row: dict[str, str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    min_prompt_tokens: int,
+) -> FittedPrompt:
+    """The row's prompt, shortened field by field until prompt, response and EOS fit ``max_length``.
+
+    The context (Alpaca's ``input``, Dolly's ``context``) goes first, keeping its start; only when
+    none of it is left does the instruction lose its middle (its start and its end, usually the
+    question, stay). The template's own text (headers, the response marker) is never cut, nor is
+    the response: a response that does not fit beside ``min_prompt_tokens`` prompt tokens gets the
+    prompt back unchanged, for encode_example to cut the response as the policy says.
+    """
+    instruction, context, response = row["instruction"], row["context"], row["response"]
+    prompt = format_prompt(data, instruction, context)
+
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    response_tokens = tokens(prompt + response) - tokens(prompt.rstrip()) + 1  # + EOS
+    budget = max_length - response_tokens
+    if tokens(prompt.rstrip()) <= budget or budget < min(min_prompt_tokens, tokens(prompt.rstrip())):
+        return FittedPrompt(prompt, False, False)
+    if context:
+        kept = _longest_fitting(
+            len(context), lambda n: tokens(format_prompt(data, instruction, context[:n]).rstrip()) <= budget
+        )
+        if kept:
+            return FittedPrompt(format_prompt(data, instruction, context[:kept]), True, False)
+    kept = _longest_fitting(
+        len(instruction),
+        lambda n: tokens(format_prompt(data, _head_and_tail(instruction, n), "").rstrip()) <= budget,
+    )
+    if kept is None:  # the template alone is over budget: encode_example cuts tokens instead
+        return FittedPrompt(format_prompt(data, instruction, ""), bool(context), False)
+    return FittedPrompt(format_prompt(data, _head_and_tail(instruction, kept), ""), bool(context), True)
+
+
 def _drop_middle(ids: list[int], budget: int, keep_tail: int) -> list[int]:
     """``ids`` cut to ``budget`` tokens: the last ``keep_tail`` (at most the budget) and the first rest."""
     if len(ids) <= budget:
@@ -312,9 +382,18 @@ def tokenize_splits(
     splits, counts = {}, {}
     for split in SPLITS:
         columns: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "category": []}
-        overlong = {"prompt_truncated": 0, "response_truncated": 0, "skipped": 0}
+        overlong = {
+            "prompt_truncated": 0,
+            "context_cut": 0,
+            "instruction_cut": 0,
+            "response_truncated": 0,
+            "skipped": 0,
+        }
         for index, row in enumerate(rows[split]):
-            prompt = format_prompt(data, row["instruction"], row["context"])
+            fitted = FittedPrompt(format_prompt(data, row["instruction"], row["context"]), False, False)
+            if data.on_overlong in ("truncate_prompt", "truncate"):
+                fitted = fit_prompt_fields(data, row, tokenizer, data.max_length, data.min_prompt_tokens)
+            prompt = fitted.prompt
             encoded = encode_example(
                 prompt,
                 row["response"],
@@ -337,6 +416,10 @@ def tokenize_splits(
                 continue
             if encoded.fit != "whole":
                 overlong[encoded.fit] += 1
+            if fitted.context_cut or fitted.instruction_cut:
+                overlong["prompt_truncated"] += encoded.fit == "whole"
+                overlong["context_cut"] += fitted.context_cut
+                overlong["instruction_cut"] += fitted.instruction_cut
             columns["id"].append(f"{split}-{index}")
             columns["input_ids"].append(encoded.input_ids)
             columns["labels"].append(encoded.labels)
@@ -352,7 +435,9 @@ def tokenize_splits(
         if any(overlong.values()):
             log(
                 f"prepare_data: {split}: over data.max_length={data.max_length} "
-                f"(data.on_overlong={data.on_overlong}): {overlong['prompt_truncated']} prompts shortened, "
+                f"(data.on_overlong={data.on_overlong}): {overlong['prompt_truncated']} prompts shortened "
+                f"({overlong['context_cut']} contexts cut, {overlong['instruction_cut']} instructions' "
+                "middles dropped), "
                 f"{overlong['response_truncated']} responses cut (their EOS not trained), "
                 f"{overlong['skipped']} rows skipped"
             )

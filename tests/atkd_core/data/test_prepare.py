@@ -13,6 +13,7 @@ from atkd_core.data.prepare import (
     IGNORE_INDEX,
     DataError,
     encode_example,
+    fit_prompt_fields,
     format_prompt,
     prepare_data,
     read_rows,
@@ -61,6 +62,44 @@ def test_a_response_too_long_for_the_minimum_prompt_is_cut_and_says_so():
     assert encoded.input_ids[-1] != tokenizer.eos_token_id
 
 
+QUESTION = "What is the capital of the country described above?"
+
+
+@pytest.mark.parametrize("context_first", [False, True])
+def test_a_long_context_is_cut_before_the_question_and_the_markers(context_first):
+    """Alpaca-style input far over the limit: the context loses its end, the whole instruction and
+    every template marker stay, even when the template puts the context before the instruction."""
+    tokenizer = _tokenizer()
+    data = DataConfig(
+        context_template=(
+            "### Input:\n{context}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+            if context_first
+            else DataConfig().context_template
+        )
+    )
+    row = {"instruction": QUESTION, "context": "The land of many rivers. " * 60, "response": "Paris"}
+    fitted = fit_prompt_fields(data, row, tokenizer, max_length=96, min_prompt_tokens=16)
+    assert fitted.context_cut and not fitted.instruction_cut
+    encoded = encode_example(fitted.prompt, row["response"], tokenizer, 96, min_prompt_tokens=16)
+    assert encoded.fit == "whole" and len(encoded.input_ids) <= 96
+    text = tokenizer.decode(encoded.input_ids)
+    assert QUESTION in text and "### Input:" in text and text.split("Paris")[0].endswith("### Response:\n")
+    assert "The land of many rivers." in text  # the context's start survives
+    assert encoded.labels[-1] == tokenizer.eos_token_id
+
+
+def test_a_long_instruction_loses_its_middle_keeping_its_start_and_its_question():
+    tokenizer = _tokenizer()
+    instruction = "Read the following notes carefully. " + "Some background sentence. " * 60 + QUESTION
+    row = {"instruction": instruction, "context": "", "response": "Paris"}
+    fitted = fit_prompt_fields(DataConfig(), row, tokenizer, max_length=96, min_prompt_tokens=16)
+    assert fitted.instruction_cut and not fitted.context_cut
+    assert fitted.prompt.startswith("### Instruction:\nRead the following notes")
+    assert fitted.prompt.endswith(QUESTION[-20:] + "\n\n### Response:\n")
+    encoded = encode_example(fitted.prompt, "Paris", tokenizer, 96, min_prompt_tokens=16)
+    assert len(encoded.input_ids) <= 96 and encoded.labels[-1] == tokenizer.eos_token_id
+
+
 def _overlong_rows_config(tmp_path, policy):
     rows = [
         {"instruction": "Short.", "response": "ok"},
@@ -86,9 +125,13 @@ def _overlong_rows_config(tmp_path, policy):
 @pytest.mark.parametrize(
     ("policy", "rows", "overlong"),
     [
-        ("truncate_prompt", 2, {"prompt_truncated": 1, "response_truncated": 0, "skipped": 1}),
-        ("truncate", 3, {"prompt_truncated": 1, "response_truncated": 1, "skipped": 0}),
-        ("skip", 1, {"prompt_truncated": 0, "response_truncated": 0, "skipped": 2}),
+        (
+            "truncate_prompt",
+            2,
+            {"prompt_truncated": 1, "context_cut": 1, "response_truncated": 0, "skipped": 1},
+        ),
+        ("truncate", 3, {"prompt_truncated": 1, "context_cut": 1, "response_truncated": 1, "skipped": 0}),
+        ("skip", 1, {"prompt_truncated": 0, "context_cut": 0, "response_truncated": 0, "skipped": 2}),
     ],
 )
 def test_overlong_rows_follow_the_policy_and_are_counted_and_logged(tmp_path, policy, rows, overlong):
@@ -97,7 +140,7 @@ def test_overlong_rows_follow_the_policy_and_are_counted_and_logged(tmp_path, po
         _overlong_rows_config(tmp_path, policy), tmp_path / "prepared", log=lines.append
     )
     assert manifest["counts"]["train"]["rows"] == rows
-    assert manifest["counts"]["train"]["overlong"] == overlong
+    assert manifest["counts"]["train"]["overlong"] == {"instruction_cut": 0, **overlong}
     assert any(f"(data.on_overlong={policy})" in line for line in lines)
     dataset = load_from_disk(str(tmp_path / "prepared" / "dataset"))["train"]
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "prepared" / "tokenizer")
