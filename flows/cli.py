@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from atkd_core.config import PipelineConfig, config_to_yaml, load_config
+from atkd_core.data.converters import EVAL_SETS, convert_eval_set, split_dolly
 from atkd_core.errors import ConfigError, UserError
 from atkd_core.pipeline import LocalStages, pipeline_outputs, student_stages, teacher_stages
 from atkd_core.workdir import workdir_lock
@@ -59,6 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, default=None, help="output directory (default: <workdir>/suite)")
     _add_config_args(
         data.add_parser("prepare", help="run the prepare_data stage alone (no Prefect, no MLflow)")
+    )
+    dolly = data.add_parser(
+        "dolly",
+        help="split the databricks-dolly-15k JSONL into train/validation/test files (500 held out each)",
+    )
+    dolly.add_argument("source", type=Path, help="databricks-dolly-15k.jsonl as downloaded")
+    dolly.add_argument("--out", type=Path, default=Path("data/dolly"), help="output directory")
+    dolly.add_argument("--seed", type=int, default=42, help="shuffle seed")
+    eval_set = data.add_parser(
+        "eval-set",
+        help="convert a published evaluation set to an instruction file for eval.instruction_files",
+    )
+    eval_set.add_argument("kind", choices=EVAL_SETS, help="the set's published format")
+    eval_set.add_argument("source", type=Path, help="the file as published")
+    eval_set.add_argument("--out", type=Path, required=True, help="the JSONL to write (Dolly fields)")
+    eval_set.add_argument(
+        "--answers", type=Path, default=None, help="reference answers by id (vicuna, koala, wizardlm)"
     )
 
     compare = commands.add_parser(
@@ -308,6 +326,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_serve(args)
     if args.command == "compare":
         return _cmd_compare(args.config, args.overrides, args.ablation, args.list, args.report_to)
+    if args.command == "data" and args.data_command == "dolly":
+        counts = split_dolly(args.source, args.out, seed=args.seed)
+        for split, rows in counts.items():
+            print(f"{split:<10} {rows:>6} rows  {args.out / f'{split}.jsonl'}")
+        return 0
+    if args.command == "data" and args.data_command == "eval-set":
+        rows = convert_eval_set(args.kind, args.source, args.out, args.answers)
+        print(f"{args.kind}: {rows} rows  {args.out}")
+        return 0
     config = load_config(args.config, args.overrides)
     if args.command == "config":
         print(config_to_yaml(config), end="")

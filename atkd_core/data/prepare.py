@@ -36,7 +36,7 @@ def format_prompt(data: DataConfig, instruction: str, context: str | None) -> st
     return data.prompt_template.format(instruction=instruction)
 
 
-def _records(path: Path) -> list[tuple[str, Any]]:
+def file_records(path: Path) -> list[tuple[str, Any]]:
     """(location, record) pairs of a JSONL / JSON / Parquet / CSV file; location is ``file:line``."""
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
@@ -92,7 +92,7 @@ def read_rows(
     with 'error' the first bad row raises DataError naming file, line and field).
     """
     rows, skipped = [], []
-    for where, record in _records(path):
+    for where, record in file_records(path):
         try:
             if isinstance(record, str):
                 try:
