@@ -7,6 +7,8 @@ schema cannot see, and ``docker compose config`` runs wherever the compose plugi
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -133,3 +135,71 @@ def test_each_database_uri_names_a_driver_its_image_installs():
         prefect_url.startswith(f"{PREFECT_POSTGRES_SCHEME}://")
         and PREFECT_POSTGRES_SCHEME == "postgresql+asyncpg"
     )
+
+
+def _container_runtime() -> str | None:
+    """docker or podman, when one is installed and can reach its engine."""
+    for tool in ("docker", "podman"):
+        if shutil.which(tool) is None:
+            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            if subprocess.run([tool, "info"], capture_output=True, timeout=30).returncode == 0:
+                return tool
+    return None
+
+
+IMAGE_TEST_ASKED = os.environ.get("ATKD_TEST_IMAGES") == "1"
+
+
+@pytest.mark.skipif(
+    not IMAGE_TEST_ASKED,
+    reason="builds the CPU image (~20 min, needs Docker Hub and the PyTorch wheel index): set ATKD_TEST_IMAGES=1",
+)
+def test_the_cpu_image_builds_and_its_entry_points_run():
+    runtime = _container_runtime()
+    if runtime is None:
+        pytest.skip("no working container runtime here (docker or podman that reaches its engine)")
+    tag = "atkd-worker:test"
+    build = subprocess.run(
+        [runtime, "build", "-f", "docker/Dockerfile.cpu", "-t", tag, "."],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    shown = subprocess.run(
+        [runtime, "run", "--rm", tag, "atkd", "config", "show", "configs/demo.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert shown.returncode == 0 and "name: demo" in shown.stdout, shown.stderr[-2000:]
+    # The image's worker against a Prefect server in the same container: one poll, then exit 0.
+    worker = subprocess.run(
+        [
+            runtime,
+            "run",
+            "--rm",
+            "-e",
+            "PREFECT_API_URL=http://127.0.0.1:4200/api",
+            tag,
+            "sh",
+            "-c",
+            "prefect server start --host 127.0.0.1 --port 4200 >/tmp/server.log 2>&1 & "
+            'for i in $(seq 60); do python -c "import urllib.request as u; '
+            "u.urlopen('http://127.0.0.1:4200/api/health')\" 2>/dev/null && break; sleep 1; done; "
+            "prefect worker start --pool atkd-local --type process --run-once",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
+    size = subprocess.run(
+        [runtime, "image", "inspect", "--format", "{{.Size}}", tag],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    print(f"{tag}: {int(size.stdout.strip()) / 1e9:.2f} GB")
