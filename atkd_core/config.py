@@ -290,9 +290,19 @@ class TrainingConfig(StrictModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
     num_processes: int = Field(1, ge=1, le=4096, description="Processes (ranks) per node. Range: 1..4096.")
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Machines in the job, num_processes each. Above 1, each node is started on its own "
+        "(a Kubernetes indexed Job, a Slurm step) with NODE_RANK (or JOB_COMPLETION_INDEX / SLURM_NODEID) "
+        "and MASTER_ADDR (MASTER_PORT, default 29500) set; or from one node over ssh with hostfile. "
+        "Range: 1..4096.",
+    )
     hostfile: Path | None = Field(
         None,
-        description="DeepSpeed hostfile for several nodes ('host slots=N' lines); null: this machine only.",
+        description="DeepSpeed hostfile ('host slots=N' lines, num_nodes of them) to start every node from "
+        "this one over ssh; null: each node is started on its own (see num_nodes).",
     )
     batch_size: int = Field(
         16, ge=1, le=1_000_000, description="Global batch in sequences per optimizer step."
@@ -329,18 +339,23 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainingConfig:
-        per_step = self.micro_batch_size * self.num_processes
+        per_step = self.micro_batch_size * self.world_size
         if self.batch_size % per_step != 0:
             raise ValueError(
-                f"batch_size: {self.batch_size} must be a multiple of micro_batch_size x num_processes "
-                f"= {self.micro_batch_size} x {self.num_processes} = {per_step}"
+                f"batch_size: {self.batch_size} must be a multiple of micro_batch_size x num_processes x "
+                f"num_nodes = {self.micro_batch_size} x {self.num_processes} x {self.num_nodes} = {per_step}"
             )
         return self
 
     @property
+    def world_size(self) -> int:
+        """Processes in the whole job: num_processes on each of num_nodes machines."""
+        return self.num_processes * self.num_nodes
+
+    @property
     def grad_accumulation_steps(self) -> int:
         """Micro-batches accumulated per optimizer step on each process."""
-        return self.batch_size // (self.micro_batch_size * self.num_processes)
+        return self.batch_size // (self.micro_batch_size * self.world_size)
 
 
 class FinetuneConfig(StrictModel):

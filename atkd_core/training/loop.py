@@ -74,9 +74,10 @@ def setup(job: TrainJob, rank: int, world_size: int, device: str, log: Callable[
     from atkd_core.models.build import load_model
 
     training = job.training
-    if world_size != training.num_processes:
+    if world_size != training.world_size:
         raise UserError(
-            f"training.num_processes is {training.num_processes} but {world_size} processes were started"
+            f"training.num_processes x num_nodes is {training.num_processes} x {training.num_nodes} but "
+            f"{world_size} processes were started"
         )
     random.seed(training.seed)
     torch.manual_seed(training.seed)

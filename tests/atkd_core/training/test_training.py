@@ -18,7 +18,7 @@ from atkd_core.errors import UserError
 from atkd_core.models.build import materialize_model
 from atkd_core.scoring import run_scoring_stage
 from atkd_core.training.checkpoint import CheckpointError
-from atkd_core.training.distributed import child_environment
+from atkd_core.training.distributed import child_environment, free_port
 from atkd_core.training.job import TrainJob, auto_split_line, distill_job
 from atkd_core.training.main import run_training
 from infra.launcher import launch_training
@@ -145,6 +145,64 @@ def test_two_processes_under_the_deepspeed_launcher_match_one(inputs, tmp_path, 
     manifest = launch_training(two, lambda m, s: seen.append(s), quiet)
     assert manifest["world_size"] == 2 and seen == [1, 2, 3, 4]
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_two_nodes_started_on_their_own_match_one_node_with_two_processes(inputs, tmp_path):
+    """2 nodes x 1 process, each node launched separately as Kubernetes or Slurm would (its rank,
+    the first node's address; no ssh), here both on the loopback: the same per-step losses as
+    1 node x 2 processes."""
+    import threading
+
+    from infra.launcher import NodeRole, node_role_from_env
+
+    loss = {"objective": "atkd", "split_scope": "threshold", "unc_threshold": 0.9}
+    settings = {"micro_batch_size": 4}
+    one_node = make_job(
+        inputs, tmp_path, training={**settings, "num_processes": 2}, loss=loss, name="one-node"
+    )
+    two_nodes = make_job(inputs, tmp_path, training={**settings, "num_nodes": 2}, loss=loss, name="two-nodes")
+    launch_training(one_node, lambda m, s: None, quiet)
+
+    port = free_port()
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def node(rank: int) -> None:
+        try:
+            results[rank] = launch_training(
+                two_nodes, lambda m, s: None, quiet, node=NodeRole(rank, "127.0.0.1", port)
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+    assert results[0]["world_size"] == 2 and results[1] == {
+        "stage": "distill",
+        "node_rank": 1,
+        "world_size": 2,
+    }
+    assert losses(two_nodes) == pytest.approx(losses(one_node), rel=1e-5, abs=1e-7)
+    # What each node reads from its environment, and the one line when something is missing.
+    training = two_nodes.training
+    assert node_role_from_env(training, {"NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}) == NodeRole(
+        1, "10.0.0.1", 29500
+    )
+    assert (
+        node_role_from_env(
+            training, {"JOB_COMPLETION_INDEX": "0", "MASTER_ADDR": "a", "MASTER_PORT": "7"}
+        ).rank
+        == 0
+    )
+    with pytest.raises(UserError, match="start the stage on each node with NODE_RANK"):
+        node_role_from_env(training, {"MASTER_ADDR": "10.0.0.1"})
+    with pytest.raises(UserError, match=r"node rank '2' must be an integer in \[0, 2\)"):
+        node_role_from_env(training, {"SLURM_NODEID": "2", "MASTER_ADDR": "a"})
 
 
 def test_a_failing_rank_fails_the_launch_with_its_error(inputs, tmp_path):
