@@ -294,6 +294,10 @@ def _checks_before_running(config: PipelineConfig, args: argparse.Namespace) -> 
     from atkd_core.models.build import check_model_paths
 
     check_model_paths({"teacher": config.teacher, "student": config.student})
+    if config.eval.enabled and config.eval.harness_tasks and args.command == "run":
+        from atkd_core.evaluation.harness import harness_datasets
+
+        harness_datasets(config.eval.harness_tasks)  # a misspelt task fails now, not after training
     if args.command == "run" and not args.direct and config.tracking.enabled:
         from infra.tracking import check_tracking_server
 

@@ -156,6 +156,44 @@ def _metrics(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def harness_datasets(names: list[str]) -> dict[str, list[str]]:
+    """The datasets (hub ids) each named lm-eval task, group or tag reads: {name: sorted paths}.
+
+    Read from the harness's task index, without loading any data, so it works offline. An unknown
+    name is a UserError naming it, with the closest known names.
+    """
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    index = TaskManager().task_index
+
+    def datasets(name: str, seen: frozenset[str]) -> set[str]:
+        entry = index[name]
+        kind = entry.kind.name
+        if kind == "TASK":
+            path = entry.cfg.get("dataset_path")
+            return {str(path)} if path else set()
+        if kind == "TAG":
+            members = [other for other, candidate in index.items() if name in candidate.tags]
+        else:
+            listed = entry.cfg.get("task") or []
+            listed = listed if isinstance(listed, list) else [listed]
+            members = [item["task"] if isinstance(item, dict) else item for item in listed]
+        found: set[str] = set()
+        for member in members:
+            if isinstance(member, str) and member in index and member not in seen:
+                found |= datasets(member, seen | {member})
+        return found
+
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(index), n=3)
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        raise UserError(f"eval.harness_tasks: {unknown[0]!r} is not a task, group or tag of lm-eval{hint}")
+    return {name: sorted(datasets(name, frozenset({name}))) for name in names}
+
+
 def check_models(models: dict[str, Path]) -> None:
     """Every model to score must be a saved directory."""
     for name, path in models.items():

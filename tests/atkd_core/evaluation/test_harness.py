@@ -131,3 +131,21 @@ def test_user_jsonl_is_scored_and_an_unloadable_named_task_keeps_the_rest(traine
     )
     assert "atkd_add" in report["results"]["teacher"]
     assert json.loads((tmp_path / "eval" / "errors.json").read_text()) == report["errors"]
+
+
+def test_the_real_configs_harness_tasks_are_known_and_name_the_hub_datasets_they_read():
+    """pythia-dolly's mmlu, bbh and drop exist in the locked harness; their data are hub datasets
+    (checked from the task index, offline), which a machine without the hub must have cached."""
+    from atkd_core.config import load_config
+    from atkd_core.errors import UserError
+    from atkd_core.evaluation.harness import harness_datasets
+    from tests.conftest import REPO_ROOT
+
+    tasks = load_config(REPO_ROOT / "configs" / "pythia-dolly.yaml").eval.harness_tasks
+    assert harness_datasets(tasks) == {
+        "mmlu": ["cais/mmlu"],
+        "bbh": ["SaylorTwift/bbh"],
+        "drop": ["EleutherAI/drop"],
+    }
+    with pytest.raises(UserError, match=r"'mmlu_pro_typo' is not a task.*closest: mmlu_pro"):
+        harness_datasets(["mmlu", "mmlu_pro_typo"])
