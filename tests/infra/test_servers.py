@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from infra.kubernetes import TEMPLATE_PATH
 from infra.servers import _alive, postgres_bin_dir, read_state, start, stop
 from tests.conftest import PIPELINE_STAGES, REPO_ROOT, child_runs, free_port, tiny_config
 
@@ -93,6 +94,26 @@ def test_deployment_runs_through_the_worker_and_lands_in_mlflow(tmp_path, state_
         assert "0 2 * * *" in nightly and "configs/demo.yaml" in nightly and "atkd-local" in nightly
         for name in ("distill_pipeline/adhoc", "compare/compare-kd-atkd"):
             assert "atkd-local" in _prefect(["deployment", "inspect", name], env)
+        if backend == "sqlite":
+            # The Kubernetes pool takes the shipped template, and the server accepts prefect.k8s.yaml's
+            # deployment against it (it validates job variables against the pool's template).
+            template = str(REPO_ROOT / TEMPLATE_PATH)
+            pool = [
+                "work-pool",
+                "create",
+                "atkd-kubernetes",
+                "--type",
+                "kubernetes",
+                "--base-job-template",
+                template,
+            ]
+            _prefect(pool, env)
+            image = "registry.example/atkd-worker:cuda"
+            k8s_env = {**env, "ATKD_IMAGE": image, "MLFLOW_TRACKING_URI": "http://mlflow.atkd:5000"}
+            deployed = _prefect(["deploy", "--all", "--prefect-file", "prefect.k8s.yaml"], k8s_env)
+            assert "distill_config_file/pythia-dolly-gpu" in deployed
+            inspected = _prefect(["deployment", "inspect", "distill_config_file/pythia-dolly-gpu"], env)
+            assert image in inspected and "'gpu_count': 8" in inspected
 
         config = tiny_config(tmp_path / "work", eval={"limit": 4, "max_new_tokens": 6})
         params = json.dumps({"config": config.model_dump(mode="json")})
