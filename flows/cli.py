@@ -171,6 +171,9 @@ def _cmd_run(config: PipelineConfig, direct: bool, config_path: Path) -> int:
     print(f"  Prefect run      {result.prefect_flow_run_url or result.prefect_flow_run_id}")
     if result.summary:
         print("\nEvaluation (lm-evaluation-harness; gap = student - teacher):\n" + result.summary)
+        plot = Path(result.outputs.get("evaluate", "")) / "summary.png"
+        if plot.is_file():
+            print(f"Plot: {plot} (student and teacher, task by task)")
     if result.unsent_tracking_calls:
         _warn(
             f"{result.unsent_tracking_calls} tracking calls did not reach MLflow (the outputs above are "
