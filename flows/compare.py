@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment
+from prefect.runtime import flow_run as current_flow_run
 from pydantic import BaseModel, Field
 
 from atkd_core.config import PipelineConfig
@@ -124,7 +125,14 @@ def _result_row(cell: Cell, outcome: dict[str, Any], started_unix: float) -> dic
     }
 
 
-@flow(name="compare")
+def compare_run_name() -> str:
+    """The comparison flow run's name: what it compares, not a random "adjective-animal"."""
+    parameters = current_flow_run.parameters
+    ablation = parameters.get("ablation")
+    return f"compare {parameters['config_path']}" + (f" --ablation {ablation}" if ablation else "")
+
+
+@flow(name="compare", flow_run_name=compare_run_name)
 def compare(
     config_path: str, overrides: list[str] | None = None, ablation: str | None = None
 ) -> ComparisonResult:

@@ -23,6 +23,10 @@ def test_compare_runs_cells_on_one_shared_teacher_and_reports(prefect_harness, t
     result = compare(path)
     grid_dir = tmp_path / "grid"
     assert result.cells == 4 and result.failed == []
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(result.prefect_flow_run_id).name == f"compare {path}"
     (teacher_dir,) = (grid_dir / "teachers").iterdir()
     assert (teacher_dir / "models" / "teacher" / "manifest.json").is_file()
     assert (teacher_dir / "eval" / "teacher.json").is_file()
