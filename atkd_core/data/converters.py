@@ -79,19 +79,9 @@ def split_dolly(
 
 def _objects(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(``file:line``, object) for every record of a JSONL / JSON file."""
-    from atkd_core.data.prepare import file_records
+    from atkd_core.data.prepare import file_records, json_object
 
-    objects = []
-    for where, record in file_records(path):
-        if isinstance(record, str):
-            try:
-                record = json.loads(record)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: malformed JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        objects.append((where, record))
-    return objects
+    return [(where, json_object(record, where)) for where, record in file_records(path)]
 
 
 def _text(record: dict[str, Any], field: str, where: str) -> str:

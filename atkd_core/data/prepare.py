@@ -94,12 +94,7 @@ def read_rows(
     rows, skipped = [], []
     for where, record in file_records(path):
         try:
-            if isinstance(record, str):
-                try:
-                    record = json.loads(record)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: malformed JSON ({exc.msg})") from None
-            rows.append(_map_fields(record, fields, where))
+            rows.append(_map_fields(json_object(record, where), fields, where))
         except DataError as exc:
             if on_bad_rows == "error":
                 raise
@@ -109,9 +104,20 @@ def read_rows(
     return rows, skipped
 
 
-def _map_fields(record: Any, fields: FieldMap, where: str) -> dict[str, str]:
+def json_object(record: Any, where: str) -> dict[str, Any]:
+    """One record of ``file_records`` as a dict: a JSONL line parsed, any other kind checked;
+    DataError naming ``where`` (``file:line``) otherwise."""
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: malformed JSON ({exc.msg})") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _map_fields(record: dict[str, Any], fields: FieldMap, where: str) -> dict[str, str]:
     for required in (fields.instruction, fields.response):
         if not isinstance(record.get(required), str) or not record[required].strip():
             raise DataError(f"{where}: field {required!r} is missing or empty")
