@@ -356,11 +356,19 @@ def _build_tokenizer(config: PipelineConfig, train_rows: list[dict[str, str]]) -
     return load_tokenizer(path, trust_remote_code=config.teacher.trust_remote_code)
 
 
+# Raised whenever this module starts writing different prepared data from the same inputs, so an
+# output made by older code is redone rather than reused. 2: prompts shortened field by field, and
+# a pad token borrowed (<unk> or EOS) instead of added.
+PREPARED_FORMAT = 2
+
+
 def prepare_inputs_fingerprint(config: PipelineConfig) -> str:
-    """What the prepared data depends on: the data and tokenizer sections and the input files' bytes."""
+    """What the prepared data depends on: the data and tokenizer sections, the input files' bytes,
+    and the format of what this code writes."""
     files = [Path(f) for f in config.data.train_files + config.data.validation_files + config.data.test_files]
     return fingerprint(
         {
+            "format": PREPARED_FORMAT,
             "config": config.section_hash("data", "tokenizer"),
             "models": [config.teacher.path, config.student.path],
             "files": {str(f): sha256_file(f) for f in files if f.is_file()},

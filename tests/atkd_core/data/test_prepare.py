@@ -191,6 +191,18 @@ def test_prepare_is_reused_when_inputs_match_and_redone_when_they_change(tmp_pat
     assert not reused
 
 
+def test_prepared_data_made_by_older_code_is_redone(tmp_path, monkeypatch):
+    """Code that writes prepared data differently (e.g. how it truncates or pads) raises
+    PREPARED_FORMAT, and an output from before is then not reused."""
+    import atkd_core.data.prepare as prepare
+
+    config = tiny_config(tmp_path)
+    prepare_data(config, tmp_path / "prepared", log=lambda _: None)
+    monkeypatch.setattr(prepare, "PREPARED_FORMAT", prepare.PREPARED_FORMAT + 1)
+    _, reused = prepare_data(config, tmp_path / "prepared", log=lambda _: None)
+    assert not reused
+
+
 def test_failed_prepare_leaves_the_previous_output_intact(tmp_path, monkeypatch):
     config = tiny_config(tmp_path)
     prepare_data(config, tmp_path / "prepared", log=lambda _: None)
