@@ -347,7 +347,7 @@ def test_damaged_checkpoint_is_an_error_unless_resume_is_never(inputs, tmp_path)
 
 def test_wrong_process_count_is_refused(inputs, tmp_path):
     job = make_job(inputs, tmp_path, training={"num_processes": 2, "micro_batch_size": 4}, name="count")
-    with pytest.raises(UserError, match="num_processes is 2 but 1"):
+    with pytest.raises(UserError, match=r"num_processes x num_nodes is 2 x 1 but 1 processes were started"):
         run_training(job, lambda m, s: None, quiet)
 
 
