@@ -14,6 +14,7 @@ import json
 import random
 import string
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -252,9 +253,9 @@ def fit_prompt_fields(
     def tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    response_tokens = tokens(prompt + response) - tokens(prompt.rstrip()) + 1  # + EOS
-    budget = max_length - response_tokens
-    if tokens(prompt.rstrip()) <= budget or budget < min(min_prompt_tokens, tokens(prompt.rstrip())):
+    prompt_tokens = tokens(prompt.rstrip())
+    budget = max_length - (tokens(prompt + response) - prompt_tokens + 1)  # the response and its EOS
+    if prompt_tokens <= budget or budget < min(min_prompt_tokens, prompt_tokens):
         return FittedPrompt(prompt, False, False)
     if context:
         kept = _longest_fitting(
@@ -404,18 +405,23 @@ def tokenize_splits(
             "skipped": 0,
         }
         for index, row in enumerate(rows[split]):
-            fitted = FittedPrompt(format_prompt(data, row["instruction"], row["context"]), False, False)
-            if data.on_overlong in ("truncate_prompt", "truncate"):
-                fitted = fit_prompt_fields(data, row, tokenizer, data.max_length, data.min_prompt_tokens)
-            prompt = fitted.prompt
-            encoded = encode_example(
-                prompt,
-                row["response"],
-                tokenizer,
-                data.max_length,
+            prompt = format_prompt(data, row["instruction"], row["context"])
+            encode = partial(
+                encode_example,
+                response=row["response"],
+                tokenizer=tokenizer,
+                max_length=data.max_length,
                 min_prompt_tokens=data.min_prompt_tokens,
                 keep_prompt_tail=tails["context" if row["context"] else "plain"],
             )
+            encoded = encode(prompt)
+            fitted = FittedPrompt(prompt, False, False)
+            # Only an over-long row is shortened field by field, then encoded again.
+            if encoded.fit != "whole" and data.on_overlong in ("truncate_prompt", "truncate"):
+                fitted = fit_prompt_fields(data, row, tokenizer, data.max_length, data.min_prompt_tokens)
+                if fitted.prompt != prompt:
+                    prompt = fitted.prompt
+                    encoded = encode(prompt)
             if encoded.fit != "whole" and data.on_overlong == "error":
                 length = len(tokenizer(prompt + row["response"], add_special_tokens=False)["input_ids"]) + 1
                 raise DataError(
