@@ -63,22 +63,34 @@ def _port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+def _wait_until(
+    ready: Callable[[], bool], what: str, process: subprocess.Popen, log_path: Path, timeout_s: float
+) -> None:
+    """Poll ``ready`` until it holds; UserError naming ``what`` (with the log's last lines when the
+    server exited) if the process ends or ``timeout_s`` passes first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
             raise UserError(
-                f"{url}: the server exited with {process.returncode}; last lines of {log_path}:\n{tail}"
+                f"{what}: the server exited with {process.returncode}; last lines of {log_path}:\n{tail}"
             )
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        if ready():
+            return
         time.sleep(0.5)
-    raise UserError(f"{url}: no healthy answer after {timeout_s:.0f} s; see {log_path}")
+    raise UserError(f"{what}: no healthy answer after {timeout_s:.0f} s; see {log_path}")
+
+
+def _answers_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    _wait_until(lambda: _answers_ok(url), url, process, log_path, timeout_s)
 
 
 def _spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -170,20 +182,19 @@ def _start_postgres(state_dir: Path, port: int, env: dict[str, str], timeout_s: 
             start_new_session=True,
             user=user,
         )
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ready = subprocess.run(
-            [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"],
-            capture_output=True,
-            env=env,
+    ready = [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+    try:
+        _wait_until(
+            lambda: subprocess.run(ready, capture_output=True, env=env).returncode == 0,
+            f"PostgreSQL on 127.0.0.1:{port}",
+            process,
+            log_path,
+            timeout_s,
         )
-        if ready.returncode == 0:
-            break
-        if process.poll() is not None or time.monotonic() > deadline:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-            _terminate_group(process.pid, stop_signal=signal.SIGINT)
-            raise UserError(f"PostgreSQL on port {port} did not start; last lines of {log_path}:\n{tail}")
-        time.sleep(0.3)
+    except UserError:
+        # Not yet among start()'s servers, so stopped here.
+        _terminate_group(process.pid, stop_signal=signal.SIGINT)
+        raise
     for database in POSTGRES_DATABASES:
         exists = subprocess.run(
             [

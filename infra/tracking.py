@@ -485,33 +485,35 @@ def record_stage(
 ) -> None:
     """Leave a stage's trace under ``parent_run_id`` keyed by its reuse key (the cache key).
 
-    A stage that ran already has its child run: it is tagged with the key and ``cached=false``. A stage Prefect served
-    from its cache ran no code, so it gets a child run of its own, tagged ``cached`` and linked
-    (tag and note) to the newest run that made that output. Tracking never fails the pipeline: with
-    the server away the cached run waits in the outbox like any other and the link is left out.
+    A stage that ran already has its child run: it is tagged with the key and ``cached=false``. A
+    stage Prefect served from its cache ran no code, so it gets a child run of its own, tagged
+    ``cached`` and linked (tag and note) to the newest run that made that output. Tracking never
+    fails the pipeline: with the server away the cached run waits in the outbox like any other and
+    the link is left out.
     """
     if not config.tracking.enabled or parent_run_id is None:
         return
     parent = attach_run(config, parent_run_id)
-    made_by: str | None = None
-    if (target := parent.target()) is not None and parent.experiment_id is not None:
-        client = target[0]
-        key = f"tags.`{STAGE_KEY_TAG}` = {_quoted(stage_key)}"
+    target = parent.target()
+
+    def newest(filter_string: str) -> str | None:
+        if target is None or parent.experiment_id is None:
+            return None
         with suppress(Exception):
-            if not cached:
-                own = _search_one(
-                    client,
-                    parent.experiment_id,
-                    f"tags.`{PARENT_TAG}` = {_quoted(parent_run_id)} and tags.`{RUN_NAME_TAG}` = {_quoted(stage)}",
-                )
-                if own is not None:
-                    client.set_tag(own, STAGE_KEY_TAG, stage_key)
-                    # Explicitly false: MLflow's search cannot match a run by a tag it lacks.
-                    client.set_tag(own, CACHED_TAG, "false")
-                return
-            made_by = _search_one(client, parent.experiment_id, f"{key} and tags.`{CACHED_TAG}` = 'false'")
+            return _search_one(target[0], parent.experiment_id, filter_string)
+        return None
+
     if not cached:
+        own = newest(
+            f"tags.`{PARENT_TAG}` = {_quoted(parent_run_id)} and tags.`{RUN_NAME_TAG}` = {_quoted(stage)}"
+        )
+        if own is not None and target is not None:
+            with suppress(Exception):
+                target[0].set_tag(own, STAGE_KEY_TAG, stage_key)
+                # Explicitly false: MLflow's search cannot match a run by a tag it lacks.
+                target[0].set_tag(own, CACHED_TAG, "false")
         return
+    made_by = newest(f"tags.`{STAGE_KEY_TAG}` = {_quoted(stage_key)} and tags.`{CACHED_TAG}` = 'false'")
     tags = {RUN_NAME_TAG: stage, CACHED_TAG: "true", STAGE_KEY_TAG: stage_key}
     if made_by is not None:
         tags[MADE_BY_TAG] = made_by

@@ -177,6 +177,11 @@ def _sparse_tail(teacher: SparseTeacher, vocab_size: int) -> Tensor:
     return tail.float().clamp(min=MASK_LOGIT)
 
 
+def _sparse_buckets(teacher: SparseTeacher, vocab_size: int) -> Tensor:
+    """The sparse teacher's log-probabilities over its top-K and the tail: [n, K + 1] float32."""
+    return torch.cat([teacher.topk_logprobs.float(), _sparse_tail(teacher, vocab_size)[:, None]], -1)
+
+
 def scaled_teacher_logits(teacher: Tensor, temperature: float) -> Tensor:
     """A fresh float32 copy of teacher logits / T with -inf raised to MASK_LOGIT (vocabulary masks)."""
     return (teacher.float() / temperature).clamp_(min=MASK_LOGIT)
@@ -194,7 +199,7 @@ def full_logprobs(
         return torch.log_softmax(scaled_teacher_logits(teacher, temperature), -1), torch.log_softmax(
             student / temperature, -1
         )
-    log_p = torch.cat([teacher.topk_logprobs.float(), _sparse_tail(teacher, student.shape[-1])[:, None]], -1)
+    log_p = _sparse_buckets(teacher, student.shape[-1])
     topk, tail = picked_and_rest(student, teacher.topk_ids.long(), temperature)
     buckets = torch.cat([topk, tail[:, None]], -1)
     return log_p, buckets - buckets.logsumexp(-1, keepdim=True)
@@ -209,7 +214,7 @@ def full_logprobs_with_target(
         log_p, log_q = full_logprobs(student, teacher, temperature)
         return log_p, log_q, log_q.gather(-1, target[:, None].long()).squeeze(-1)
     ids = teacher.topk_ids.long()
-    log_p = torch.cat([teacher.topk_logprobs.float(), _sparse_tail(teacher, student.shape[-1])[:, None]], -1)
+    log_p = _sparse_buckets(teacher, student.shape[-1])
     picked, rest = picked_and_rest(student, torch.cat([ids, target[:, None].long()], -1), temperature)
     topk, target_logit = picked[:, :-1], picked[:, -1]
     # The target belongs to the tail bucket unless the teacher's top-K holds it.

@@ -58,7 +58,7 @@ def cross_entropy_terms(
 
     def fn(start: int, end: int, chunk: Tensor) -> Tensor:
         target_logit, lse_rest = picked_and_rest(chunk, safe[start:end, None], 1.0)
-        return (torch.logaddexp(lse_rest[:, None], target_logit) - target_logit).float()
+        return torch.logaddexp(lse_rest[:, None], target_logit) - target_logit
 
     # num_tokens may be a step's count over its micro-batches, below 1: only zero needs replacing.
     denominator = float(num_tokens) if num_tokens > 0 else 1.0
