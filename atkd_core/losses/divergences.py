@@ -25,6 +25,7 @@ from atkd_core.losses.distributions import (
     LinearHead,
     SparseTeacher,
     Teacher,
+    dense_kl,
     full_logprobs,
     full_logprobs_with_target,
     kl_from_logprobs,
@@ -209,24 +210,39 @@ def divergence_terms(
     denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
     weights = (valid.float() / max(denominator, 1.0))[:, None]
     terms_of = partial(DIVERGENCE_TERMS[name], **(params or {}))
+    kl_direction = _plain_kl_direction(name, params or {})
+    shared_cross_entropy = cross_entropy is not None and temperature == 1.0
+    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
 
     def terms_fn(start: int, end: int, chunk: Tensor) -> Tensor:
-        log_p, log_q = full_logprobs(chunk, teacher_rows(flat_teacher, start, end), temperature)
-        return terms_of(log_p, log_q)[:, None]
+        teacher = teacher_rows(flat_teacher, start, end)
+        if kl_direction is not None and isinstance(teacher, Tensor):
+            value, log_q_target = dense_kl(
+                chunk, teacher, safe_targets[start:end], temperature, reverse=kl_direction == "reverse"
+            )
+        elif shared_cross_entropy:
+            log_p, log_q, log_q_target = full_logprobs_with_target(
+                chunk, teacher, safe_targets[start:end], temperature
+            )
+            value = terms_of(log_p, log_q)
+        else:
+            value = terms_of(*full_logprobs(chunk, teacher, temperature))
+        return torch.stack([value, -log_q_target], -1) if shared_cross_entropy else value[:, None]
 
     if cross_entropy is None:
         return Terms(weights, terms_fn)
-    if temperature != 1.0:
+    if not shared_cross_entropy:
         return combine(Terms(weights, terms_fn), cross_entropy)
-    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+    return Terms(torch.cat([weights, cross_entropy.weights], -1), terms_fn)
 
-    def with_cross_entropy(start: int, end: int, chunk: Tensor) -> Tensor:
-        log_p, log_q, log_q_target = full_logprobs_with_target(
-            chunk, teacher_rows(flat_teacher, start, end), safe_targets[start:end], temperature
-        )
-        return torch.stack([terms_of(log_p, log_q), -log_q_target], -1)
 
-    return Terms(torch.cat([weights, cross_entropy.weights], -1), with_cross_entropy)
+def _plain_kl_direction(name: str, params: dict[str, float]) -> str | None:
+    """ "forward" or "reverse" when divergence ``name`` is a plain KL (JSD's endpoints are), else None."""
+    if name == "forward_kl" or (name == "generalized_jsd" and params.get("beta", 0.5) == 0.0):
+        return "forward"
+    if name == "reverse_kl" or (name == "generalized_jsd" and params.get("beta", 0.5) == 1.0):
+        return "reverse"
+    return None
 
 
 def divergence_per_token(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atkd_core.losses import DIVERGENCE_TERMS, SparseTeacher, atkd_loss, divergence_loss
-from tests.atkd_core.losses.reference import reference_atkd, reference_divergence
+from tests.atkd_core.losses.reference import kl, probs, reference_atkd, reference_divergence
 
 V = 11
 
@@ -253,3 +253,49 @@ def test_objective_cross_entropy_column_matches_reference(objective, teacher_kin
     torch.testing.assert_close(out.loss.double(), reference.detach(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad, reference_grad_.float(), atol=1e-5, rtol=1e-4)
     assert out.cross_entropy == pytest.approx(float(reference_ce), rel=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_dense_kl_and_its_target_logprob_match_reference(reverse, dtype, temperature):
+    """dense_kl's hand-written backward, both outputs weighted, against autograd in float64; its
+    inputs are left untouched and, forward, a masked (-inf) teacher column adds nothing (reverse,
+    the student's mass there would make the divergence infinite)."""
+    from atkd_core.losses.distributions import dense_kl
+
+    student, teacher, targets = make_inputs((9,), dtype, "none", seed=21)
+    teacher = teacher.clone()
+    if not reverse:
+        teacher[:, 0] = float("-inf")
+    student_before, teacher_before = student.detach().clone(), teacher.clone()
+    gen = torch.Generator().manual_seed(22)
+    kl_weights, target_weights = torch.randn(9, generator=gen), torch.randn(9, generator=gen)
+    divergence, log_q_target = dense_kl(student, teacher, targets, temperature, reverse)
+    (grad,) = torch.autograd.grad(
+        (divergence * kl_weights).sum() + (log_q_target * target_weights).sum(), student
+    )
+
+    def reference(s):
+        total = s.new_zeros(())
+        for i in range(9):
+            p, q = probs(teacher[i].double(), temperature), probs(s[i], temperature)
+            value = kl(q, p) if reverse else kl(p, q)
+            total = (
+                total + kl_weights[i].double() * value + target_weights[i].double() * torch.log(q[targets[i]])
+            )
+        return total
+
+    ref, ref_grad = reference_grad(reference, student)
+    torch.testing.assert_close(
+        ((divergence * kl_weights).sum() + (log_q_target * target_weights).sum()).double(),
+        ref,
+        **tolerances(dtype),
+    )
+    torch.testing.assert_close(grad.double(), ref_grad, **tolerances(dtype))
+    assert grad.dtype == dtype and bool(torch.isfinite(grad).all())
+    assert torch.equal(student.detach(), student_before) and torch.equal(teacher, teacher_before)
+    value, _ = dense_kl(student, teacher, targets, temperature, reverse)
+    value.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        value.sum().backward()
