@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ from atkd_core.losses.distributions import (
     SparseTeacher,
     Teacher,
     binary_kl,
+    dense_split_kl,
     kl_from_logprobs,
     non_target_split,
     target_split,
@@ -69,17 +70,51 @@ def _pieces(
     temperature: float,
     with_cross_entropy: bool = False,
 ) -> Tensor:
-    """[n, V] student logits (float32) -> [n, 2] per-token (TKD, DKD) in ``setting``, or [n, 3] with
-    the cross-entropy -log q_g appended (read from the split; only meaningful at temperature 1)."""
-    split = target_split(chunk, teacher, target, temperature)
-    if setting == "forward":
-        tkd = binary_kl(split.log_p_target, split.log_p_rest, split.log_q_target, split.log_q_rest)
-        dkd = kl_from_logprobs(split.log_p_hat, split.log_q_hat)
-    else:
-        tkd = binary_kl(split.log_q_target, split.log_q_rest, split.log_p_target, split.log_p_rest)
-        dkd = kl_from_logprobs(split.log_q_hat, split.log_p_hat)
-    columns = [tkd, dkd, -split.log_q_target] if with_cross_entropy else [tkd, dkd]
+    """[n, V] student logits -> [n, 2] per-token (TKD, DKD) in ``setting``, or [n, 3] with the
+    cross-entropy -log q_g appended (read from the split; only meaningful at temperature 1)."""
+    split = _split(chunk, teacher, target, setting, temperature)
+    columns = [split.tkd, split.dkd, -split.log_q_target] if with_cross_entropy else [split.tkd, split.dkd]
     return torch.stack(columns, -1)
+
+
+class _SettingSplit(NamedTuple):
+    """Per-token [n] pieces of one setting's decomposition (see KLDecomposition)."""
+
+    tkd: Tensor
+    dkd: Tensor
+    log_p_rest: Tensor
+    log_q_target: Tensor
+    log_q_rest: Tensor
+
+
+def _split(
+    student: Tensor, teacher: Tensor | SparseTeacher, target: Tensor, setting: Setting, temperature: float
+) -> _SettingSplit:
+    """TKD and DKD in ``setting`` from student logits [n, V], dense teacher logits [n, V] or a sparse
+    teacher of n rows, and valid targets [n], with the log-masses they came from."""
+    reverse = setting == "reverse"
+    if isinstance(teacher, Tensor):
+        dense = dense_split_kl(student, teacher.detach(), target, temperature, reverse)
+        p_target, p_rest, q_target, q_rest, dkd = dense
+    else:
+        split = target_split(student, teacher, target, temperature)
+        p_target, p_rest, q_target, q_rest = (
+            split.log_p_target,
+            split.log_p_rest,
+            split.log_q_target,
+            split.log_q_rest,
+        )
+        dkd = (
+            kl_from_logprobs(split.log_q_hat, split.log_p_hat)
+            if reverse
+            else kl_from_logprobs(split.log_p_hat, split.log_q_hat)
+        )
+    tkd = (
+        binary_kl(q_target, q_rest, p_target, p_rest)
+        if reverse
+        else binary_kl(p_target, p_rest, q_target, q_rest)
+    )
+    return _SettingSplit(tkd, dkd, p_rest, q_target, q_rest)
 
 
 def _check_setting(setting: str) -> None:
@@ -105,24 +140,24 @@ def decompose_kl(
     valid = flat_targets != ignore_index
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
     rows = flat_targets.shape[0]
-    split = target_split(
-        dense_rows(student, 0, rows).float(), teacher_rows(flat_teacher, 0, rows), safe_targets, temperature
+    split = _split(
+        dense_rows(student, 0, rows).float(),
+        teacher_rows(flat_teacher, 0, rows),
+        safe_targets,
+        setting,
+        temperature,
     )
-    if setting == "forward":
-        tkd = binary_kl(split.log_p_target, split.log_p_rest, split.log_q_target, split.log_q_rest)
-        dkd = kl_from_logprobs(split.log_p_hat, split.log_q_hat)
-        rest = split.log_p_rest.exp()
-    else:
-        tkd = binary_kl(split.log_q_target, split.log_q_rest, split.log_p_target, split.log_p_rest)
-        dkd = kl_from_logprobs(split.log_q_hat, split.log_p_hat)
-        rest = split.log_q_rest.exp()
-    zero = torch.zeros_like(tkd)
+    rest = split.log_p_rest.exp() if setting == "forward" else split.log_q_rest.exp()
+    zero = torch.zeros_like(split.tkd)
 
     def shaped(values: Tensor) -> Tensor:
         return torch.where(valid, values, zero).reshape(targets.shape)
 
     return KLDecomposition(
-        tkd=shaped(tkd), dkd=shaped(dkd), unc=shaped(split.log_p_rest.exp()), rest_mass=shaped(rest)
+        tkd=shaped(split.tkd),
+        dkd=shaped(split.dkd),
+        unc=shaped(split.log_p_rest.exp()),
+        rest_mass=shaped(rest),
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -291,12 +292,12 @@ def full_logprobs_with_target(
 
 @dataclass(frozen=True)
 class TargetSplit:
-    """The pieces of KL's target / non-target decomposition for n tokens, float32.
+    """The pieces of KL's target / non-target decomposition for n tokens against a sparse teacher, float32.
 
     log_p_target, log_p_rest: [n] log p_g and log(1 - p_g) of the teacher.
     log_q_target, log_q_rest: [n] the same for the student.
-    log_p_hat, log_q_hat: [n, B] non-target distributions (entry g masked), over the vocabulary or
-        the top-K + tail buckets.
+    log_p_hat, log_q_hat: [n, K + 1] non-target distributions over the top-K + tail buckets (the
+        target's entry masked).
     """
 
     log_p_target: Tensor
@@ -307,63 +308,127 @@ class TargetSplit:
     log_q_hat: Tensor
 
 
-class _NonTargetLogSoftmax(torch.autograd.Function):
-    """Fused: the log-softmax over the logits with column g masked, its normaliser, and the target logit.
-
-    One [n, V] output and one [n, V] temporary forward, one exp pass backward; composing gather,
-    scatter and logsumexp from autograd ops costs several more vocabulary-sized passes.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, temperature: float):
-        index = target[:, None]
-        target_logit = logits.gather(-1, index).squeeze(-1).float() / temperature
-        masked = (logits.float() / temperature).clamp_(min=MASK_LOGIT).scatter_(-1, index, MASK_LOGIT)
-        log_hat = torch.log_softmax(masked, -1)
-        # The normaliser read back at each row's largest logit: ``logit - log_softmax`` there is
-        # the logsumexp with no more rounding than computing it anew.
-        pivot = masked.argmax(-1, keepdim=True)
-        lse_rest = (masked.gather(-1, pivot) - log_hat.gather(-1, pivot)).squeeze(-1)
-        ctx.save_for_backward(log_hat, index)
-        ctx.temperature = temperature
-        return log_hat, lse_rest, target_logit
-
-    @staticmethod
-    def backward(ctx, grad_log_hat: Tensor, grad_lse: Tensor, grad_target: Tensor):
-        log_hat, index = ctx.saved_tensors
-        # d log_hat_j / d z_i = [i == j] - softmax_i and d lse / d z_i = softmax_i, both on the
-        # non-target columns; column g is a constant there and only feeds the target logit.
-        shift = grad_log_hat.sum(-1, keepdim=True) - grad_lse[:, None]
-        grad = log_hat.exp().mul_(-shift).add_(grad_log_hat)
-        grad.scatter_(-1, index, grad_target[:, None].to(grad.dtype))
-        return grad.div_(ctx.temperature), None, None
+def _masked_log_softmax(logits: Tensor, index: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-softmax of logits / T with column g masked [n, V] in a fresh buffer, logsumexp of the
+    non-target columns [n], the target logit / T [n]), without gradient; index: [n, 1] int64."""
+    scaled = scaled_teacher_logits(logits, temperature)
+    target_logit = scaled.gather(-1, index).squeeze(-1)
+    top, pivot = scaled.scatter_(-1, index, MASK_LOGIT).max(-1, keepdim=True)
+    log_hat = torch.log_softmax(scaled, -1, out=scaled)
+    # The normaliser read back at each row's largest logit: ``logit - log_softmax`` there is the
+    # logsumexp with no more rounding than computing it anew.
+    return log_hat, (top - log_hat.gather(-1, pivot)).squeeze(-1), target_logit
 
 
+@torch.no_grad()
 def non_target_split(logits: Tensor, target: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(log p_hat [n, V], log p_g [n], log(1 - p_g) [n]) from logits [n, V] at ``temperature``.
+    """(log p_hat [n, V], log p_g [n], log(1 - p_g) [n]) from logits [n, V] at ``temperature``, no gradient.
 
     p_hat is a log-softmax over the logits with column g masked (never a division of
     probabilities), so log(1 - p_g) stays exact even when p_g rounds to 1. -inf logits (vocabulary
     masks) are raised to MASK_LOGIT.
     """
-    log_hat, lse_rest, target_logit = _NonTargetLogSoftmax.apply(logits, target, temperature)
+    log_hat, lse_rest, target_logit = _masked_log_softmax(logits, target[:, None].long(), temperature)
     lse_all = torch.logaddexp(lse_rest, target_logit)
     return log_hat, target_logit - lse_all, lse_rest - lse_all
 
 
-def target_split(
-    student: Tensor, teacher: Tensor | SparseTeacher, target: Tensor, temperature: float
-) -> TargetSplit:
-    """Target / non-target pieces of both distributions.
+class DenseSplit(NamedTuple):
+    """KL's target / non-target pieces for n tokens against a dense teacher, each [n] float32.
 
-    student: [n, V] float32 logits (finite); teacher: [n, V] logits or a SparseTeacher of n rows;
+    log_p_target, log_p_rest: log p_g and log(1 - p_g) of the teacher (no gradient).
+    log_q_target, log_q_rest: the same for the student.
+    dkd: KL(p_hat || q_hat) over the non-target distributions, or KL(q_hat || p_hat) when reverse.
+    """
+
+    log_p_target: Tensor
+    log_p_rest: Tensor
+    log_q_target: Tensor
+    log_q_rest: Tensor
+    dkd: Tensor
+
+
+class _DenseSplitKL(torch.autograd.Function):
+    """DenseSplit with a hand-written backward.
+
+    Forward: three [n, V] buffers (the two masked log-softmaxes, then p_hat or q_hat). Backward
+    writes the gradient into the saved log q_hat buffer in place. Per unit of incoming gradient,
+    with q_k = q_hat_k (1 - q_g) off the target: d log q_g / dz = (onehot(g) - q) / T,
+    d log(1 - q_g) / dz = (q_hat - q) / T, and DKD's is ``(q_hat - p_hat) / T`` (forward) or
+    ``q_hat (log q_hat - log p_hat - DKD) / T`` (reverse) off the target, 0 on it. Composed from
+    autograd ops the same pieces took several more vocabulary-sized buffers each way.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, teacher: Tensor, target: Tensor, temperature: float, reverse: bool):
+        index = target[:, None].long()
+        log_q_hat, q_lse_rest, q_target_logit = _masked_log_softmax(logits, index, temperature)
+        log_p_hat, p_lse_rest, p_target_logit = _masked_log_softmax(teacher, index, temperature)
+        q_lse_all = torch.logaddexp(q_lse_rest, q_target_logit)
+        p_lse_all = torch.logaddexp(p_lse_rest, p_target_logit)
+        log_q_target, log_q_rest = q_target_logit - q_lse_all, q_lse_rest - q_lse_all
+        if reverse:
+            log_ratio = log_p_hat.neg_().add_(log_q_hat)
+            dkd = log_q_hat.exp().mul_(log_ratio).sum(-1)
+            ctx.save_for_backward(log_q_hat, log_ratio, dkd, log_q_target, log_q_rest, index)
+        else:
+            p_hat = log_p_hat.exp()
+            dkd = log_p_hat.sub_(log_q_hat).mul_(p_hat).sum(-1)
+            ctx.save_for_backward(log_q_hat, p_hat, log_q_target, log_q_rest, index)
+        ctx.temperature, ctx.reverse, ctx.dtype = temperature, reverse, logits.dtype
+        log_p_target, log_p_rest = p_target_logit - p_lse_all, p_lse_rest - p_lse_all
+        ctx.mark_non_differentiable(log_p_target, log_p_rest)
+        return log_p_target, log_p_rest, log_q_target, log_q_rest, dkd
+
+    @staticmethod
+    def backward(
+        ctx, _grad_p_target, _grad_p_rest, grad_q_target: Tensor, grad_q_rest: Tensor, grad_dkd: Tensor
+    ):
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError(
+                "dense_split_kl supports one backward pass (its saved buffers become the gradient)"
+            )
+        ctx.backward_done = True
+        scale_target, scale_rest, scale_dkd = (
+            grad.float() / ctx.temperature for grad in (grad_q_target, grad_q_rest, grad_dkd)
+        )
+        log_q_hat, second, *rest = ctx.saved_tensors
+        log_q_target, log_q_rest, index = rest[-3:]
+        q_target, q_rest = log_q_target.exp(), log_q_rest.exp()
+        # The target / rest terms' coefficient of q_hat off the target (q = q_hat (1 - q_g) there).
+        shared = scale_rest * q_target - scale_target * q_rest
+        if ctx.reverse:
+            log_ratio, dkd = second, rest[0]
+            grad = (
+                log_ratio.mul_(scale_dkd[:, None])
+                .add_((shared - scale_dkd * dkd)[:, None])
+                .mul_(log_q_hat.exp_())
+            )
+        else:
+            grad = (
+                log_q_hat.exp_()
+                .mul_((shared + scale_dkd)[:, None])
+                .addcmul_(second, scale_dkd[:, None], value=-1.0)
+            )
+        grad.scatter_(-1, index, (scale_target * q_rest - scale_rest * q_target)[:, None])
+        return grad.to(ctx.dtype), None, None, None, None
+
+
+def dense_split_kl(
+    student: Tensor, teacher: Tensor, target: Tensor, temperature: float, reverse: bool
+) -> DenseSplit:
+    """KL's target / non-target pieces (DenseSplit) from student logits [n, V] (any float dtype),
+    dense teacher logits [n, V] and valid target ids [n] at temperature T; one backward pass."""
+    return DenseSplit(*_DenseSplitKL.apply(student, teacher, target, temperature, reverse))
+
+
+def target_split(student: Tensor, teacher: SparseTeacher, target: Tensor, temperature: float) -> TargetSplit:
+    """Target / non-target pieces of both distributions over the sparse teacher's top-K + tail
+    buckets (a dense teacher's are dense_split_kl's).
+
+    student: [n, V] float32 logits (finite); teacher: a SparseTeacher of n rows;
     target: [n] ground-truth ids (valid, i.e. already free of ignore_index).
     """
-    if isinstance(teacher, Tensor):
-        log_q_hat, log_q_target, log_q_rest = non_target_split(student, target, temperature)
-        log_p_hat, log_p_target, log_p_rest = non_target_split(teacher.detach(), target, temperature)
-        return TargetSplit(log_p_target, log_p_rest, log_q_target, log_q_rest, log_p_hat, log_q_hat)
-
     ids = teacher.topk_ids.long()
     is_target = ids == target[:, None]
     target_in_topk = is_target.any(-1)

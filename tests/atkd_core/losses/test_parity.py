@@ -299,3 +299,50 @@ def test_dense_kl_and_its_target_logprob_match_reference(reverse, dtype, tempera
     value.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         value.sum().backward()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_dense_split_kl_matches_reference(reverse, dtype, temperature):
+    """dense_split_kl's hand-written backward, every student output weighted, against autograd in
+    float64 (target and rest log-masses, the non-target KL); its inputs are left untouched."""
+    from atkd_core.losses.distributions import dense_split_kl
+
+    student, teacher, targets = make_inputs((9,), dtype, "none", seed=23)
+    # A near-certain token (q_g close to 1, the rest's mass tiny) among ordinary ones.
+    student = student.detach().clone()
+    student[0, targets[0]] += 12.0
+    student.requires_grad_(True)
+    student_before, teacher_before = student.detach().clone(), teacher.clone()
+    gen = torch.Generator().manual_seed(24)
+    weights = torch.randn(3, 9, generator=gen)
+    split = dense_split_kl(student, teacher, targets, temperature, reverse)
+    total = (torch.stack([split.log_q_target, split.log_q_rest, split.dkd]) * weights).sum()
+    (grad,) = torch.autograd.grad(total, student)
+
+    def reference(s):
+        value = s.new_zeros(())
+        for i in range(9):
+            p, q = probs(teacher[i].double(), temperature), probs(s[i], temperature)
+            g = int(targets[i])
+            rest = [j for j in range(V) if j != g]
+            p_hat, q_hat = p[rest] / p[rest].sum(), q[rest] / q[rest].sum()
+            dkd = kl(q_hat, p_hat) if reverse else kl(p_hat, q_hat)
+            pieces = torch.stack([torch.log(q[g]), torch.log(q[rest].sum()), dkd])
+            value = value + (pieces * weights[:, i].double()).sum()
+        return value
+
+    ref, ref_grad = reference_grad(reference, student)
+    torch.testing.assert_close(total.double(), ref, **tolerances(dtype))
+    torch.testing.assert_close(grad.double(), ref_grad, **tolerances(dtype))
+    p = torch.softmax(teacher.double() / temperature, -1)
+    p_target = p.gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(split.log_p_target.double(), p_target.log(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(split.log_p_rest.double(), (1 - p_target).log(), atol=1e-5, rtol=1e-4)
+    assert grad.dtype == dtype and not split.log_p_target.requires_grad
+    assert torch.equal(student.detach(), student_before) and torch.equal(teacher, teacher_before)
+    again = dense_split_kl(student, teacher, targets, temperature, reverse).dkd.sum()
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        again.backward()
