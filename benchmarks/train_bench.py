@@ -21,8 +21,8 @@ from pathlib import Path
 from atkd_core.config import load_config
 from atkd_core.data.prepare import prepare_data
 from atkd_core.models.build import count_parameters, load_model, materialize_model
-from atkd_core.scoring import run_scoring_stage
-from atkd_core.training.job import TrainJob
+from atkd_core.scoring import score_from_config
+from atkd_core.training.job import distill_job
 from atkd_core.training.main import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,9 @@ def main() -> None:
             REPO / "configs" / "demo.yaml",
             [
                 f"workdir={root}",
+                # A random-init teacher's UNC has no valley for ``auto`` to split at; the split's
+                # share does not change the cost, so the paper's k.
+                "loss.hard_fraction=0.5",
                 f"teacher.preset={args.teacher}",
                 f"student.preset={args.student}",
                 *args.overrides,
@@ -72,18 +75,8 @@ def main() -> None:
         progress(f"teacher {args.teacher} initialised")
         student = Path(materialize_model(base.student, tokenizer, root / "student"))
         progress(f"student {args.student} initialised")
-        run_scoring_stage(
-            teacher,
-            root / "prepared",
-            root / "cache",
-            top_k=base.scoring.top_k,
-            temperature=1.0,
-            storage_dtype="float32",
-            shard_size=1024,
-            batch_size=32,
-            hard_fraction=0.5,
-            log=lambda _: None,
-        )
+        # The pipeline's scoring stage: on the GPU when there is one, with the config's settings.
+        cache, _, _ = score_from_config(base, teacher, root / "prepared", log=lambda _: None)
         progress("teacher scored")
         rows = []
         for name, source, loss in CASES:
@@ -94,22 +87,15 @@ def main() -> None:
                     f"distill.teacher_source={source}",
                     f"distill.training.max_steps={args.steps}",
                     f"loss.objective={loss['objective']}",
+                    "loss.hard_fraction=0.5",
                     "distill.training.eval_every=100000",
                     f"teacher.preset={args.teacher}",
                     f"student.preset={args.student}",
                     *args.overrides,
                 ],
             )
-            job = TrainJob(
-                stage="distill",
-                config=config,
-                prepared_dir=root / "prepared",
-                init_dir=student,
-                output_dir=config.workdir / "model",
-                checkpoint_dir=config.workdir / "ckpt",
-                cache_dir=root / "cache",
-                teacher_dir=teacher,
-            )
+            # The pipeline's own distillation job: it resolves loss.hard_fraction auto from the cache.
+            job = distill_job(config, root / "prepared", student, cache, teacher)
             progress(f"{name}: training")
             run_training(job, lambda metrics, step: None, log=progress)
             history = [

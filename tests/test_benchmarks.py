@@ -1,0 +1,85 @@
+"""benchmarks/: every script runs to its table at a tiny size, so a change to the code they drive
+cannot leave them broken until someone next measures (the training bench once was, for weeks: it
+built its jobs by hand and missed ``loss.hard_fraction: auto``). Figures are not checked; the
+scripts exist to print them. The GPU check is only parsed here (no GPU on these machines)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+BENCHMARKS = REPO_ROOT / "benchmarks"
+TINY_PIPELINE = [
+    "--set",
+    "finetune.training.max_steps=2",
+    "--set",
+    "distill.training.max_steps=2",
+    "--set",
+    "data.embedded.train_size=64",
+    "--set",
+    "data.embedded.validation_size=16",
+    "--set",
+    "data.embedded.test_size=16",
+    "--set",
+    "eval.limit=4",
+    "--set",
+    "eval.max_new_tokens=4",
+]
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 300) -> str:
+    """stdout of ``benchmarks/<script> args``; fails the test with its output on a non-zero exit."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_loss_bench_prints_every_case():
+    out = run_benchmark(
+        "loss_bench.py", "--tokens", "64", "--vocab", "300", "--chunk", "16", "--repeats", "1"
+    )
+    for case in ("naive log_softmax+kl_div", "forward_kl", "atkd_loss sparse K=64"):
+        assert f"| {case}" in out
+
+
+def test_memory_bench_runs_every_variant():
+    out = run_benchmark("memory_bench.py", "--vocab", "500", "--tokens", "64", "--hidden", "16")
+    for variant in ("sft model loss", "sft fused", "atkd plain", "atkd fused", "atkd fused online"):
+        assert f"| {variant} |" in out
+    assert "failed:" not in out and "skipped: needs" not in out
+
+
+def test_scoring_bench_prints_its_comparison():
+    out = run_benchmark(
+        "scoring_bench.py",
+        *("--vocab", "300", "--hidden", "64", "--layers", "1", "--top-k", "8"),
+        *("--batches", "2", "--batch-size", "2", "--length", "16"),
+    )
+    assert "scor" in out.lower() and "bytes" in out.lower()
+
+
+def test_train_bench_trains_every_objective():
+    out = run_benchmark("train_bench.py", "--steps", "2", *TINY_PIPELINE[2:])
+    for name in ("sft", "kd offline", "atkd offline", "atkd online"):
+        assert f"| {name} |" in out
+
+
+def test_overhead_bench_times_both_variants():
+    out = run_benchmark("overhead_bench.py", "--repeats", "1", *TINY_PIPELINE, timeout=600)
+    assert "prefect" in out.lower() and "direct" in out.lower()
+
+
+def test_gpu_check_script_parses():
+    done = subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
