@@ -198,10 +198,12 @@ def _micro_batch_loss(
     layer = state.output_layer
     with layer.bypassed() if layer is not None else nullcontext():
         outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    teacher = state.teacher(batch, targets) if objective.needs_teacher and state.teacher is not None else None
+    source = state.teacher if objective.needs_teacher else None
+    teacher = source(batch, targets) if source is not None else None
     if layer is None:
         return objective(next_token_logits(outputs.logits, len(state.tokenizer)), teacher, targets, counts)
-    return layer.apply(outputs.logits[:, :-1], lambda head: objective(head, teacher, targets, counts))
+    with source.loss_context() if source is not None else nullcontext():
+        return layer.apply(outputs.logits[:, :-1], lambda head: objective(head, teacher, targets, counts))
 
 
 def train(

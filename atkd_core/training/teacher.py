@@ -2,7 +2,9 @@
 
 Offline, the sparse teacher (top-K + tail) of each micro-batch is read from the verified cache and
 no teacher is in memory. Online, the teacher runs a no-grad forward on the same batch (needed when
-the student generates its own data), partitioned like the student under ZeRO-3.
+the student generates its own data), partitioned like the student under ZeRO-3; with fused-linear
+losses its output layer is applied inside the loss, where under ZeRO-3 its weight is gathered whole
+for the loss's duration (as the teacher's own forward would gather it for its logits).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,11 @@ class TeacherSource(ABC):
         Returns dense logits [B, T-1, V], a LinearHead over the teacher's hidden states [B, T-1, H],
         or a SparseTeacher aligned with ``targets``.
         """
+
+    def loss_context(self) -> AbstractContextManager[Any]:
+        """What the loss runs inside so that the teacher it was handed is usable: nothing, except
+        for a partitioned teacher whose output layer the loss applies (LiveTeacher)."""
+        return nullcontext()
 
 
 class CachedTeacher(TeacherSource):
@@ -65,13 +72,30 @@ class LiveTeacher(TeacherSource):
     """A teacher model run in the loop, without gradients (online distillation).
 
     With ``output_layer`` (loss.fused_linear) it returns its hidden states and output layer, whose
-    logits the loss makes chunk by chunk.
+    logits the loss makes chunk by chunk. ``partitioned``: the model is a ZeRO-3 engine, whose
+    output layer's weight is whole only while gathered (loss_context).
     """
 
     def __init__(
-        self, model: Callable[..., Any], vocab_size: int, output_layer: OutputLayer | None = None
+        self,
+        model: Callable[..., Any],
+        vocab_size: int,
+        output_layer: OutputLayer | None = None,
+        partitioned: bool = False,
     ) -> None:
         self.model, self.vocab_size, self.output_layer = model, vocab_size, output_layer
+        self.partitioned = partitioned
+
+    def loss_context(self) -> AbstractContextManager[Any]:
+        """Under ZeRO-3 with the output layer in the loss: that layer's parameters gathered whole on
+        every rank (read-only) while inside; they are partitioned again on leaving."""
+        if not (self.partitioned and self.output_layer is not None):
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(
+            list(self.output_layer.module.parameters()), modifier_rank=None
+        )
 
     @torch.no_grad()
     def __call__(self, batch: Batch, targets: Tensor) -> Teacher:
@@ -89,8 +113,7 @@ def load_live_teacher(
 ) -> LiveTeacher:
     """The teacher at ``teacher_dir`` in eval mode without gradients, on the student's device, or
     partitioned like the student under ZeRO-3 (every rank runs its forward); with ``fused``, its
-    output layer is left to the loss, except under ZeRO-3, where the partitioned teacher returns
-    plain logits (its output layer's weight is whole only inside its own forward)."""
+    output layer is left to the loss (gathered for it under ZeRO-3: LiveTeacher.loss_context)."""
     from atkd_core.models.build import load_model
 
     teacher = load_model(teacher_dir).eval().requires_grad_(False)
@@ -106,4 +129,6 @@ def load_live_teacher(
     }
     if resolve_precision(training, torch.device(device).type) == "bf16":
         inference["bf16"] = {"enabled": True}
-    return LiveTeacher(deepspeed.initialize(model=teacher, config=inference)[0], vocab_size)
+    output_layer = OutputLayer(teacher, vocab_size) if fused else None
+    engine = deepspeed.initialize(model=teacher, config=inference)[0]
+    return LiveTeacher(engine, vocab_size, output_layer, partitioned=True)

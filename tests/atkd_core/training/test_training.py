@@ -127,17 +127,25 @@ def test_gradient_is_the_same_however_the_batch_is_split(inputs, tmp_path, loss)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_processes_under_the_deepspeed_launcher_match_one(inputs, tmp_path, zero):
+@pytest.mark.parametrize(("zero", "teacher_source"), [(2, "offline"), (3, "offline"), (3, "online")])
+def test_two_processes_under_the_deepspeed_launcher_match_one(inputs, tmp_path, zero, teacher_source):
+    """Online under ZeRO-3, both output layers are partitioned across the two processes and applied
+    inside the loss (the student's by its module's hooks, the teacher's gathered for the loss)."""
     loss = {"objective": "atkd", "split_scope": "threshold", "unc_threshold": 0.9}
     one = make_job(
-        inputs, tmp_path, training={"zero_stage": zero, "micro_batch_size": 4}, loss=loss, name="one"
+        inputs,
+        tmp_path,
+        training={"zero_stage": zero, "micro_batch_size": 4},
+        loss=loss,
+        teacher_source=teacher_source,
+        name="one",
     )
     two = make_job(
         inputs,
         tmp_path,
         training={"zero_stage": zero, "micro_batch_size": 4, "num_processes": 2},
         loss=loss,
+        teacher_source=teacher_source,
         name="two",
     )
     run_training(one, lambda m, s: None, quiet)
