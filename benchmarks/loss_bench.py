@@ -1,7 +1,9 @@
 """Forward+backward time and peak memory of forward_kl and atkd_loss, unchunked and chunked.
 
 Prints one table, every figure also as a ratio to unchunked forward_kl; the first row is the naive
-eager forward KL (``log_softmax`` of both sides + ``kl_div``) for comparison. Time is the median of the
+eager forward KL (``log_softmax`` of both sides + ``kl_div``) for comparison, and the last rows put
+the other dense divergences (unchunked) beside naive eager versions of them: TRL's generalized JSD
+(a logsumexp mixture and two ``kl_div``), TVD from two softmaxes, DistiLLM's skew KL. Time is the median of the
 timed passes. Peak memory is the most tensor memory allocated at once during one pass, above the
 inputs: on CPU from the profiler's allocation events, on CUDA ``torch.cuda.max_memory_allocated``.
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from atkd_core.losses import SparseTeacher, atkd_loss, forward_kl
+from atkd_core.losses import SparseTeacher, atkd_loss, divergence_loss, forward_kl
 
 NAIVE = "naive log_softmax+kl_div"
 CASES = [
@@ -32,7 +35,34 @@ CASES = [
     ("atkd_loss", None),
     ("atkd_loss", "chunk"),
     ("atkd_loss sparse K=64", "chunk"),
+    ("naive jsd (TRL)", None),
+    ("generalized_jsd", None),
+    ("naive tvd", None),
+    ("tvd", None),
+    ("naive skew kl", None),
+    ("skew_forward_kl", None),
 ]
+BETA, ALPHA = 0.5, 0.1
+
+
+def naive_loss(name: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The eager loss a user would write for ``name`` from the definitions: [N, V] x 2 -> mean."""
+    functional = torch.nn.functional
+    log_q, log_p = functional.log_softmax(student, -1), functional.log_softmax(teacher, -1)
+    if name == NAIVE:
+        total = functional.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    elif name == "naive jsd (TRL)":
+        mixture = torch.logsumexp(torch.stack([log_q + math.log(1 - BETA), log_p + math.log(BETA)]), dim=0)
+        total = (
+            BETA * functional.kl_div(mixture, log_p, reduction="none", log_target=True)
+            + (1 - BETA) * functional.kl_div(mixture, log_q, reduction="none", log_target=True)
+        ).sum()
+    elif name == "naive tvd":
+        total = 0.5 * (functional.softmax(student, -1) - functional.softmax(teacher, -1)).abs().sum()
+    else:
+        mixture = torch.logaddexp(log_p + math.log(ALPHA), log_q + math.log(1 - ALPHA))
+        total = functional.kl_div(mixture, log_p, reduction="sum", log_target=True)
+    return total / student.shape[0]
 
 
 def _peak_cpu_bytes(step: Callable[[], None]) -> int:
@@ -69,11 +99,13 @@ def run_case(args: argparse.Namespace, name: str, chunked: str | None) -> tuple[
         teacher = SparseTeacher(log_p.gather(-1, targets[:, None]).squeeze(-1), top.indices.int(), top.values)
 
     def step() -> None:
-        if name == NAIVE:
-            log_q, log_p = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
-            loss = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum") / args.tokens
+        if name.startswith("naive"):
+            loss = naive_loss(name, student, teacher)
         elif name == "forward_kl":
             loss = forward_kl(student, teacher, targets, chunk_size=chunk_size)
+        elif name in ("generalized_jsd", "tvd", "skew_forward_kl"):
+            params = {"generalized_jsd": {"beta": BETA}, "skew_forward_kl": {"alpha": ALPHA}}.get(name, {})
+            loss = divergence_loss(name, student, teacher, targets, chunk_size=chunk_size, **params)
         else:
             loss = atkd_loss(student, teacher, targets, chunk_size=chunk_size).loss
         loss.backward()

@@ -271,6 +271,50 @@ def dense_kl(
     return _DenseKL.apply(student, teacher, target, temperature, reverse)
 
 
+class _DenseTVD(torch.autograd.Function):
+    """Total variation ``0.5 * sum |q - p|`` per row against a dense teacher, and log q_g.
+
+    Forward: two [n, V] buffers (q, then p turned into sign(q - p) in place). Backward, in place in
+    the sign buffer: ``0.5 * q * (s - sum_j s_j q_j) / T`` per unit of the TVD's incoming gradient,
+    plus ``(onehot(g) - q) / T`` per unit of log q_g's. Autograd over softmax, subtraction and
+    abs would hold four buffers forward and three more backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, teacher: Tensor, target: Tensor, temperature: float):
+        scaled = logits.to(torch.float32, copy=True)
+        if temperature != 1.0:
+            scaled.div_(temperature)
+        q = torch.log_softmax(scaled, -1, out=scaled)
+        log_q_target = q.gather(-1, target[:, None]).squeeze(-1)
+        q.exp_()
+        p = scaled_teacher_logits(teacher, temperature)
+        sign = torch.softmax(p, -1, out=p).neg_().add_(q)
+        tvd = 0.5 * torch.linalg.vector_norm(sign, 1, -1)
+        ctx.save_for_backward(q, sign.sign_(), target)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        return tvd, log_q_target
+
+    @staticmethod
+    def backward(ctx, grad_tvd: Tensor, grad_target: Tensor):
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError("dense_tvd supports one backward pass (its saved buffers become the gradient)")
+        ctx.backward_done = True
+        q, sign, target = ctx.saved_tensors
+        scale_tvd = (0.5 * grad_tvd.float() / ctx.temperature)[:, None]
+        scale_target = (grad_target.float() / ctx.temperature)[:, None]
+        mean_sign = torch.linalg.vecdot(sign, q)[:, None]
+        grad = sign.sub_(mean_sign).mul_(q).mul_(scale_tvd).addcmul_(q, scale_target, value=-1.0)
+        grad.scatter_add_(-1, target[:, None], scale_target)
+        return grad.to(ctx.dtype), None, None, None
+
+
+def dense_tvd(student: Tensor, teacher: Tensor, target: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(TVD [n], log q_g [n]) float32 from student logits [n, V] (any float dtype) and dense teacher
+    logits [n, V] at temperature T; ``target`` [n] valid int64 ids. One backward pass."""
+    return _DenseTVD.apply(student, teacher, target, temperature)
+
+
 def full_logprobs_with_target(
     student: Tensor, teacher: Tensor | SparseTeacher, target: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,6 +26,7 @@ from atkd_core.losses.distributions import (
     SparseTeacher,
     Teacher,
     dense_kl,
+    dense_tvd,
     full_logprobs,
     full_logprobs_with_target,
     kl_from_logprobs,
@@ -33,6 +34,7 @@ from atkd_core.losses.distributions import (
 from atkd_core.losses.engine import Terms, combine, weighted_token_sum
 
 DivergenceFn = Callable[[Tensor, Tensor], Tensor]
+DenseKernel = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
 
 
 def _log_or_neg_inf(x: float) -> float:
@@ -210,16 +212,14 @@ def divergence_terms(
     denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
     weights = (valid.float() / max(denominator, 1.0))[:, None]
     terms_of = partial(DIVERGENCE_TERMS[name], **(params or {}))
-    kl_direction = _plain_kl_direction(name, params or {})
+    dense_kernel = _dense_kernel(name, params or {})
     shared_cross_entropy = cross_entropy is not None and temperature == 1.0
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
 
     def terms_fn(start: int, end: int, chunk: Tensor) -> Tensor:
         teacher = teacher_rows(flat_teacher, start, end)
-        if kl_direction is not None and isinstance(teacher, Tensor):
-            value, log_q_target = dense_kl(
-                chunk, teacher, safe_targets[start:end], temperature, reverse=kl_direction == "reverse"
-            )
+        if dense_kernel is not None and isinstance(teacher, Tensor):
+            value, log_q_target = dense_kernel(chunk, teacher, safe_targets[start:end], temperature)
         elif shared_cross_entropy:
             log_p, log_q, log_q_target = full_logprobs_with_target(
                 chunk, teacher, safe_targets[start:end], temperature
@@ -236,13 +236,15 @@ def divergence_terms(
     return Terms(torch.cat([weights, cross_entropy.weights], -1), terms_fn)
 
 
-def _plain_kl_direction(name: str, params: dict[str, float]) -> str | None:
-    """ "forward" or "reverse" when divergence ``name`` is a plain KL (JSD's endpoints are), else None."""
-    if name == "forward_kl" or (name == "generalized_jsd" and params.get("beta", 0.5) == 0.0):
-        return "forward"
-    if name == "reverse_kl" or (name == "generalized_jsd" and params.get("beta", 0.5) == 1.0):
-        return "reverse"
-    return None
+def _dense_kernel(name: str, params: dict[str, float]) -> DenseKernel | None:
+    """The hand-written kernel of divergence ``name`` against a dense teacher, (value [n], log q_g
+    [n]) from (student [n, V], teacher [n, V], targets [n], T); None where autograd does it."""
+    beta = params.get("beta", 0.5)
+    if name == "forward_kl" or (name == "generalized_jsd" and beta == 0.0):
+        return partial(dense_kl, reverse=False)
+    if name == "reverse_kl" or (name == "generalized_jsd" and beta == 1.0):
+        return partial(dense_kl, reverse=True)
+    return dense_tvd if name == "tvd" else None
 
 
 def divergence_per_token(

@@ -255,47 +255,54 @@ def test_objective_cross_entropy_column_matches_reference(objective, teacher_kin
     assert out.cross_entropy == pytest.approx(float(reference_ce), rel=1e-5)
 
 
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "tvd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_dense_kl_and_its_target_logprob_match_reference(reverse, dtype, temperature):
-    """dense_kl's hand-written backward, both outputs weighted, against autograd in float64; its
-    inputs are left untouched and, forward, a masked (-inf) teacher column adds nothing (reverse,
-    the student's mass there would make the divergence infinite)."""
-    from atkd_core.losses.distributions import dense_kl
+def test_dense_kernels_and_their_target_logprob_match_reference(kind, dtype, temperature):
+    """dense_kl's and dense_tvd's hand-written backwards, both outputs weighted, against autograd in
+    float64; their inputs are left untouched and, except in reverse KL (where the student's mass
+    there makes the divergence infinite), a masked (-inf) teacher column is handled."""
+    from functools import partial
 
+    from atkd_core.losses.distributions import dense_kl, dense_tvd
+
+    kernel = {
+        "forward_kl": partial(dense_kl, reverse=False),
+        "reverse_kl": partial(dense_kl, reverse=True),
+        "tvd": dense_tvd,
+    }[kind]
     student, teacher, targets = make_inputs((9,), dtype, "none", seed=21)
     teacher = teacher.clone()
-    if not reverse:
+    if kind != "reverse_kl":
         teacher[:, 0] = float("-inf")
     student_before, teacher_before = student.detach().clone(), teacher.clone()
     gen = torch.Generator().manual_seed(22)
-    kl_weights, target_weights = torch.randn(9, generator=gen), torch.randn(9, generator=gen)
-    divergence, log_q_target = dense_kl(student, teacher, targets, temperature, reverse)
-    (grad,) = torch.autograd.grad(
-        (divergence * kl_weights).sum() + (log_q_target * target_weights).sum(), student
-    )
+    value_weights, target_weights = torch.randn(9, generator=gen), torch.randn(9, generator=gen)
+    divergence, log_q_target = kernel(student, teacher, targets, temperature)
+    total = (divergence * value_weights).sum() + (log_q_target * target_weights).sum()
+    (grad,) = torch.autograd.grad(total, student)
 
     def reference(s):
-        total = s.new_zeros(())
+        value = s.new_zeros(())
         for i in range(9):
             p, q = probs(teacher[i].double(), temperature), probs(s[i], temperature)
-            value = kl(q, p) if reverse else kl(p, q)
-            total = (
-                total + kl_weights[i].double() * value + target_weights[i].double() * torch.log(q[targets[i]])
+            if kind == "tvd":
+                token = 0.5 * (p - q).abs().sum()
+            else:
+                token = kl(q, p) if kind == "reverse_kl" else kl(p, q)
+            value = (
+                value
+                + value_weights[i].double() * token
+                + target_weights[i].double() * torch.log(q[targets[i]])
             )
-        return total
+        return value
 
     ref, ref_grad = reference_grad(reference, student)
-    torch.testing.assert_close(
-        ((divergence * kl_weights).sum() + (log_q_target * target_weights).sum()).double(),
-        ref,
-        **tolerances(dtype),
-    )
+    torch.testing.assert_close(total.double(), ref, **tolerances(dtype))
     torch.testing.assert_close(grad.double(), ref_grad, **tolerances(dtype))
     assert grad.dtype == dtype and bool(torch.isfinite(grad).all())
     assert torch.equal(student.detach(), student_before) and torch.equal(teacher, teacher_before)
-    value, _ = dense_kl(student, teacher, targets, temperature, reverse)
+    value, _ = kernel(student, teacher, targets, temperature)
     value.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         value.sum().backward()
