@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -124,6 +124,14 @@ def log1mexp(x: Tensor) -> Tensor:
     a = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
     b = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
     return torch.where(near_zero, a, b).clamp(min=MASK_LOGIT)
+
+
+def single_backward(ctx: Any, message: str) -> None:
+    """Raise RuntimeError(``message``) on a second backward through ``ctx``: the autograd functions
+    that hand over (or write the gradient into) a buffer they saved can run backward only once."""
+    if getattr(ctx, "backward_done", False):
+        raise RuntimeError(message)
+    ctx.backward_done = True
 
 
 class _PickedAndRest(torch.autograd.Function):
@@ -246,9 +254,7 @@ class _DenseKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kl: Tensor, grad_target: Tensor):
-        if getattr(ctx, "backward_done", False):
-            raise RuntimeError("dense_kl supports one backward pass (its saved buffers become the gradient)")
-        ctx.backward_done = True
+        single_backward(ctx, "dense_kl supports one backward pass (its saved buffers become the gradient)")
         scale_kl = (grad_kl.float() / ctx.temperature)[:, None]
         scale_target = (grad_target.float() / ctx.temperature)[:, None]
         if ctx.reverse:
@@ -297,9 +303,7 @@ class _DenseTVD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_tvd: Tensor, grad_target: Tensor):
-        if getattr(ctx, "backward_done", False):
-            raise RuntimeError("dense_tvd supports one backward pass (its saved buffers become the gradient)")
-        ctx.backward_done = True
+        single_backward(ctx, "dense_tvd supports one backward pass (its saved buffers become the gradient)")
         q, sign, target = ctx.saved_tensors
         scale_tvd = (0.5 * grad_tvd.float() / ctx.temperature)[:, None]
         scale_target = (grad_target.float() / ctx.temperature)[:, None]
@@ -428,11 +432,9 @@ class _DenseSplitKL(torch.autograd.Function):
     def backward(
         ctx, _grad_p_target, _grad_p_rest, grad_q_target: Tensor, grad_q_rest: Tensor, grad_dkd: Tensor
     ):
-        if getattr(ctx, "backward_done", False):
-            raise RuntimeError(
-                "dense_split_kl supports one backward pass (its saved buffers become the gradient)"
-            )
-        ctx.backward_done = True
+        single_backward(
+            ctx, "dense_split_kl supports one backward pass (its saved buffers become the gradient)"
+        )
         scale_target, scale_rest, scale_dkd = (
             grad.float() / ctx.temperature for grad in (grad_q_target, grad_q_rest, grad_dkd)
         )

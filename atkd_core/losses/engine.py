@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from atkd_core.losses.distributions import LinearHead, picked_and_rest
+from atkd_core.losses.distributions import LinearHead, picked_and_rest, single_backward
 
 # terms_fn(start, end, student_chunk_fp32 [n, V]) -> per-token terms [n, M]
 TermsFn = Callable[[int, int, Tensor], Tensor]
@@ -121,11 +121,9 @@ class _ChunkedWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: Tensor, _grad_terms: Tensor):
-        if getattr(ctx, "backward_done", False):
-            raise RuntimeError(
-                "a chunked loss supports one backward pass; recompute it (or use chunk_size=None)"
-            )
-        ctx.backward_done = True
+        single_backward(
+            ctx, "a chunked loss supports one backward pass; recompute it (or use chunk_size=None)"
+        )
         (grad_logits,) = ctx.saved_tensors
         # Scaled in place: a second [N, V] buffer is exactly what chunking exists to avoid.
         return grad_logits.mul_(grad_total.to(grad_logits.dtype)), None, None, None
@@ -199,9 +197,7 @@ class _FusedLinearWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: Tensor, _grad_terms: Tensor):
-        if getattr(ctx, "backward_done", False):
-            raise RuntimeError("a fused-linear loss supports one backward pass; recompute it")
-        ctx.backward_done = True
+        single_backward(ctx, "a fused-linear loss supports one backward pass; recompute it")
         grads = [
             grad.mul_(grad_total.to(grad.dtype)).to(dtype) if present else None
             for grad, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes, strict=True)
