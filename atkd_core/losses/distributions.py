@@ -191,14 +191,22 @@ def _sparse_buckets(teacher: SparseTeacher, vocab_size: int) -> Tensor:
     return torch.cat([teacher.topk_logprobs.float(), _sparse_tail(teacher, vocab_size)[:, None]], -1)
 
 
-def scaled_teacher_logits(teacher: Tensor, temperature: float) -> Tensor:
-    """A fresh float32 copy of teacher logits / T with -inf raised to MASK_LOGIT (vocabulary masks)."""
-    return (teacher.float() / temperature).clamp_(min=MASK_LOGIT)
+def scaled_logits(logits: Tensor, temperature: float) -> Tensor:
+    """A fresh float32 copy of logits / T with -inf raised to MASK_LOGIT (vocabulary masks)."""
+    return (logits.float() / temperature).clamp_(min=MASK_LOGIT)
+
+
+def _student_logprobs(logits: Tensor, temperature: float) -> Tensor:
+    """log_softmax(logits / T) [n, V] float32 in one fresh buffer (the input is never written)."""
+    if logits.dtype == torch.float32 and temperature == 1.0:
+        return torch.log_softmax(logits, -1)
+    scaled = logits.to(torch.float32, copy=True).div_(temperature)
+    return torch.log_softmax(scaled, -1, out=scaled)
 
 
 def teacher_logprobs(teacher: Tensor, temperature: float) -> Tensor:
     """log_softmax(teacher / T) [n, V] float32 with masked (-inf) entries finite, in one fresh buffer."""
-    scaled = scaled_teacher_logits(teacher, temperature)
+    scaled = scaled_logits(teacher, temperature)
     # In place on the copy we own: a second [n, V] buffer costs more than the pass (page faults on CPU).
     return torch.log_softmax(scaled, -1, out=scaled)
 
@@ -234,21 +242,16 @@ class _DenseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, teacher: Tensor, target: Tensor, temperature: float, reverse: bool):
-        if logits.dtype == torch.float32 and temperature == 1.0:
-            log_q = torch.log_softmax(logits, -1)
-        else:
-            scaled = logits.to(torch.float32, copy=True).div_(temperature)
-            log_q = torch.log_softmax(scaled, -1, out=scaled)
+        log_q = _student_logprobs(logits, temperature)
         log_p = teacher_logprobs(teacher, temperature)
         log_q_target = log_q.gather(-1, target[:, None]).squeeze(-1)
         if reverse:
-            log_ratio = log_p.neg_().add_(log_q)
-            kl = log_q.exp().mul_(log_ratio).sum(-1)
-            ctx.save_for_backward(log_q, log_ratio, kl, target)
+            p_or_log_ratio = log_p.neg_().add_(log_q)
+            kl = log_q.exp().mul_(p_or_log_ratio).sum(-1)
         else:
-            p = log_p.exp()
-            kl = log_p.sub_(log_q).mul_(p).sum(-1)
-            ctx.save_for_backward(log_q, p, target)
+            p_or_log_ratio = log_p.exp()
+            kl = log_p.sub_(log_q).mul_(p_or_log_ratio).sum(-1)
+        ctx.save_for_backward(log_q, p_or_log_ratio, kl, target)
         ctx.temperature, ctx.reverse, ctx.dtype = temperature, reverse, logits.dtype
         return kl, log_q_target
 
@@ -257,12 +260,11 @@ class _DenseKL(torch.autograd.Function):
         single_backward(ctx, "dense_kl supports one backward pass (its saved buffers become the gradient)")
         scale_kl = (grad_kl.float() / ctx.temperature)[:, None]
         scale_target = (grad_target.float() / ctx.temperature)[:, None]
+        log_q, p_or_log_ratio, kl, target = ctx.saved_tensors
         if ctx.reverse:
-            log_q, log_ratio, kl, target = ctx.saved_tensors
-            grad = log_ratio.sub_(kl[:, None]).mul_(scale_kl).sub_(scale_target).mul_(log_q.exp_())
+            grad = p_or_log_ratio.sub_(kl[:, None]).mul_(scale_kl).sub_(scale_target).mul_(log_q.exp_())
         else:
-            log_q, p, target = ctx.saved_tensors
-            grad = log_q.exp_().mul_(scale_kl - scale_target).addcmul_(p, scale_kl, value=-1.0)
+            grad = log_q.exp_().mul_(scale_kl - scale_target).addcmul_(p_or_log_ratio, scale_kl, value=-1.0)
         grad.scatter_add_(-1, target[:, None], scale_target)
         return grad.to(ctx.dtype), None, None, None, None
 
@@ -288,13 +290,10 @@ class _DenseTVD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, teacher: Tensor, target: Tensor, temperature: float):
-        scaled = logits.to(torch.float32, copy=True)
-        if temperature != 1.0:
-            scaled.div_(temperature)
-        q = torch.log_softmax(scaled, -1, out=scaled)
+        q = _student_logprobs(logits, temperature)
         log_q_target = q.gather(-1, target[:, None]).squeeze(-1)
         q.exp_()
-        p = scaled_teacher_logits(teacher, temperature)
+        p = scaled_logits(teacher, temperature)
         sign = torch.softmax(p, -1, out=p).neg_().add_(q)
         tvd = 0.5 * torch.linalg.vector_norm(sign, 1, -1)
         ctx.save_for_backward(q, sign.sign_(), target)
@@ -359,7 +358,7 @@ class TargetSplit:
 def _masked_log_softmax(logits: Tensor, index: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """(log-softmax of logits / T with column g masked [n, V] in a fresh buffer, logsumexp of the
     non-target columns [n], the target logit / T [n]), without gradient; index: [n, 1] int64."""
-    scaled = scaled_teacher_logits(logits, temperature)
+    scaled = scaled_logits(logits, temperature)
     target_logit = scaled.gather(-1, index).squeeze(-1)
     top, pivot = scaled.scatter_(-1, index, MASK_LOGIT).max(-1, keepdim=True)
     log_hat = torch.log_softmax(scaled, -1, out=scaled)
@@ -416,13 +415,12 @@ class _DenseSplitKL(torch.autograd.Function):
         p_lse_all = torch.logaddexp(p_lse_rest, p_target_logit)
         log_q_target, log_q_rest = q_target_logit - q_lse_all, q_lse_rest - q_lse_all
         if reverse:
-            log_ratio = log_p_hat.neg_().add_(log_q_hat)
-            dkd = log_q_hat.exp().mul_(log_ratio).sum(-1)
-            ctx.save_for_backward(log_q_hat, log_ratio, dkd, log_q_target, log_q_rest, index)
+            p_hat_or_log_ratio = log_p_hat.neg_().add_(log_q_hat)
+            dkd = log_q_hat.exp().mul_(p_hat_or_log_ratio).sum(-1)
         else:
-            p_hat = log_p_hat.exp()
-            dkd = log_p_hat.sub_(log_q_hat).mul_(p_hat).sum(-1)
-            ctx.save_for_backward(log_q_hat, p_hat, log_q_target, log_q_rest, index)
+            p_hat_or_log_ratio = log_p_hat.exp()
+            dkd = log_p_hat.sub_(log_q_hat).mul_(p_hat_or_log_ratio).sum(-1)
+        ctx.save_for_backward(log_q_hat, p_hat_or_log_ratio, dkd, log_q_target, log_q_rest, index)
         ctx.temperature, ctx.reverse, ctx.dtype = temperature, reverse, logits.dtype
         log_p_target, log_p_rest = p_target_logit - p_lse_all, p_lse_rest - p_lse_all
         ctx.mark_non_differentiable(log_p_target, log_p_rest)
@@ -438,15 +436,13 @@ class _DenseSplitKL(torch.autograd.Function):
         scale_target, scale_rest, scale_dkd = (
             grad.float() / ctx.temperature for grad in (grad_q_target, grad_q_rest, grad_dkd)
         )
-        log_q_hat, second, *rest = ctx.saved_tensors
-        log_q_target, log_q_rest, index = rest[-3:]
+        log_q_hat, p_hat_or_log_ratio, dkd, log_q_target, log_q_rest, index = ctx.saved_tensors
         q_target, q_rest = log_q_target.exp(), log_q_rest.exp()
         # The target / rest terms' coefficient of q_hat off the target (q = q_hat (1 - q_g) there).
         shared = scale_rest * q_target - scale_target * q_rest
         if ctx.reverse:
-            log_ratio, dkd = second, rest[0]
             grad = (
-                log_ratio.mul_(scale_dkd[:, None])
+                p_hat_or_log_ratio.mul_(scale_dkd[:, None])
                 .add_((shared - scale_dkd * dkd)[:, None])
                 .mul_(log_q_hat.exp_())
             )
@@ -454,7 +450,7 @@ class _DenseSplitKL(torch.autograd.Function):
             grad = (
                 log_q_hat.exp_()
                 .mul_((shared + scale_dkd)[:, None])
-                .addcmul_(second, scale_dkd[:, None], value=-1.0)
+                .addcmul_(p_hat_or_log_ratio, scale_dkd[:, None], value=-1.0)
             )
         grad.scatter_(-1, index, (scale_target * q_rest - scale_rest * q_target)[:, None])
         return grad.to(ctx.dtype), None, None, None, None
