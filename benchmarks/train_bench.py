@@ -56,18 +56,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = load_config(
-            REPO / "configs" / "demo.yaml",
-            [
-                f"workdir={root}",
-                # A random-init teacher's UNC has no valley for ``auto`` to split at; the split's
-                # share does not change the cost, so the paper's k.
-                "loss.hard_fraction=0.5",
-                f"teacher.preset={args.teacher}",
-                f"student.preset={args.student}",
-                *args.overrides,
-            ],
-        )
+        shared = [
+            # A random-init teacher's UNC has no valley for ``auto`` to split at; the split's
+            # share does not change the cost, so the paper's k.
+            "loss.hard_fraction=0.5",
+            f"teacher.preset={args.teacher}",
+            f"student.preset={args.student}",
+            *args.overrides,
+        ]
+        base = load_config(REPO / "configs" / "demo.yaml", [f"workdir={root}", *shared])
         prepare_data(base, root / "prepared", log=lambda _: None)
         tokenizer = root / "prepared" / "tokenizer"
         progress("data prepared")
@@ -87,14 +84,11 @@ def main() -> None:
                     f"distill.teacher_source={source}",
                     f"distill.training.max_steps={args.steps}",
                     f"loss.objective={loss['objective']}",
-                    "loss.hard_fraction=0.5",
                     "distill.training.eval_every=100000",
-                    f"teacher.preset={args.teacher}",
-                    f"student.preset={args.student}",
-                    *args.overrides,
+                    *shared,
                 ],
             )
-            # The pipeline's own distillation job: it resolves loss.hard_fraction auto from the cache.
+            # The pipeline's own distillation job (it resolves loss.hard_fraction auto, if --set asks for it).
             job = distill_job(config, root / "prepared", student, cache, teacher)
             progress(f"{name}: training")
             run_training(job, lambda metrics, step: None, log=progress)
