@@ -25,6 +25,7 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
+from atkd_core.data.records import file_records, json_object, text_field
 from atkd_core.errors import DataError
 
 PAPER_HELD_OUT = 500
@@ -79,16 +80,7 @@ def split_dolly(
 
 def _objects(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(``file:line``, object) for every record of a JSONL / JSON file."""
-    from atkd_core.data.prepare import file_records, json_object
-
     return [(where, json_object(record, where)) for where, record in file_records(path)]
-
-
-def _text(record: dict[str, Any], field: str, where: str) -> str:
-    value = record.get(field)
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: field {field!r} is missing or empty")
-    return value
 
 
 def _answers(path: Path, id_field: str) -> dict[str, str]:
@@ -110,20 +102,20 @@ def convert_eval_set(kind: EvalSet, source: Path, out: Path, answers: Path | Non
     rows: list[dict[str, str]] = []
     if kind == "self-instruct":
         for where, record in _objects(source):
-            instruction = _text(record, "instruction", where)
+            instruction = text_field(record, "instruction", where, required=True)
             instances = record.get("instances")
             if not isinstance(instances, list) or not instances:
                 raise DataError(f"{where}: field 'instances' is missing or empty")
-            for instance in instances:
-                output = instance.get("output") if isinstance(instance, dict) else None
-                if not isinstance(output, str) or not output.strip():
-                    raise DataError(f"{where}: an instance's field 'output' is missing or empty")
+            for number, instance in enumerate(instances, start=1):
+                at = f"{where}: instance {number}"
+                if not isinstance(instance, dict):
+                    raise DataError(f"{at}: expected an object with 'input' and 'output'")
                 rows.append(
                     {
                         "instruction": instruction,
-                        "context": str(instance.get("input") or ""),
-                        "response": output,
-                        "category": str(record.get("motivation_app") or ""),
+                        "context": text_field(instance, "input", at, required=False),
+                        "response": text_field(instance, "output", at, required=True),
+                        "category": text_field(record, "motivation_app", where, required=False),
                     }
                 )
     elif kind in _FORMATS:
@@ -141,10 +133,12 @@ def convert_eval_set(kind: EvalSet, source: Path, out: Path, answers: Path | Non
                 )
             rows.append(
                 {
-                    "instruction": _text(record, instruction_field, where),
+                    "instruction": text_field(record, instruction_field, where, required=True),
                     "context": "",
                     "response": references[key],
-                    "category": str(record.get(category_field) or "") if category_field else "",
+                    "category": text_field(record, category_field, where, required=False)
+                    if category_field
+                    else "",
                 }
             )
     else:

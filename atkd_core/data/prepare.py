@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from atkd_core.config import DataConfig, FieldMap, PipelineConfig
 from atkd_core.data.batching import IGNORE_INDEX
 from atkd_core.data.preflight import preflight
+from atkd_core.data.records import file_records, json_object, text_field
 from atkd_core.data.suite import SPLITS, write_suite
 from atkd_core.data.tokenizer import load_tokenizer, pad_vocabulary, padding_note, train_tokenizer
 from atkd_core.errors import ConfigError, DataError
@@ -35,53 +36,6 @@ def format_prompt(data: DataConfig, instruction: str, context: str | None) -> st
     if context:
         return data.context_template.format(instruction=instruction, context=context)
     return data.prompt_template.format(instruction=instruction)
-
-
-def file_records(path: Path) -> list[tuple[str, Any]]:
-    """(location, record) pairs of a JSONL / JSON / Parquet / CSV file; location is ``file:line``."""
-    if not path.is_file():
-        raise DataError(f"{path}: file does not exist")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".csv"):
-        import pyarrow as pa
-
-        try:
-            if suffix == ".parquet":
-                import pyarrow.parquet as pq
-
-                return [(f"{path}:row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-            import pyarrow.csv as pcsv
-
-            # Line numbers count the header line.
-            return [(f"{path}:{i + 2}", r) for i, r in enumerate(pcsv.read_csv(path).to_pylist())]
-        except pa.ArrowException as exc:
-            raise DataError(f"{path}: cannot be read as {suffix[1:]} ({str(exc).splitlines()[0]})") from None
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad_line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{bad_line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); re-encode the file as UTF-8, "
-            f"e.g. iconv -f latin1 -t utf-8 {path.name}"
-        ) from None
-    if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    if suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: a .json file must hold a list of objects")
-        return [(f"{path}:item {i + 1}", r) for i, r in enumerate(records)]
-    numbered = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            numbered.append((f"{path}:{line_number}", line))
-    return numbered
 
 
 def read_rows(
@@ -105,28 +59,12 @@ def read_rows(
     return rows, skipped
 
 
-def json_object(record: Any, where: str) -> dict[str, Any]:
-    """One record of ``file_records`` as a dict: a JSONL line parsed, any other kind checked;
-    DataError naming ``where`` (``file:line``) otherwise."""
-    if isinstance(record, str):
-        try:
-            record = json.loads(record)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: malformed JSON ({exc.msg})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record
-
-
 def _map_fields(record: dict[str, Any], fields: FieldMap, where: str) -> dict[str, str]:
-    for required in (fields.instruction, fields.response):
-        if not isinstance(record.get(required), str) or not record[required].strip():
-            raise DataError(f"{where}: field {required!r} is missing or empty")
     return {
-        "instruction": record[fields.instruction],
-        "context": str(record.get(fields.context) or "") if fields.context else "",
-        "response": record[fields.response],
-        "category": str(record.get(fields.category) or "") if fields.category else "",
+        "instruction": text_field(record, fields.instruction, where, required=True),
+        "context": text_field(record, fields.context, where, required=False) if fields.context else "",
+        "response": text_field(record, fields.response, where, required=True),
+        "category": text_field(record, fields.category, where, required=False) if fields.category else "",
     }
 
 
@@ -359,8 +297,9 @@ def _build_tokenizer(config: PipelineConfig, train_rows: list[dict[str, str]]) -
 
 # Raised whenever this module starts writing different prepared data from the same inputs, so an
 # output made by older code is redone rather than reused. 2: prompts shortened field by field, and
-# a pad token borrowed (<unk> or EOS) instead of added.
-PREPARED_FORMAT = 2
+# a pad token borrowed (<unk> or EOS) instead of added. 3: every text field as the file spells it
+# (CSV cells were type-guessed, JSON numbers converted).
+PREPARED_FORMAT = 3
 
 
 def prepare_inputs_fingerprint(config: PipelineConfig) -> str:
