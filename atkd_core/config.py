@@ -610,6 +610,22 @@ class PipelineConfig(StrictModel):
             raise ValueError(
                 "tokenizer.source: 'train' with a pretrained teacher would not match its vocabulary; use 'teacher'"
             )
+        trained_vocabulary = self.tokenizer.pad_to or self.tokenizer.vocab_size
+        if self.tokenizer.source == "train" and self.scoring.top_k > trained_vocabulary:
+            raise ValueError(
+                f"scoring.top_k: {self.scoring.top_k} is over the trained tokenizer's vocabulary "
+                f"(tokenizer.{'pad_to' if self.tokenizer.pad_to else 'vocab_size'} = {trained_vocabulary}); "
+                f"set it to at most {trained_vocabulary}"
+            )
+        from atkd_core.models.presets import PRESETS  # light: a dict of sizes
+
+        for role, spec in (("teacher", self.teacher), ("student", self.student)):
+            if spec.preset is not None and self.data.max_length > PRESETS[spec.preset][1].max_positions:
+                positions = PRESETS[spec.preset][1].max_positions
+                raise ValueError(
+                    f"data.max_length: {self.data.max_length} is over the {role} preset {spec.preset}'s "
+                    f"{positions} positions; set it to at most {positions}"
+                )
         return self
 
     @property
@@ -693,10 +709,19 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if loaded is not None and not isinstance(loaded, dict):
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if not loaded:
+        # All defaults would write to runs/demo under whatever directory the command ran in.
+        raise ConfigError(
+            f"{path}: the config is empty; give at least workdir and data (atkd config schema lists "
+            "every field)"
+        )
+    if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-    return loaded or {}
+    return loaded
 
 
 def validate_config(raw: dict[str, Any], source: str) -> PipelineConfig:

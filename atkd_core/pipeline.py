@@ -145,7 +145,13 @@ class StageRunner(Protocol):
 
 
 def teacher_stages(config: PipelineConfig, runner: StageRunner, prepared: str) -> TeacherOutputs:
-    """materialize -> [finetune] -> [SeqKD generation] -> score."""
+    """[audit] -> materialize -> [finetune] -> [SeqKD generation] -> score.
+
+    The audit refuses, before any model is trained, config values that cannot run on the prepared
+    data (e.g. scoring.top_k over its vocabulary; see atkd_core.audit)."""
+    from atkd_core.audit import audit_prepared
+
+    audit_prepared(config, Path(prepared))
     teacher = runner.materialize_teacher(prepared)
     if config.finetune.enabled:
         teacher = runner.finetune_teacher(prepared, teacher)

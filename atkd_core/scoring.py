@@ -33,15 +33,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from atkd_core.audit import top_k_problem
 from atkd_core.config import LossConfig
 from atkd_core.data.batching import IGNORE_INDEX, collate, shift_targets
 from atkd_core.data.tokenizer import load_tokenizer
-from atkd_core.errors import CacheError
+from atkd_core.errors import CacheError, ConfigError, faults_named
 from atkd_core.losses import SparseTeacher, otsu_threshold, unc_histogram
 from atkd_core.losses.atkd import UNC_BINS
 from atkd_core.manifest import (
     MANIFEST_NAME,
     fingerprint,
+    publishable_modes,
     read_manifest,
     require_manifest,
     sha256_file,
@@ -93,6 +95,8 @@ def scoring_spec(
 ) -> ScoringSpec:
     """The spec of a cache of ``teacher_dir`` over ``prepared_dir`` (identity by content)."""
     manifest = require_manifest(prepared_dir, "prepare_data")
+    if (problem := top_k_problem(top_k, int(manifest["vocab_size"]))) is not None:
+        raise ConfigError(problem)
     return ScoringSpec(
         teacher_dir=str(teacher_dir),
         teacher_weights_sha256=weights_sha256(teacher_dir),
@@ -179,11 +183,12 @@ def _write_shard(
     tensors["offsets"] = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     path = directory / f"{_shard_name(index)}.safetensors"
     staging = path.with_suffix(".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        str(staging),
-        metadata={"example_ids": json.dumps(ids)},
-    )
+    with faults_named(staging):
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(staging),
+            metadata={"example_ids": json.dumps(ids)},
+        )
     staging.rename(path)
     digest = sha256_file(path)
     # The checksum file is written last: its presence marks a finished shard.
@@ -329,6 +334,7 @@ def finalize_cache(
     }
     (partial / "spec.json").unlink(missing_ok=True)
     (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    publishable_modes(partial)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     partial.rename(output_dir)
