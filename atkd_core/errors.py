@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -57,16 +59,29 @@ def _blocking_file(path: Path) -> Path:
 
 def filesystem_error(exc: BaseException, path: Path | str | None = None) -> FilesystemError | None:
     """The one-line FilesystemError for a filesystem fault (an OSError, or a library error whose
-    text ends in ``(os error N)``) about ``path`` (default: the OSError's file name); None when
-    ``exc`` is another kind of error, which then keeps its traceback."""
+    text ends in ``(os error N)``), naming the OSError's file, else ``path``; None when ``exc`` is
+    another kind of error, which then keeps its traceback."""
     code = exc.errno if isinstance(exc, OSError) else None
     if code is None and (match := _OS_ERROR_TEXT.search(str(exc))) is not None:
         code = int(match.group(1))
     if code not in _FILESYSTEM_ADVICE:
         return None
-    where = path if path is not None else getattr(exc, "filename", None)
+    where = getattr(exc, "filename", None) or path
     if where is None:
         return FilesystemError(f"the filesystem refused a write: {_FILESYSTEM_ADVICE[code]}")
     if code == errno.ENOTDIR:
         where = _blocking_file(Path(where))
     return FilesystemError(f"{where}: {_FILESYSTEM_ADVICE[code]}")
+
+
+@contextmanager
+def faults_named(path: Path | str) -> Iterator[None]:
+    """Within the block, a filesystem fault that names no file (safetensors reports none) becomes
+    a FilesystemError naming ``path``; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        fault = filesystem_error(exc, path)
+        if fault is None:
+            raise
+        raise fault from exc

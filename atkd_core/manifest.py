@@ -6,9 +6,12 @@ A stage whose manifest carries the same fingerprint as its inputs now is not red
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -91,23 +94,68 @@ def is_up_to_date(directory: Path, input_fingerprint: str) -> bool:
     return manifest is not None and manifest.get("input_fingerprint") == input_fingerprint
 
 
+def _sibling(directory: Path, kind: str) -> Path:
+    """A hidden sibling of ``directory`` named after this host and process, so a later run can tell
+    one left by a dead process (``kind``: tmp, being written; old, being replaced)."""
+    return (
+        directory.parent
+        / f".{directory.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_dead_siblings(directory: Path) -> list[Path]:
+    """Remove the temporary siblings of ``directory`` left by a process of this host that is gone
+    (a killed run); return them. Those of live processes, or of other hosts, are left alone."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for sibling in directory.parent.glob(f".{glob.escape(directory.name)}.{kind}-*"):
+            owner = sibling.name.removeprefix(f".{directory.name}.{kind}-").rpartition("-")[0]
+            host, _, pid = owner.rpartition("-")
+            if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(sibling, ignore_errors=True)
+                removed.append(sibling)
+    return removed
+
+
+def publishable_modes(directory: Path) -> None:
+    """Give every file under ``directory`` the mode a plain ``open`` would (0644 under the usual
+    umask): safetensors writes its files 0600, which other users of a shared output cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
 @contextmanager
 def atomic_output(directory: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``directory`` in one rename.
 
     On failure the temporary directory is removed and ``directory`` keeps what it had, so the next
-    stage never reads a half-written output.
+    stage never reads a half-written output. Siblings a killed run left behind are removed first.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_dead_siblings(directory)
+    staging = _sibling(directory, "tmp")
     staging.mkdir()
     try:
         yield staging
+        publishable_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if directory.exists():
-        retired = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+        retired = _sibling(directory, "old")
         directory.rename(retired)
         staging.rename(directory)
         shutil.rmtree(retired, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -12,8 +13,9 @@ from pathlib import Path
 
 from atkd_core.config import PipelineConfig, config_to_yaml, load_config
 from atkd_core.data.converters import EVAL_SETS, convert_eval_set, split_dolly
-from atkd_core.errors import ConfigError, UserError
+from atkd_core.errors import ConfigError, UserError, filesystem_error
 from atkd_core.pipeline import LocalStages, pipeline_outputs, student_stages, teacher_stages
+from atkd_core.progress import DEBUG_VARIABLE, quiet_third_party_output
 from atkd_core.workdir import workdir_lock
 
 DEBUG_HELP = "show the traceback of an error caused by the input instead of its one-line message"
@@ -241,11 +243,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(config: PipelineConfig) -> int:
-    from infra.tracking import OUTBOX_NAME, resolve_tracking_uri, sync
+    from infra.tracking import OUTBOX_NAME, Outbox, resolve_tracking_uri, sync, tracking_status
 
-    sent, problems = sync(config)
     where = config.workdir / OUTBOX_NAME
-    print(f"atkd sync: {sent} tracking calls sent to {resolve_tracking_uri(config)}")
+    waiting = len(Outbox(config.workdir).entries())
+    if not waiting:
+        print(f"atkd sync: nothing waiting in {where}; {tracking_status(config)}")
+        return 0
+    sent, problems = sync(config)  # TrackingUnavailable (one line) when the server does not answer
+    kept = f"; {waiting - sent} kept" if sent < waiting else ""
+    print(f"atkd sync: {sent} tracking calls sent to {resolve_tracking_uri(config)}, which answered{kept}")
     for problem in problems:
         print(f"atkd: not sent (kept in {where}): {problem}", file=sys.stderr)
     return 1 if problems else 0
@@ -279,8 +286,11 @@ def _cmd_score(config: PipelineConfig) -> int:
 
 
 def _cmd_train(config: PipelineConfig, stage: str) -> int:
-    if stage == "finetune":
-        config = config.model_copy(update={"finetune": config.finetune.model_copy(update={"enabled": True})})
+    if stage == "finetune" and not config.finetune.enabled:
+        raise ConfigError(
+            "finetune.enabled: false, so there is no teacher fine-tuning to run; set finetune.enabled: "
+            "true (or --set finetune.enabled=true)"
+        )
     stages = _local_stages(config)
     upstream = teacher_stages(config, stages, stages.prepare_data())
     if stage == "distill":
@@ -308,11 +318,13 @@ def _checks_before_running(config: PipelineConfig, args: argparse.Namespace) -> 
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
-    """Drops the traceback from Prefect's log records of an error caused by the input: the flow and
-    task runs still log their one-line failure, and ``main`` prints the message once."""
+    """Drops the traceback from Prefect's log records of an error caused by the input or a
+    filesystem fault: the flow and task runs still log their one-line failure, and ``main`` prints
+    the message once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (isinstance(error, UserError) or filesystem_error(error) is not None):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -320,6 +332,9 @@ class _UserErrorsWithoutTraceback(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atkd`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_VARIABLE] = "1"  # the stages' own processes keep third-party output too
+    quiet_third_party_output()
     if not args.debug:
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logger = logging.getLogger(name)
@@ -337,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"atkd: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        fault = filesystem_error(exc)
+        if fault is None or args.debug:
+            raise
+        print(f"atkd: {fault}", file=sys.stderr)
         return 1
 
 

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from atkd_core.config import ModelConfig
-from atkd_core.errors import ConfigError, UserError
+from atkd_core.errors import ConfigError, UserError, faults_named
 from atkd_core.models.presets import PRESETS, ArchSize
 
 
@@ -104,7 +104,8 @@ def load_model(
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     """Save model (safetensors) and tokenizer in Hugging Face format."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    with faults_named(directory):
+        model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
 
 

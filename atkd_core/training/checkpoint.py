@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from atkd_core.errors import UserError
+from atkd_core.errors import UserError, faults_named
+from atkd_core.manifest import publishable_modes
 from atkd_core.training.distributed import barrier
 from atkd_core.training.job import TrainJob, TrainState
 
@@ -126,7 +127,8 @@ def _write_model(module: torch.nn.Module, state: TrainState, output_dir: Path, c
 
     staging = output_dir.parent / f".{output_dir.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    module.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]
+    with faults_named(staging):
+        module.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]
     state.tokenizer.save_pretrained(staging)
     GenerationConfig(
         eos_token_id=state.tokenizer.eos_token_id,
@@ -135,6 +137,7 @@ def _write_model(module: torch.nn.Module, state: TrainState, output_dir: Path, c
         do_sample=False,
     ).save_pretrained(staging)
     (staging / "README.md").write_text(card)
+    publishable_modes(staging)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     staging.rename(output_dir)
