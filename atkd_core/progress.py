@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -46,3 +48,28 @@ class Progress:
         """Close the bar, if any."""
         if self.bar is not None:
             self.bar.close()
+
+
+# Set by an entry point run with --debug, so the processes it starts keep third-party output too.
+DEBUG_VARIABLE = "ATKD_DEBUG"
+
+
+def quiet_third_party_output() -> None:
+    """Keep third-party chatter below the product's own progress lines: transformers' warnings and
+    its per-file bars ("Loading weights", "Writing model shards"), and DeepSpeed's notices (its
+    accelerator guess) below errors. Entry points call it, unless ``ATKD_DEBUG`` is set; a
+    download's progress bar (huggingface_hub) is kept: it is the user's progress."""
+    if os.environ.get(DEBUG_VARIABLE):
+        return
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    # DeepSpeed sets its logger's level when it is imported; a filter on the logger outlasts that.
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if _errors_only not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_errors_only)
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR

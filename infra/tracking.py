@@ -44,6 +44,29 @@ def resolve_tracking_uri(config: PipelineConfig) -> str:
     return tracking_uri_for(config.tracking.tracking_uri, config.workdir)
 
 
+def is_server_uri(uri: str | None) -> bool:
+    """Whether ``uri`` names a tracking server (http or https), not a local store (or nothing)."""
+    return uri is not None and uri.startswith(("http://", "https://"))
+
+
+def tracking_status(config: PipelineConfig) -> str:
+    """One line on where ``config`` tracks and whether it answers now: a server is asked once, a
+    local store is looked for on disk."""
+    uri = resolve_tracking_uri(config)
+    if not config.tracking.enabled:
+        return f"tracking is off (tracking.enabled: false); runs would go to {uri}"
+    if is_server_uri(uri):
+        try:
+            connect(uri)
+        except TrackingUnavailable as exc:
+            return f"the tracking server at {uri} did not answer ({_root_cause(exc.__cause__ or exc)})"
+        return f"the tracking server at {uri} answered"
+    database = uri.removeprefix("sqlite:///")
+    if uri.startswith("sqlite:///") and not Path(database).is_file():
+        return f"the local tracking store {database} does not exist yet (no run has been tracked there)"
+    return f"the local tracking store is {uri}"
+
+
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Flatten nested config into ``a.b.c -> str(value)`` params."""
     flat: dict[str, str] = {}
@@ -161,7 +184,7 @@ class RunHandle:
 
     def web_url(self) -> str | None:
         """The run's page in the MLflow UI when the tracking URI is a server, else None."""
-        if self.run_id is None or not str(self.tracking_uri).startswith(("http://", "https://")):
+        if self.run_id is None or not is_server_uri(self.tracking_uri):
             return None
         return f"{str(self.tracking_uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
@@ -376,7 +399,7 @@ def _experiment_id(client: MlflowClient, config: PipelineConfig) -> str:
             client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
         return experiment.experiment_id
     tags = {EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
-    if str(client.tracking_uri).startswith(("http://", "https://")):
+    if is_server_uri(client.tracking_uri):
         return client.create_experiment(name, tags=tags)  # the server decides (and serves) artifact storage
     # A local store needs an explicit location: otherwise artifacts land in ./mlruns of the cwd.
     artifacts = (config.workdir / "mlartifacts").resolve().as_uri()
@@ -623,5 +646,5 @@ def check_tracking_server(config: PipelineConfig) -> None:
     """Before a run: a tracking server (an http(s) URI) answers; TrackingUnavailable (one line)
     otherwise. A local store needs no check: it is created on first use."""
     uri = resolve_tracking_uri(config)
-    if uri.startswith(("http://", "https://")):
+    if is_server_uri(uri):
         connect(uri)

@@ -29,6 +29,12 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _no_debug_leak(monkeypatch):
+    """``atkd --debug`` run in-process exports ATKD_DEBUG for its child processes; keep it to the test."""
+    monkeypatch.delenv("ATKD_DEBUG", raising=False)
+
+
 def tiny_config(workdir: Path, **sections) -> PipelineConfig:
     """A pipeline config small enough for a unit test (a few hundred examples, tiny models)."""
     raw = {

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from atkd_core.config import FieldMap, PipelineConfig
-from atkd_core.data.prepare import format_prompt, read_rows, tokenize_splits
+from atkd_core.data.prepare import format_prompt, read_located_rows, tokenize_splits
 from atkd_core.data.suite import SPLITS
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.manifest import content_identity, fingerprint, require_manifest, run_stage
@@ -103,8 +103,11 @@ def generate_teacher_data(
     def build(staging: Path) -> dict[str, Any]:
         tokenizer = load_tokenizer(prepared_dir / "tokenizer")
         model = load_model(teacher_dir, device=device).eval()
-        rows = {split: read_rows(prepared_dir / "raw" / f"{split}.jsonl", FieldMap())[0] for split in SPLITS}
-        prompts = [format_prompt(config.data, r["instruction"], r["context"]) for r in rows["train"]]
+        rows = {
+            split: read_located_rows(prepared_dir / "raw" / f"{split}.jsonl", FieldMap())[0]
+            for split in SPLITS
+        }
+        prompts = [format_prompt(config.data, r["instruction"], r["context"]) for _, r in rows["train"]]
         responses = generate_responses(
             model,
             tokenizer,
@@ -116,13 +119,16 @@ def generate_teacher_data(
             log=log,
         )
         rows["train"] = [
-            {**row, "response": response} for row, response in zip(rows["train"], responses, strict=True)
+            (where, {**row, "response": response})
+            for (where, row), response in zip(rows["train"], responses, strict=True)
         ]
-        empty = sum(not r["response"] for r in rows["train"])
+        empty = sum(not r["response"] for _, r in rows["train"])
         shutil.copytree(prepared_dir / "tokenizer", staging / "tokenizer")
         (staging / "raw").mkdir()
         for split, split_rows in rows.items():
-            (staging / "raw" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+            (staging / "raw" / f"{split}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for _, r in split_rows)
+            )
         counts = tokenize_splits(config, rows, tokenizer, staging, log)
         return {
             **{k: source[k] for k in ("vocab_size", "tokenizer_sha256")},

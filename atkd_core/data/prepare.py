@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -38,24 +38,45 @@ def format_prompt(data: DataConfig, instruction: str, context: str | None) -> st
     return data.prompt_template.format(instruction=instruction)
 
 
-def read_rows(
+# A row and where it was read (``file:line``), for messages about it after splits are shuffled.
+Located = tuple[str, dict[str, str]]
+
+
+def read_located_rows(
     path: Path, fields: FieldMap, on_bad_rows: str = "error"
-) -> tuple[list[dict[str, str]], list[str]]:
-    """Rows of a Dolly/Alpaca-style file mapped to instruction/context/response/category.
+) -> tuple[list[Located], list[str]]:
+    """Rows of a Dolly/Alpaca-style file mapped to instruction/context/response/category, each
+    with its ``file:line``.
 
     Returns (rows, skipped) where ``skipped`` names each bad row (only with on_bad_rows='skip';
     with 'error' the first bad row raises DataError naming file, line and field).
     """
+    rows, skipped = _mapped_rows(file_records(path), fields, on_bad_rows)
+    if not rows:
+        raise DataError(f"{path}: no usable rows ({len(skipped)} skipped)")
+    return rows, skipped
+
+
+def read_rows(
+    path: Path, fields: FieldMap, on_bad_rows: str = "error"
+) -> tuple[list[dict[str, str]], list[str]]:
+    """``read_located_rows`` without the locations."""
+    rows, skipped = read_located_rows(path, fields, on_bad_rows)
+    return [row for _, row in rows], skipped
+
+
+def _mapped_rows(
+    records: Iterable[tuple[str, Any]], fields: FieldMap, on_bad_rows: str
+) -> tuple[list[Located], list[str]]:
+    """Each (``where``, record) mapped to the four fields; a bad one raises or is skipped by policy."""
     rows, skipped = [], []
-    for where, record in file_records(path):
+    for where, record in records:
         try:
-            rows.append(_map_fields(json_object(record, where), fields, where))
+            rows.append((where, _map_fields(json_object(record, where), fields, where)))
         except DataError as exc:
             if on_bad_rows == "error":
                 raise
             skipped.append(str(exc))
-    if not rows:
-        raise DataError(f"{path}: no usable rows ({len(skipped)} skipped)")
     return rows, skipped
 
 
@@ -70,8 +91,9 @@ def _map_fields(record: dict[str, Any], fields: FieldMap, where: str) -> dict[st
 
 def read_hub_split(
     name: str, split: str, fields: FieldMap, on_bad_rows: str
-) -> tuple[list[dict[str, str]], list[str]]:
-    """Rows of one split of a ``datasets`` dataset (a local path or a hub name reachable from here)."""
+) -> tuple[list[Located], list[str]]:
+    """Rows of one split of a ``datasets`` dataset (a local path or a hub name reachable from here),
+    each with its ``name[split]:row N``."""
     import datasets
 
     try:
@@ -82,15 +104,8 @@ def read_hub_split(
             "hubs are offline here (HF_DATASETS_OFFLINE=1): download it elsewhere and point data.train_files at "
             "local JSONL/Parquet, or pass a local dataset directory"
         ) from None
-    rows, skipped = [], []
-    for index, record in enumerate(dataset):
-        try:
-            rows.append(_map_fields(record, fields, f"{name}[{split}]:row {index + 1}"))
-        except DataError as exc:
-            if on_bad_rows == "error":
-                raise
-            skipped.append(str(exc))
-    return rows, skipped
+    records = ((f"{name}[{split}]:row {index + 1}", record) for index, record in enumerate(dataset))
+    return _mapped_rows(records, fields, on_bad_rows)
 
 
 class Encoded(NamedTuple):
@@ -225,7 +240,7 @@ def template_tail_tokens(template: str, tokenizer: PreTrainedTokenizerBase) -> i
     return len(tokenizer(suffix.rstrip(), add_special_tokens=False)["input_ids"])
 
 
-def _holdout(rows: list[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
+def _holdout(rows: list[Located], fraction: float, seed: int) -> tuple[list[Located], list[Located]]:
     """Deterministically move ``fraction`` of ``rows`` (at least one) out: (kept, held out)."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -234,16 +249,15 @@ def _holdout(rows: list[dict[str, str]], fraction: float, seed: int) -> tuple[li
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def _load_split_rows(
-    config: PipelineConfig, raw_dir: Path
-) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
-    """Rows per split, and the bad rows skipped. Missing validation/test splits are held out of train."""
+def _load_split_rows(config: PipelineConfig, raw_dir: Path) -> tuple[dict[str, list[Located]], list[str]]:
+    """Rows per split with where each was read, and the bad rows skipped. Missing validation/test
+    splits are held out of train."""
     data = config.data
     skipped: list[str] = []
     if data.source == "embedded":
         paths = write_suite(data.embedded, raw_dir)
-        return {split: read_rows(path, FieldMap())[0] for split, path in paths.items()}, skipped
-    rows: dict[str, list[dict[str, str]]] = {}
+        return {split: read_located_rows(path, FieldMap())[0] for split, path in paths.items()}, skipped
+    rows: dict[str, list[Located]] = {}
     if data.source == "files":
         split_files = {
             "train": data.train_files,
@@ -253,7 +267,7 @@ def _load_split_rows(
         for split, files in split_files.items():
             rows[split] = []
             for path in files:
-                file_rows, file_skipped = read_rows(Path(path), data.field_map(), data.on_bad_rows)
+                file_rows, file_skipped = read_located_rows(Path(path), data.field_map(), data.on_bad_rows)
                 rows[split].extend(file_rows)
                 skipped.extend(file_skipped)
     else:
@@ -277,7 +291,7 @@ def _load_split_rows(
     raw_dir.mkdir(parents=True, exist_ok=True)
     for split, split_rows in rows.items():
         with (raw_dir / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows)
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for _, row in split_rows)
     return rows, skipped
 
 
@@ -318,14 +332,14 @@ def prepare_inputs_fingerprint(config: PipelineConfig) -> str:
 
 def tokenize_splits(
     config: PipelineConfig,
-    rows: dict[str, list[dict[str, str]]],
+    rows: dict[str, list[Located]],
     tokenizer: PreTrainedTokenizerBase,
     output_dir: Path,
     log: Callable[[str], None],
 ) -> dict[str, dict[str, Any]]:
     """Tokenise every split's rows into ``output_dir/dataset`` (a DatasetDict); return counts per split.
 
-    Over-long rows follow ``data.on_overlong``; each split's counts say how many were shortened,
+    Over-long rows follow ``data.on_overlong`` (under ``error``, the first names where it was read); each split's counts say how many were shortened,
     cut or skipped, and a line is logged whenever one was.
     """
     data = config.data
@@ -343,7 +357,7 @@ def tokenize_splits(
             "response_truncated": 0,
             "skipped": 0,
         }
-        for index, row in enumerate(rows[split]):
+        for index, (where, row) in enumerate(rows[split]):
             prompt = format_prompt(data, row["instruction"], row["context"])
             encode = partial(
                 encode_example,
@@ -364,7 +378,7 @@ def tokenize_splits(
             if encoded.fit != "whole" and data.on_overlong == "error":
                 length = len(tokenizer(prompt + row["response"], add_special_tokens=False)["input_ids"]) + 1
                 raise DataError(
-                    f"{split} row {index + 1}: {length} tokens with its EOS, over data.max_length="
+                    f"{where}: {length} tokens with its EOS, over data.max_length="
                     f"{data.max_length}; raise data.max_length or set data.on_overlong to "
                     "truncate_prompt, truncate or skip"
                 )
@@ -413,7 +427,7 @@ def prepare_data(
         rows, skipped = _load_split_rows(config, staging / "raw")
         for problem in skipped:
             log(f"prepare_data: skipped {problem}")
-        tokenizer = _build_tokenizer(config, rows["train"])
+        tokenizer = _build_tokenizer(config, [row for _, row in rows["train"]])
         if (note := padding_note(tokenizer)) is not None:
             log(f"prepare_data: tokenizer: {note}")
         for line in preflight(tokenizer, {"teacher": config.teacher, "student": config.student}):

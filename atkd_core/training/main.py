@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from atkd_core.manifest import content_identity, fingerprint, read_manifest, sha256_file
+from atkd_core.progress import quiet_third_party_output
 from atkd_core.training.checkpoint import METRICS_FILE, save_model
 from atkd_core.training.distributed import process_group
 from atkd_core.training.ds_config import render_ds_config, resolve_device
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--job", type=Path, required=True, help="the job file TrainJob.save wrote")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    quiet_third_party_output()
     run_training(TrainJob.load(args.job), log_metrics=lambda metrics, step: None)
 
 

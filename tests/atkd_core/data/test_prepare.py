@@ -151,7 +151,7 @@ def test_overlong_rows_follow_the_policy_and_are_counted_and_logged(tmp_path, po
 
 
 def test_overlong_rows_fail_with_one_line_under_error(tmp_path):
-    with pytest.raises(DataError, match=r"train row 2: \d+ tokens with its EOS, over data.max_length=48"):
+    with pytest.raises(DataError, match=r"train.jsonl:2: \d+ tokens with its EOS, over data.max_length=48"):
         prepare_data(_overlong_rows_config(tmp_path, "error"), tmp_path / "prepared", log=lambda _: None)
 
 
