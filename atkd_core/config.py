@@ -716,8 +716,8 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not loaded:
         # All defaults would write to runs/demo under whatever directory the command ran in.
         raise ConfigError(
-            f"{path}: the config is empty; give at least workdir and data (atkd config schema lists "
-            "every field)"
+            f"{path}: the config is empty (all defaults would write to runs/demo under the current "
+            "directory); give at least workdir (atkd config schema lists every field)"
         )
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
