@@ -237,7 +237,7 @@ class LocalStages:
     def generate_teacher_data(self, prepared: str, teacher: str) -> str:
         """See StageRunner."""
         from atkd_core.data.generate import generate_teacher_data
-        from atkd_core.training.distributed import default_device
+        from atkd_core.devices import default_device
 
         output = self.config.layout.teacher_generated
         _, reused = generate_teacher_data(
@@ -268,8 +268,8 @@ class LocalStages:
 
     def evaluate(self, prepared: str, models: dict[str, str]) -> str:
         """See StageRunner."""
+        from atkd_core.devices import default_device
         from atkd_core.evaluation.harness import run_evaluation
-        from atkd_core.training.distributed import default_device
 
         output = self.config.layout.eval
         models_dirs = {name: Path(directory) for name, directory in models.items()}

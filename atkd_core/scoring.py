@@ -34,12 +34,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from atkd_core.audit import top_k_problem
-from atkd_core.config import LossConfig
+from atkd_core.auto_split import auto_split_fields
+from atkd_core.config import PipelineConfig
 from atkd_core.data.batching import IGNORE_INDEX, collate, shift_targets
 from atkd_core.data.tokenizer import load_tokenizer
+from atkd_core.devices import default_device
 from atkd_core.errors import CacheError, ConfigError, faults_named
-from atkd_core.losses import SparseTeacher, otsu_threshold, unc_histogram
-from atkd_core.losses.atkd import UNC_BINS
+from atkd_core.losses import SparseTeacher
 from atkd_core.manifest import (
     MANIFEST_NAME,
     fingerprint,
@@ -51,7 +52,6 @@ from atkd_core.manifest import (
     weight_files_sha256,
 )
 from atkd_core.progress import Progress
-from atkd_core.training.distributed import default_device
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTILES = (0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9)
@@ -109,7 +109,7 @@ def scoring_spec(
     )
 
 
-def config_scoring_spec(config: Any, teacher_dir: Path, prepared_dir: Path) -> ScoringSpec:
+def config_scoring_spec(config: PipelineConfig, teacher_dir: Path, prepared_dir: Path) -> ScoringSpec:
     """The spec of the pipeline config's cache of ``teacher_dir`` over ``prepared_dir``."""
     return scoring_spec(
         teacher_dir,
@@ -307,7 +307,7 @@ def finalize_cache(
     quantiles = {
         f"{q:g}": float(torch.quantile(unc.double(), q)) if unc.numel() else float("nan") for q in QUANTILES
     }
-    auto_split = _auto_split_fields(unc)
+    auto_split = auto_split_fields(unc)
     easy_threshold = (
         auto_split["unc_auto_threshold"]
         if hard_fraction == "auto"
@@ -341,14 +341,6 @@ def finalize_cache(
     return manifest
 
 
-def _auto_split_fields(unc: Tensor) -> dict[str, Any]:
-    """What ``loss.hard_fraction: auto`` splits at, for a cache manifest: the UNC histogram over
-    [0, 1] of every cached token (``unc`` [n]) and Otsu's threshold on it with its hard share."""
-    histogram = unc_histogram(unc, UNC_BINS)
-    threshold, share = otsu_threshold(histogram)
-    return {"unc_histogram": histogram, "unc_auto_threshold": threshold, "unc_auto_hard_fraction": share}
-
-
 def _with_unc_histogram(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """A cache manifest written before the UNC histogram was recorded, completed from its shards
     (no teacher pass; the shards, hence the content hash, are unchanged)."""
@@ -358,35 +350,9 @@ def _with_unc_histogram(directory: Path, manifest: dict[str, Any]) -> dict[str, 
     for name in sorted(manifest["shards"]):
         with safe_open(str(directory / f"{name}.safetensors"), "pt") as handle:
             uncs.append(handle.get_tensor("unc"))
-    manifest = {**manifest, **_auto_split_fields(torch.cat(uncs) if uncs else torch.zeros(0))}
+    manifest = {**manifest, **auto_split_fields(torch.cat(uncs) if uncs else torch.zeros(0))}
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
-
-
-def resolve_auto_split(loss: LossConfig, cache_manifest: dict[str, Any]) -> LossConfig:
-    """``loss`` with ``hard_fraction: auto`` made concrete from a cache's UNC histogram: a fixed
-    threshold (``split_scope: threshold``) and the share of the cache's tokens it makes hard.
-    Any other loss is returned unchanged."""
-    if loss.hard_fraction != "auto":
-        return loss
-    threshold = cache_manifest.get("unc_auto_threshold")
-    if threshold is None:
-        raise CacheError(
-            "loss.hard_fraction auto needs the cache's UNC histogram; this cache has none: run "
-            "`atkd score CONFIG`, which adds it"
-        )
-    if math.isnan(threshold):
-        raise CacheError(
-            "loss.hard_fraction auto: the teacher's UNC histogram has no valley (every token in one bin); "
-            "set a numeric loss.hard_fraction"
-        )
-    return loss.model_copy(
-        update={
-            "hard_fraction": cache_manifest["unc_auto_hard_fraction"],
-            "split_scope": "threshold",
-            "unc_threshold": threshold,
-        }
-    )
 
 
 def cache_problem(directory: Path, manifest: dict[str, Any], *, check_hashes: bool) -> str | None:
@@ -541,7 +507,7 @@ def run_scoring_stage(
 
 
 def score_from_config(
-    config: Any, teacher_dir: Path, prepared_dir: Path, log: Callable[[str], None] = print
+    config: PipelineConfig, teacher_dir: Path, prepared_dir: Path, log: Callable[[str], None] = print
 ) -> tuple[Path, dict[str, Any], bool]:
     """The score_teacher stage with the pipeline config's settings into ``<workdir>/teacher_cache``;
     returns (cache directory, manifest, reused)."""

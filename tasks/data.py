@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 
 from atkd_core.config import PipelineConfig
 from atkd_core.data.prepare import prepare_data
-from atkd_core.training.distributed import default_device
+from atkd_core.devices import default_device
 from infra.tracking import stage_run
 from tasks.policies import IO_RETRIES, StageInputs
 

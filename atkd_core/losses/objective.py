@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
+from atkd_core.data.batching import IGNORE_INDEX
 from atkd_core.losses.atkd import ATKDSplit, atkd_terms
 from atkd_core.losses.distributions import LinearHead, Teacher
 from atkd_core.losses.divergences import divergence_terms, flatten_inputs, flatten_student
@@ -114,7 +115,7 @@ class Objective(ABC):
         loss, values = weighted_token_sum(
             flat_student, terms.weights.to(flat_student.device), terms.fn, chunk
         )
-        valid = (flat_targets != -100).to(values.dtype)
+        valid = (flat_targets != IGNORE_INDEX).to(values.dtype)
         cross_entropy = float((values[:, -1] * valid).sum()) / counts.tokens
         diagnostics = (
             {} if teacher_terms is None else self.diagnostics(teacher_terms[1], loss, values, targets)
@@ -284,6 +285,6 @@ def build_objective(loss: LossConfig) -> Objective:
     if loss.hard_fraction == "auto":
         raise ValueError(
             "loss.hard_fraction auto must be resolved from the teacher's UNC histogram first "
-            "(atkd_core.scoring.resolve_auto_split; the distillation job does it)"
+            "(atkd_core.auto_split.resolve_auto_split; the distillation job does it)"
         )
     return ATKD(loss)

@@ -24,11 +24,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def default_device() -> str:
-    """``cuda`` when a CUDA device is available, else ``cpu`` (for stages without a device setting)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def child_environment() -> dict[str, str]:
     """This process's environment without rendezvous variables, for starting unrelated processes.
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from atkd_core.config import TrainingConfig
-from atkd_core.training.distributed import default_device
+from atkd_core.devices import default_device
 
 
 def resolve_device(training: TrainingConfig) -> str:

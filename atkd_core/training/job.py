@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from atkd_core.auto_split import resolve_auto_split
 from atkd_core.config import PipelineConfig, TrainingConfig
 from atkd_core.errors import CacheError
 from atkd_core.losses.objective import CrossEntropy, Objective, build_objective
@@ -132,8 +133,6 @@ def distill_job(
     fingerprinted by, the concrete threshold.
     """
     if config.loss.hard_fraction == "auto":
-        from atkd_core.scoring import resolve_auto_split  # scoring imports training: not at the top
-
         manifest = read_manifest(cache_dir)
         if manifest is None:
             raise CacheError(f"{cache_dir}: no teacher cache, which loss.hard_fraction auto is derived from")

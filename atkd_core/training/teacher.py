@@ -23,6 +23,7 @@ from atkd_core.config import LossConfig, TrainingConfig
 from atkd_core.data.batching import next_token_logits
 from atkd_core.errors import UserError
 from atkd_core.losses import Teacher
+from atkd_core.scoring import TeacherCache
 from atkd_core.training.batches import Batch, Example
 from atkd_core.training.ds_config import resolve_precision
 from atkd_core.training.heads import OutputLayer
@@ -49,8 +50,6 @@ class CachedTeacher(TeacherSource):
     """The teacher of the scoring cache (offline distillation)."""
 
     def __init__(self, cache_dir: Path, loss: LossConfig) -> None:
-        from atkd_core.scoring import TeacherCache
-
         self.cache = TeacherCache(cache_dir)
         scored_at = self.cache.spec["temperature"]
         if not math.isclose(scored_at, loss.temperature):

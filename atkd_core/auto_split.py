@@ -1,0 +1,52 @@
+"""``loss.hard_fraction: auto``: what a teacher cache records for it, and how a loss is made
+concrete from that record.
+
+Scoring writes the record (the UNC histogram of every cached token and Otsu's threshold on it);
+training reads it. Both import this module, so neither needs the other.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+from atkd_core.config import LossConfig
+from atkd_core.errors import CacheError
+from atkd_core.losses import otsu_threshold, unc_histogram
+from atkd_core.losses.atkd import UNC_BINS
+
+
+def auto_split_fields(unc: Tensor) -> dict[str, Any]:
+    """What ``loss.hard_fraction: auto`` splits at, for a cache manifest: the UNC histogram over
+    [0, 1] of every cached token (``unc`` [n]) and Otsu's threshold on it with its hard share."""
+    histogram = unc_histogram(unc, UNC_BINS)
+    threshold, share = otsu_threshold(histogram)
+    return {"unc_histogram": histogram, "unc_auto_threshold": threshold, "unc_auto_hard_fraction": share}
+
+
+def resolve_auto_split(loss: LossConfig, cache_manifest: dict[str, Any]) -> LossConfig:
+    """``loss`` with ``hard_fraction: auto`` made concrete from a cache's UNC histogram: a fixed
+    threshold (``split_scope: threshold``) and the share of the cache's tokens it makes hard.
+    Any other loss is returned unchanged."""
+    if loss.hard_fraction != "auto":
+        return loss
+    threshold = cache_manifest.get("unc_auto_threshold")
+    if threshold is None:
+        raise CacheError(
+            "loss.hard_fraction auto needs the cache's UNC histogram; this cache has none: run "
+            "`atkd score CONFIG`, which adds it"
+        )
+    if math.isnan(threshold):
+        raise CacheError(
+            "loss.hard_fraction auto: the teacher's UNC histogram has no valley (every token in one bin); "
+            "set a numeric loss.hard_fraction"
+        )
+    return loss.model_copy(
+        update={
+            "hard_fraction": cache_manifest["unc_auto_hard_fraction"],
+            "split_scope": "threshold",
+            "unc_threshold": threshold,
+        }
+    )
