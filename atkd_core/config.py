@@ -258,7 +258,7 @@ class OptimConfig(StrictModel):
         "adamw_torch",
         description="adamw_torch: torch AdamW as DeepSpeed's client optimizer (no op compilation); "
         "adamw_deepspeed: DeepSpeed's own AdamW (FusedAdam on GPU, CPU-Adam on CPU or when offloaded; "
-        "compiled on first use, ~85 s on CPU).",
+        "compiled on first use).",
     )
     lr: float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate. Range: (0, 1].")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay. Range: [0, 1].")
