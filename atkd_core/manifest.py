@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from atkd_core.errors import UserError
+from atkd_core.workdir import process_alive
 
 MANIFEST_NAME = "manifest.json"
 
@@ -103,16 +104,6 @@ def _sibling(directory: Path, kind: str) -> Path:
     )
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def remove_dead_siblings(directory: Path) -> list[Path]:
     """Remove the temporary siblings of ``directory`` left by a process of this host that is gone
     (a killed run); return them. Those of live processes, or of other hosts, are left alone."""
@@ -121,7 +112,7 @@ def remove_dead_siblings(directory: Path) -> list[Path]:
         for sibling in directory.parent.glob(f".{glob.escape(directory.name)}.{kind}-*"):
             owner = sibling.name.removeprefix(f".{directory.name}.{kind}-").rpartition("-")[0]
             host, _, pid = owner.rpartition("-")
-            if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(sibling, ignore_errors=True)
                 removed.append(sibling)
     return removed

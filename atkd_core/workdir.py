@@ -42,6 +42,19 @@ def ensure_writable(workdir: Path) -> None:
         raise UserError(f"workdir {workdir} cannot be written: {exc.strerror or exc}") from None
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (another user's counts; a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) answers signal 0 but runs nothing.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
 def _describe(holder: dict) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {since}"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from atkd_core.errors import UserError
 from atkd_core.training.distributed import child_environment
+from atkd_core.workdir import process_alive
 
 STATE_FILE = "servers.json"
 WORK_POOL = "atkd-local"
@@ -255,7 +256,7 @@ def start(
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     existing = read_state(state_dir)
-    if existing is not None and any(_alive(pid) for pid in _pids(existing)):
+    if existing is not None and any(process_alive(pid) for pid in _pids(existing)):
         raise UserError(
             f"servers from {state_dir / STATE_FILE} are still running; stop them first (atkd serve --stop)"
         )
@@ -375,18 +376,6 @@ def _pids(servers: Servers) -> list[int]:
     return pids if servers.postgres_pid is None else [*pids, servers.postgres_pid]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) answers signal 0 but runs nothing.
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
-
-
 def _terminate_group(pid: int, grace_s: float = 15.0, stop_signal: signal.Signals = signal.SIGTERM) -> None:
     """``stop_signal`` to the process group led by ``pid``, then SIGKILL if it outlives the grace
     period (PostgreSQL takes SIGINT, its fast shutdown; SIGTERM would wait for its clients)."""
@@ -399,7 +388,7 @@ def _terminate_group(pid: int, grace_s: float = 15.0, stop_signal: signal.Signal
         try:
             reaped, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            reaped = pid if not _alive(pid) else 0
+            reaped = pid if not process_alive(pid) else 0
         if reaped == pid:
             break
         time.sleep(0.2)
@@ -422,7 +411,7 @@ def stop(state_dir: Path, log: Callable[[str], None] = print) -> bool:
     names = ("worker", "MLflow server", "Prefect server", "PostgreSQL")
     # The database last, once its clients are gone.
     for name, pid in zip(names, _pids(servers), strict=False):
-        if _alive(pid):
+        if process_alive(pid):
             _terminate_group(pid, stop_signal=signal.SIGINT if name == "PostgreSQL" else signal.SIGTERM)
             log(f"stopped {name} (process group {pid})")
         else:

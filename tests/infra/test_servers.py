@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from atkd_core.workdir import process_alive
 from infra.kubernetes import TEMPLATE_PATH
-from infra.servers import _alive, postgres_bin_dir, read_state, start, stop
+from infra.servers import postgres_bin_dir, read_state, start, stop
 from tests.conftest import PIPELINE_STAGES, REPO_ROOT, child_runs, free_port, tiny_config
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -168,9 +169,11 @@ def test_deployment_runs_through_the_worker_and_lands_in_mlflow(tmp_path, state_
                 == 1
             )
     finally:
-        pids = [servers.prefect_pid, servers.mlflow_pid, servers.worker_pid, servers.postgres_pid]
-        assert stop(state, log=lambda _: None)
-    assert not any(_alive(pid) for pid in pids if pid is not None) and read_state(state) is None
+        # Stopped whatever happened above; checked after, so a failure above is the one reported.
+        stopped = stop(state, log=lambda _: None)
+    pids = [servers.prefect_pid, servers.mlflow_pid, servers.worker_pid, servers.postgres_pid]
+    assert stopped and read_state(state) is None
+    assert not any(process_alive(pid) for pid in pids if pid is not None)
 
 
 def test_start_refuses_a_taken_port(tmp_path):
