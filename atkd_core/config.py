@@ -330,11 +330,6 @@ class TrainingConfig(StrictModel):
             raise ValueError(
                 "precision: 'fp16' is not supported by DeepSpeed on CPU; use fp32 (or bf16, ~5-30x slower)"
             )
-        if self.precision == "fp16" and self.device == "auto" and not _cuda_available():
-            raise ValueError(
-                "precision: 'fp16' with device 'auto' means the CPU on this machine (no CUDA device), "
-                "where DeepSpeed has no fp16; use fp32 or bf16, or set device: cuda for a GPU machine"
-            )
         return self
 
     @model_validator(mode="after")
@@ -683,13 +678,6 @@ def set_field(raw: dict[str, Any], dotted_key: str, value: Any, what: str) -> No
             raise ConfigError(f"{what}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
-
-
-def _cuda_available() -> bool:
-    """Whether this machine has a CUDA device (torch imported only when a check needs it)."""
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:

@@ -307,6 +307,14 @@ def _checks_before_running(config: PipelineConfig, args: argparse.Namespace) -> 
     from atkd_core.models.build import check_model_paths
 
     check_model_paths({"teacher": config.teacher, "student": config.student})
+    if args.command in ("run", "train"):
+        from atkd_core.training.ds_config import resolve_device, resolve_precision
+
+        trainings = {"distill.training": config.distill.training}
+        if config.finetune.enabled:
+            trainings["finetune.training"] = config.finetune.training
+        for section, training in trainings.items():  # a device this machine lacks fails now
+            resolve_precision(training, resolve_device(training, section), section)
     if config.eval.enabled and config.eval.harness_tasks and args.command == "run":
         from atkd_core.evaluation.harness import harness_datasets
 

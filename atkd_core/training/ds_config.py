@@ -12,23 +12,31 @@ import torch
 
 from atkd_core.config import TrainingConfig
 from atkd_core.devices import default_device
+from atkd_core.errors import ConfigError
 
 
-def resolve_device(training: TrainingConfig) -> str:
-    """``cuda`` or ``cpu`` for ``training.device`` (auto: cuda when available)."""
+def resolve_device(training: TrainingConfig, section: str = "training") -> str:
+    """``cuda`` or ``cpu`` for ``training.device`` (auto: cuda when available); ConfigError naming
+    ``section`` (e.g. distill.training) when it asks for a device this machine lacks."""
     if training.device == "auto":
         return default_device()
     if training.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but no CUDA device is available")
+        raise ConfigError(f"{section}.device: 'cuda', but this machine has no CUDA device; use auto or cpu")
     return training.device
 
 
-def resolve_precision(training: TrainingConfig, device: str) -> str:
-    """fp32 / bf16 / fp16 for ``training.precision`` (auto: fp32 on CPU, bf16 on GPU)."""
+def resolve_precision(training: TrainingConfig, device: str, section: str = "training") -> str:
+    """fp32 / bf16 / fp16 for ``training.precision`` on ``device`` (auto: fp32 on CPU, bf16 on
+    GPU); ConfigError naming ``section`` for fp16 on a CPU, where DeepSpeed has none. Checked here,
+    where the device is known, so that a config is valid or not whatever machine reads it."""
     if training.precision == "auto":
         return "bf16" if device == "cuda" else "fp32"
     if training.precision == "fp16" and device == "cpu":
-        raise RuntimeError("precision fp16 is not supported by DeepSpeed on CPU; use fp32")
+        cause = "device 'auto' found no CUDA device" if training.device == "auto" else "device 'cpu'"
+        raise ConfigError(
+            f"{section}.precision: 'fp16' runs on the CPU here ({cause}), where DeepSpeed has no fp16; "
+            "use fp32 or bf16, or run on a machine with a CUDA device"
+        )
     return training.precision
 
 

@@ -57,7 +57,7 @@ def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], Non
     if finished is not None:
         log(f"{job.stage}: reused {job.output_dir}")
         return finished
-    device = resolve_device(job.training)
+    device = resolve_device(job.training, f"{job.stage}.training")
     with process_group(device) as (rank, world_size):
         state = setup(job, rank, world_size, device, log)
         try:

@@ -175,10 +175,17 @@ def test_each_user_error_is_one_line_and_a_nonzero_exit(tmp_path, capsys, case):
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="fp16 under device auto is valid on a CUDA machine"
 )
-def test_fp16_with_device_auto_is_refused_at_load_on_a_cpu_machine(tmp_path, capsys):
+def test_fp16_with_device_auto_is_refused_before_any_stage_on_a_cpu_machine(tmp_path, capsys):
     config = str(_write_config(tmp_path))
-    assert main(["config", "show", config, "--set", "distill.training.precision=fp16"]) == 2
-    assert "precision: 'fp16' with device 'auto' means the CPU on this machine" in capsys.readouterr().err
+    fp16 = ["--set", "distill.training.precision=fp16"]
+    # The config itself is valid whatever machine reads it (a GPU machine runs it)...
+    assert main(["config", "show", config, *fp16]) == 0
+    capsys.readouterr()
+    # ...and a run on this CPU machine is refused where the device is chosen, before any stage.
+    assert main(["train", config, "--stage", "distill", *fp16]) == 2
+    err = capsys.readouterr().err
+    assert "distill.training.precision: 'fp16' runs on the CPU here (device 'auto' found no CUDA device)" in err
+    assert not (tmp_path / "work" / "prepared").exists()
 
 
 def test_a_tracking_outage_after_the_outputs_keeps_the_calls_and_sync_sends_them(
