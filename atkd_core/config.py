@@ -624,6 +624,11 @@ class PipelineConfig(StrictModel):
         return self
 
     @property
+    def resolved_tracking_uri(self) -> str:
+        """Where this config's runs are tracked: ``resolve_tracking_uri`` of its settings."""
+        return resolve_tracking_uri(self.tracking.tracking_uri, self.workdir)
+
+    @property
     def layout(self) -> RunLayout:
         """Where each stage writes under ``workdir``."""
         return RunLayout(self.workdir)

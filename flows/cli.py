@@ -243,7 +243,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(config: PipelineConfig) -> int:
-    from infra.tracking import OUTBOX_NAME, Outbox, resolve_tracking_uri, sync, tracking_status
+    from infra.tracking import OUTBOX_NAME, Outbox, sync, tracking_status
 
     where = config.workdir / OUTBOX_NAME
     waiting = len(Outbox(config.workdir).entries())
@@ -252,7 +252,7 @@ def _cmd_sync(config: PipelineConfig) -> int:
         return 0
     sent, problems = sync(config)  # TrackingUnavailable (one line) when the server does not answer
     kept = f"; {waiting - sent} kept" if sent < waiting else ""
-    print(f"atkd sync: {sent} tracking calls sent to {resolve_tracking_uri(config)}, which answered{kept}")
+    print(f"atkd sync: {sent} tracking calls sent to {config.resolved_tracking_uri}, which answered{kept}")
     for problem in problems:
         print(f"atkd: not sent (kept in {where}): {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sys
 import time
 import uuid
@@ -21,13 +23,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from atkd_core.config import PipelineConfig, config_to_yaml
-from atkd_core.config import resolve_tracking_uri as tracking_uri_for
 from atkd_core.errors import UserError
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 MAX_PARAM_LENGTH = 6000
 OUTBOX_NAME = "tracking-outbox.jsonl"
+OUTAGE_NAME = "tracking-outage.json"
 PENDING_PREFIX = "pending-"  # the outbox's key of a run the server has not created yet
 METRICS_PER_BATCH = 1000
 
@@ -39,11 +41,6 @@ class TrackingUnavailable(UserError):
     transient = True
 
 
-def resolve_tracking_uri(config: PipelineConfig) -> str:
-    """Where ``config``'s runs are tracked (atkd_core.config.resolve_tracking_uri)."""
-    return tracking_uri_for(config.tracking.tracking_uri, config.workdir)
-
-
 def is_server_uri(uri: str | None) -> bool:
     """Whether ``uri`` names a tracking server (http or https), not a local store (or nothing)."""
     return uri is not None and uri.startswith(("http://", "https://"))
@@ -52,7 +49,7 @@ def is_server_uri(uri: str | None) -> bool:
 def tracking_status(config: PipelineConfig) -> str:
     """One line on where ``config`` tracks and whether it answers now: a server is asked once, a
     local store is looked for on disk."""
-    uri = resolve_tracking_uri(config)
+    uri = config.resolved_tracking_uri
     if not config.tracking.enabled:
         return f"tracking is off (tracking.enabled: false); runs would go to {uri}"
     if is_server_uri(uri):
@@ -85,6 +82,39 @@ class Outbox:
 
     def __init__(self, workdir: Path) -> None:
         self.path = workdir / OUTBOX_NAME
+        self.outage_path = workdir / OUTAGE_NAME
+
+    def outage(self, uri: str | None) -> str | None:
+        """The cause of the outage of ``uri`` this process met while tracking to this workdir, or
+        None. Once one call failed, later ones go straight to the outbox instead of each waiting
+        out the HTTP client's retries. The record sits beside the outbox, so every handle of the
+        run sees it whichever task made it; another process (a later run, ``atkd sync``) starts
+        afresh."""
+        try:
+            record = json.loads(self.outage_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        ours = record.get("pid") == os.getpid() and record.get("host") == socket.gethostname()
+        return record.get("cause") if ours and record.get("uri") == uri else None
+
+    def note_outage(self, uri: str, error: BaseException) -> None:
+        """Record that ``uri`` failed (``error``) for the rest of this process, warning once."""
+        if self.outage(uri) is not None:
+            return
+        cause = _root_cause(error)
+        record = {"uri": uri, "cause": cause, "pid": os.getpid(), "host": socket.gethostname()}
+        self.outage_path.parent.mkdir(parents=True, exist_ok=True)
+        self.outage_path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        print(
+            f"atkd: warning: MLflow at {uri} failed ({cause}); the run goes on and keeps what was not "
+            f"logged in {self.path}: send it later with `atkd sync CONFIG`",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def clear_outage(self) -> None:
+        """Forget a recorded outage (the server answered again)."""
+        self.outage_path.unlink(missing_ok=True)
 
     def add(self, entry: dict[str, Any]) -> None:
         """Append one call (``run``: its run id or pending key, ``kind``, its arguments)."""
@@ -104,23 +134,6 @@ class Outbox:
             self.path.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
         else:
             self.path.unlink(missing_ok=True)
-
-
-# Tracking URIs found unreachable in this process, with the first error: later calls go straight
-# to the outbox instead of each waiting out the HTTP client's retries.
-_outages: dict[str, str] = {}
-
-
-def _note_outage(uri: str, error: BaseException, outbox: Outbox) -> None:
-    if uri in _outages:
-        return
-    _outages[uri] = _root_cause(error)
-    print(
-        f"atkd: warning: MLflow at {uri} failed ({_outages[uri]}); the run goes on and keeps what was not "
-        f"logged in {outbox.path}: send it later with `atkd sync CONFIG`",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 @dataclass
@@ -146,14 +159,14 @@ class RunHandle:
     ) -> None:
         """``send`` to the live run, or keep the call in the outbox when the server cannot take it."""
         target = self.target()
-        if target is not None and self.tracking_uri not in _outages:
+        if target is not None and (self.outbox is None or self.outbox.outage(self.tracking_uri) is None):
             try:
                 send(*target)
                 return
             except Exception as exc:
                 if self.outbox is None:
                     raise
-                _note_outage(str(self.tracking_uri), exc, self.outbox)
+                self.outbox.note_outage(str(self.tracking_uri), exc)
         if self.outbox is not None and self.run_id is not None:
             self.outbox.add({"run": self.run_id, "kind": kind, **arguments})
 
@@ -343,7 +356,7 @@ def register_model(
         "tags": dict(tags or {}),
     }
     target = run.target()
-    if target is None or run.tracking_uri in _outages:
+    if target is None or (run.outbox is not None and run.outbox.outage(run.tracking_uri) is not None):
         if run.outbox is not None and run.run_id is not None:
             run.outbox.add({"run": run.run_id, "kind": "register", **arguments})
         return None
@@ -352,7 +365,7 @@ def register_model(
     except Exception as exc:
         if run.outbox is None:
             raise
-        _note_outage(str(run.tracking_uri), exc, run.outbox)
+        run.outbox.note_outage(str(run.tracking_uri), exc)
         run.outbox.add({"run": run.run_id, "kind": "register", **arguments})
         return None
 
@@ -423,7 +436,7 @@ def pipeline_run(
     if parent_run_id is not None:
         handle = _child_run(config, parent_run_id, run_tags)
     else:
-        uri = resolve_tracking_uri(config)
+        uri = config.resolved_tracking_uri
         client = connect(uri)
         experiment_id = _experiment_id(client, config)
         run = client.create_run(experiment_id, tags=run_tags)
@@ -437,15 +450,15 @@ def pipeline_run(
 def _child_run(config: PipelineConfig, parent_key: str, tags: dict[str, str]) -> RunHandle:
     """A new run nested in ``parent_key``: live, or waiting in the outbox when the server is down."""
     outbox = Outbox(config.workdir)
-    uri = resolve_tracking_uri(config)
-    if uri not in _outages and not parent_key.startswith(PENDING_PREFIX):
+    uri = config.resolved_tracking_uri
+    if outbox.outage(uri) is None and not parent_key.startswith(PENDING_PREFIX):
         try:
             client = connect(uri)
             experiment_id = client.get_run(parent_key).info.experiment_id
             run = client.create_run(experiment_id, tags={PARENT_TAG: parent_key, **tags})
             return RunHandle(client, run.info.run_id, uri, experiment_id, outbox)
         except Exception as exc:
-            _note_outage(uri, exc, outbox)
+            outbox.note_outage(uri, exc)
     key = f"{PENDING_PREFIX}{uuid.uuid4().hex}"
     outbox.add({"run": key, "kind": "create", "parent": parent_key, "tags": tags})
     return RunHandle(None, key, uri, None, outbox)
@@ -457,13 +470,13 @@ def attach_run(config: PipelineConfig, run_id: str | None) -> RunHandle:
     if not config.tracking.enabled or run_id is None:
         return RunHandle(client=None, run_id=None)
     outbox = Outbox(config.workdir)
-    uri = resolve_tracking_uri(config)
-    if uri not in _outages and not run_id.startswith(PENDING_PREFIX):
+    uri = config.resolved_tracking_uri
+    if outbox.outage(uri) is None and not run_id.startswith(PENDING_PREFIX):
         try:
             client = connect(uri)
             return RunHandle(client, run_id, uri, client.get_run(run_id).info.experiment_id, outbox)
         except Exception as exc:
-            _note_outage(uri, exc, outbox)
+            outbox.note_outage(uri, exc)
     return RunHandle(None, run_id, uri, None, outbox)
 
 
@@ -585,8 +598,9 @@ def sync(config: PipelineConfig) -> tuple[int, list[str]]:
     entries = outbox.entries()
     if not entries:
         return 0, []
-    uri = resolve_tracking_uri(config)
+    uri = config.resolved_tracking_uri
     client = connect(uri)
+    outbox.clear_outage()
     created: dict[str, str] = {}
     kept: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -645,6 +659,6 @@ def _replay(handle: RunHandle, entry: dict[str, Any]) -> None:
 def check_tracking_server(config: PipelineConfig) -> None:
     """Before a run: a tracking server (an http(s) URI) answers; TrackingUnavailable (one line)
     otherwise. A local store needs no check: it is created on first use."""
-    uri = resolve_tracking_uri(config)
+    uri = config.resolved_tracking_uri
     if is_server_uri(uri):
         connect(uri)

@@ -184,7 +184,9 @@ def test_fp16_with_device_auto_is_refused_before_any_stage_on_a_cpu_machine(tmp_
     # ...and a run on this CPU machine is refused where the device is chosen, before any stage.
     assert main(["train", config, "--stage", "distill", *fp16]) == 2
     err = capsys.readouterr().err
-    assert "distill.training.precision: 'fp16' runs on the CPU here (device 'auto' found no CUDA device)" in err
+    assert (
+        "distill.training.precision: 'fp16' runs on the CPU here (device 'auto' found no CUDA device)" in err
+    )
     assert not (tmp_path / "work" / "prepared").exists()
 
 
@@ -205,7 +207,6 @@ def test_a_tracking_outage_after_the_outputs_keeps_the_calls_and_sync_sends_them
         return real_log_artifact(self, run_id, local_path, artifact_path)
 
     monkeypatch.setattr(MlflowClient, "log_artifact", refuse)
-    monkeypatch.setattr(tracking, "_outages", {})
     result = distill_pipeline(config)
     assert set(result.outputs) >= {"evaluate", "distill_student"}
     assert (tmp_path / "work" / "eval" / "summary.md").is_file()
@@ -215,7 +216,6 @@ def test_a_tracking_outage_after_the_outputs_keeps_the_calls_and_sync_sends_them
     assert "MLflow at" in capsys.readouterr().err
 
     monkeypatch.setattr(MlflowClient, "log_artifact", real_log_artifact)
-    monkeypatch.setattr(tracking, "_outages", {})
     assert main(["sync", str(config_path)]) == 0
     assert f"atkd sync: {len(kinds)} tracking calls sent" in capsys.readouterr().out
     assert not (tmp_path / "work" / tracking.OUTBOX_NAME).exists()

@@ -3,6 +3,8 @@ stage nothing (its calls wait in the outbox); a flaky one never costs training i
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from prefect import flow
 
@@ -82,7 +84,6 @@ def test_a_stage_completes_and_keeps_its_calls_when_the_server_is_unreachable(
     """Mid-pipeline, an unreachable server costs the stage nothing: no retry, no failure; its run
     and everything logged to it wait in the outbox for `atkd sync`."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(tracking, "_outages", {})
     uri = f"http://127.0.0.1:{free_port()}"
     config = tiny_config(tmp_path, tracking={"experiment_name": "x", "tracking_uri": uri})
 
@@ -111,3 +112,18 @@ def test_user_errors_are_not_retried(prefect_harness, tmp_path):
     failed, error, task_run_id = run_one_stage(config, None)
     assert failed and "does not exist" in str(error)
     assert run_count(task_run_id) == 1
+
+
+def test_an_outage_is_kept_beside_the_outbox_for_this_process_only(tmp_path, capsys):
+    outbox = tracking.Outbox(tmp_path)
+    assert outbox.outage("http://a") is None
+    outbox.note_outage("http://a", ConnectionError("refused"))
+    outbox.note_outage("http://a", ConnectionError("refused again"))
+    assert capsys.readouterr().err.count("MLflow at http://a failed") == 1  # warned once
+    assert outbox.outage("http://a") == "ConnectionError: refused" and outbox.outage("http://b") is None
+    # A later process (another pid) starts afresh: its calls try the server again.
+    record = json.loads(outbox.outage_path.read_text())
+    outbox.outage_path.write_text(json.dumps({**record, "pid": record["pid"] + 1}))
+    assert outbox.outage("http://a") is None
+    outbox.clear_outage()
+    assert not outbox.outage_path.exists()
