@@ -202,15 +202,9 @@ class LocalStages:
 
     def prepare_data(self) -> str:
         """See StageRunner."""
-        from atkd_core.data.prepare import prepare_data
+        from atkd_core import stages
 
-        output = self.config.layout.prepared
-        manifest, reused = prepare_data(self.config, output, log=self.log)
-        counts = ", ".join(
-            f"{split} {c['rows']} rows / {c['tokens']} tokens" for split, c in manifest["counts"].items()
-        )
-        self.log(f"prepare_data: {'reused' if reused else 'wrote'} {output}: {counts}")
-        return str(output)
+        return str(stages.prepare(self.config, self.log).directory)
 
     def materialize_teacher(self, prepared: str) -> str:
         """See StageRunner."""
@@ -236,48 +230,30 @@ class LocalStages:
 
     def generate_teacher_data(self, prepared: str, teacher: str) -> str:
         """See StageRunner."""
-        from atkd_core.data.generate import generate_teacher_data
-        from atkd_core.devices import default_device
+        from atkd_core import stages
 
-        output = self.config.layout.teacher_generated
-        _, reused = generate_teacher_data(
-            self.config, Path(prepared), Path(teacher), output, device=default_device(), log=self.log
-        )
-        self.log(f"generate_teacher_data: {'reused' if reused else 'wrote'} {output}")
-        return str(output)
+        return str(stages.generate(self.config, Path(prepared), Path(teacher), self.log).directory)
 
     def score_teacher(self, train_data: str, teacher: str) -> str:
         """See StageRunner."""
-        from atkd_core.scoring import score_from_config
+        from atkd_core import stages
 
-        output, manifest, reused = score_from_config(self.config, Path(teacher), Path(train_data), self.log)
-        self.log(
-            f"score_teacher: {'reused' if reused else 'wrote'} {output}: {manifest['tokens']} tokens, "
-            f"{manifest['cache_bytes'] / 2**20:.1f} MiB, UNC median {manifest['unc_quantiles']['0.5']:.3f}"
-        )
-        return str(output)
+        cache, _ = stages.score(self.config, Path(train_data), Path(teacher), self.log)
+        return str(cache.directory)
 
     def distill_student(self, train_data: str, student_init: str, cache: str, teacher: str) -> str:
         """See StageRunner."""
-        from atkd_core.training.job import auto_split_line, distill_job
+        from atkd_core import stages
 
-        job = distill_job(self.config, Path(train_data), Path(student_init), Path(cache), Path(teacher))
-        if (line := auto_split_line(self.config, job)) is not None:
-            self.log(f"distill: {line}")
-        return self._train(job)
+        paths = (Path(train_data), Path(student_init), Path(cache), Path(teacher))
+        return self._train(stages.distill_plan(self.config, *paths, self.log))
 
     def evaluate(self, prepared: str, models: dict[str, str]) -> str:
         """See StageRunner."""
-        from atkd_core.devices import default_device
-        from atkd_core.evaluation.harness import run_evaluation
+        from atkd_core import stages
 
-        output = self.config.layout.eval
-        models_dirs = {name: Path(directory) for name, directory in models.items()}
-        report = run_evaluation(
-            self.config, Path(prepared), models_dirs, output, device=default_device(), log=self.log
-        )
-        self.log(f"evaluate: wrote {output}\n{report['summary_markdown']}")
-        return str(output)
+        stages.evaluate(self.config, Path(prepared), {n: Path(d) for n, d in models.items()}, self.log)
+        return str(self.config.layout.eval)
 
     def _train(self, job: TrainJob) -> str:
         """Train ``job``; return its output directory."""

@@ -6,9 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from atkd_core import stages
 from atkd_core.config import PipelineConfig
-from atkd_core.data.prepare import prepare_data
-from atkd_core.devices import default_device
 from infra.tracking import stage_run
 from tasks.policies import IO_RETRIES, StageInputs
 
@@ -19,9 +18,11 @@ def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
     logger = get_run_logger()
     output = config.layout.prepared
     with stage_run(config, parent_run_id, "prepare_data") as run:
-        manifest, reused = prepare_data(config, output, log=logger.info)
-        logger.info("prepare_data: %s %s", "reused" if reused else "wrote", output)
-        run.log_params({"source": manifest["source"], "vocab_size": manifest["vocab_size"], "reused": reused})
+        made = stages.prepare(config, logger.info)
+        manifest = made.manifest
+        run.log_params(
+            {"source": manifest["source"], "vocab_size": manifest["vocab_size"], "reused": made.reused}
+        )
         metrics = {}
         for split, counts in manifest["counts"].items():
             for key, value in counts.items():
@@ -39,20 +40,10 @@ def generate_teacher_data_task(
     config: PipelineConfig, prepared_dir: str, teacher_dir: str, parent_run_id: str | None
 ) -> str:
     """SeqKD: the teacher's responses to the training prompts as a prepared-data directory; return its path."""
-    from atkd_core.data.generate import generate_teacher_data
-
     logger = get_run_logger()
-    output = config.layout.teacher_generated
     with stage_run(config, parent_run_id, "generate_teacher_data") as run:
-        manifest, reused = generate_teacher_data(
-            config,
-            Path(prepared_dir),
-            Path(teacher_dir),
-            output,
-            device=default_device(),
-            log=logger.info,
-        )
-        logger.info("generate_teacher_data: %s %s", "reused" if reused else "wrote", output)
+        made = stages.generate(config, Path(prepared_dir), Path(teacher_dir), logger.info)
+        output, manifest = made.directory, made.manifest
         run.log_params(
             {
                 "teacher": teacher_dir,

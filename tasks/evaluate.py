@@ -6,9 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from atkd_core import stages
 from atkd_core.config import PipelineConfig
-from atkd_core.devices import default_device
-from atkd_core.evaluation.harness import run_evaluation
 from infra.tracking import stage_run
 from tasks.policies import StageInputs
 
@@ -30,13 +29,11 @@ def evaluate_task(
                 "harness_tasks": ",".join(config.eval.harness_tasks),
             }
         )
-        report = run_evaluation(
+        report = stages.evaluate(
             config,
             Path(prepared_dir),
             {name: Path(directory) for name, directory in models.items()},
-            output,
-            device=default_device(),
-            log=logger.info,
+            logger.info,
         )
         metrics = {
             f"eval/{model}/{task_name}/{metric}": value
@@ -56,7 +53,6 @@ def evaluate_task(
         run.log_metrics(metrics)
         for name in sorted(p.name for p in output.iterdir() if p.is_file()):
             run.log_artifact(output / name, "eval")
-        logger.info("evaluation summary:\n%s", report["summary_markdown"])
         if report["errors"]:
             logger.warning("named tasks that could not be run: %s", report["errors"])
     return str(output)

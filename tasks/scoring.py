@@ -6,10 +6,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from atkd_core import stages
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
-from atkd_core.reports.difficulty import token_difficulty_report
-from atkd_core.scoring import TeacherCache, score_from_config
 from infra.tracking import stage_run
 from tasks.policies import IO_RETRIES, StageInputs
 
@@ -37,18 +36,8 @@ def score_teacher_task(
                 "shard_size": scoring.shard_size,
             }
         )
-        output, manifest, reused = score_from_config(
-            config, Path(teacher_dir), Path(prepared_dir), logger.info
-        )
-        logger.info(
-            "score_teacher: %s %s (%d tokens)", "reused" if reused else "wrote", output, manifest["tokens"]
-        )
-        report = token_difficulty_report(
-            TeacherCache(output),
-            Path(prepared_dir),
-            config.loss.hard_fraction,
-            config.layout.teacher_report,
-        )
+        made, report = stages.score(config, Path(prepared_dir), Path(teacher_dir), logger.info)
+        output, manifest = made.directory, made.manifest
         run.log_metrics(
             {
                 "examples": manifest["num_examples"],

@@ -8,9 +8,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from atkd_core import stages
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
-from atkd_core.training.job import TrainJob, auto_split_line, distill_job, finetune_job
+from atkd_core.training.job import TrainJob, finetune_job
 from infra.launcher import launch_training
 from infra.tracking import MetricsBuffer, RunHandle, flatten, stage_run
 from tasks.policies import StageInputs
@@ -69,11 +70,11 @@ def distill_student_task(
 ) -> str:
     """Distil the student from the teacher (cache offline, or live online); return the student's directory."""
     logger = get_run_logger()
-    job = distill_job(config, Path(prepared_dir), Path(student_init), Path(cache_dir), Path(teacher_dir))
+    paths = (Path(prepared_dir), Path(student_init), Path(cache_dir), Path(teacher_dir))
+    job = stages.distill_plan(config, *paths, logger.info)
     with stage_run(config, parent_run_id, "distill_student") as run:
         run.log_params(flatten(config.loss.model_dump(mode="json"), "loss."))
-        if (line := auto_split_line(config, job)) is not None:
-            logger.info("distill: %s", line)
+        if config.loss.hard_fraction == "auto":
             resolved = {
                 "auto_unc_threshold": float(job.config.loss.unc_threshold or 0.0),
                 "auto_hard_fraction": float(job.config.loss.hard_fraction),

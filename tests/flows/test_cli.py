@@ -139,3 +139,17 @@ def test_atkd_score_verifies_a_reused_cache_and_scores_a_damaged_one_again(tmp_p
     assert "shard-00000 has" in capsys.readouterr().out
     assert main(["score", str(path)]) == 0
     assert "score_teacher: reused" in capsys.readouterr().out
+
+
+def test_atkd_score_writes_the_difficulty_report_the_flow_writes_and_its_target_is_current(tmp_path):
+    from atkd_core.pipeline import stage_target
+
+    config = tiny_config(tmp_path / "work", finetune={"enabled": False})
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(config))
+    assert main(["score", str(path)]) == 0
+    report = json.loads((config.layout.teacher_report / "difficulty.json").read_text())
+    assert report["hard_fraction"] == config.loss.hard_fraction
+    # The Prefect cache key of the stage sees the output the CLI made as current: no drift between them.
+    target = stage_target("score_teacher", config, {"teacher_dir": str(config.layout.teacher_init)})
+    assert target is not None and target.current
