@@ -92,7 +92,7 @@ def _map_fields(record: dict[str, Any], fields: FieldMap, where: str) -> dict[st
 def read_hub_split(
     name: str, split: str, fields: FieldMap, on_bad_rows: str
 ) -> tuple[list[Located], list[str]]:
-    """Rows of one split of a ``datasets`` dataset (a local path or a hub name reachable from here),
+    """Rows of one split of a ``datasets`` dataset (a local path or a hub name),
     each with its ``name[split]:row N``."""
     import datasets
 

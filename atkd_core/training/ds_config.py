@@ -32,9 +32,13 @@ def resolve_precision(training: TrainingConfig, device: str, section: str = "tra
     if training.precision == "auto":
         return "bf16" if device == "cuda" else "fp32"
     if training.precision == "fp16" and device == "cpu":
-        cause = "device 'auto' found no CUDA device" if training.device == "auto" else "device 'cpu'"
+        cause = (
+            "device 'auto' found no CUDA device on this machine"
+            if training.device == "auto"
+            else "device 'cpu'"
+        )
         raise ConfigError(
-            f"{section}.precision: 'fp16' runs on the CPU here ({cause}), where DeepSpeed has no fp16; "
+            f"{section}.precision: 'fp16' would run on the CPU ({cause}), where DeepSpeed has no fp16; "
             "use fp32 or bf16, or run on a machine with a CUDA device"
         )
     return training.precision

@@ -185,7 +185,8 @@ def test_fp16_with_device_auto_is_refused_before_any_stage_on_a_cpu_machine(tmp_
     assert main(["train", config, "--stage", "distill", *fp16]) == 2
     err = capsys.readouterr().err
     assert (
-        "distill.training.precision: 'fp16' runs on the CPU here (device 'auto' found no CUDA device)" in err
+        "distill.training.precision: 'fp16' would run on the CPU (device 'auto' found no CUDA device on this machine)"
+        in err
     )
     assert not (tmp_path / "work" / "prepared").exists()
 
