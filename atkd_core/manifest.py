@@ -104,25 +104,36 @@ def _sibling(directory: Path, kind: str) -> Path:
     )
 
 
-def remove_dead_siblings(directory: Path) -> list[Path]:
+def remove_dead_siblings(directory: Path) -> None:
     """Remove the temporary siblings of ``directory`` left by a process of this host that is gone
-    (a killed run); return them. Those of live processes, or of other hosts, are left alone."""
-    removed = []
+    (a killed run). Those of live processes, or of other hosts, are left alone."""
     for kind in ("tmp", "old"):
         for sibling in directory.parent.glob(f".{glob.escape(directory.name)}.{kind}-*"):
             owner = sibling.name.removeprefix(f".{directory.name}.{kind}-").rpartition("-")[0]
             host, _, pid = owner.rpartition("-")
             if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(sibling, ignore_errors=True)
-                removed.append(sibling)
-    return removed
+
+
+def _umask() -> int:
+    """This process's umask. Read from /proc where it is there: setting it to read it back, the
+    only portable way, would briefly change it under the other threads of a flow run."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def publishable_modes(directory: Path) -> None:
     """Give every file under ``directory`` the mode a plain ``open`` would (0644 under the usual
     umask): safetensors writes its files 0600, which other users of a shared output cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for path in directory.rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod(0o666 & ~umask)
