@@ -9,6 +9,9 @@ ENVIRONMENT_DEFAULTS = {
     # Prefect's telemetry adds noise and a "database is locked" message on the local API.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",
+    # The temporary local API takes longer than Prefect's 20 s default to start on a fresh
+    # PREFECT_HOME on a small machine; a run then failed before its first stage.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     # The hubs are not reachable from the machines this runs on by default; without these a missing
     # file costs ~45 s of retries before it fails.
     "HF_HUB_OFFLINE": "1",
