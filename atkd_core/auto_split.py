@@ -15,7 +15,7 @@ from torch import Tensor
 from atkd_core.config import LossConfig
 from atkd_core.errors import CacheError
 from atkd_core.losses import otsu_threshold, unc_histogram
-from atkd_core.losses.atkd import UNC_BINS
+from atkd_core.losses.uncertainty import UNC_BINS
 
 
 def auto_split_fields(unc: Tensor) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from datasets import load_from_disk
 from atkd_core.data.batching import IGNORE_INDEX, collate, next_token_logits, shift_targets
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.losses import divergence_per_token, teacher_uncertainty
-from atkd_core.losses.atkd import dataset_threshold
+from atkd_core.losses.uncertainty import dataset_threshold
 from atkd_core.models.build import load_model
 
 

@@ -21,17 +21,10 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from atkd_core.losses.distributions import (
-    LinearHead,
-    SparseTeacher,
-    Teacher,
-    dense_kl,
-    dense_tvd,
-    full_logprobs,
-    full_logprobs_with_target,
-    kl_from_logprobs,
-)
-from atkd_core.losses.engine import Terms, combine, weighted_token_sum
+from atkd_core.losses.engine import Terms, weighted_token_sum, with_cross_entropy
+from atkd_core.losses.inputs import LinearHead, Teacher, dense_rows, flatten_inputs, teacher_rows
+from atkd_core.losses.kernels import dense_kl, dense_tvd
+from atkd_core.losses.logprobs import full_logprobs, full_logprobs_with_target, kl_from_logprobs
 
 DivergenceFn = Callable[[Tensor, Tensor], Tensor]
 DenseKernel = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
@@ -96,66 +89,6 @@ DIVERGENCE_TERMS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def flatten_student(
-    student_logits: Tensor | LinearHead, targets: Tensor
-) -> tuple[Tensor | LinearHead, Tensor]:
-    """Check shapes and flatten to ``[N, V]`` (or a head of N rows) and ``[N]``; ValueError on mismatch."""
-    if len(student_logits.shape) < 2:
-        raise ValueError(
-            f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}"
-        )
-    if student_logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"targets shape {tuple(targets.shape)} must equal student_logits shape without the vocabulary "
-            f"dim {tuple(student_logits.shape[:-1])}"
-        )
-    if student_logits.shape[-1] < 2:
-        raise ValueError(f"the vocabulary must have at least 2 entries, got {student_logits.shape[-1]}")
-    if isinstance(student_logits, LinearHead):
-        return student_logits.reshape_flat(), targets.reshape(-1)
-    return student_logits.reshape(-1, student_logits.shape[-1]), targets.reshape(-1)
-
-
-def flatten_inputs(
-    student_logits: Tensor | LinearHead, teacher: Teacher, targets: Tensor
-) -> tuple[Tensor | LinearHead, Teacher, Tensor]:
-    """Check shapes and flatten to ``[N, V]`` (or a head of N rows), teacher of N rows, ``[N]``;
-    raise ValueError on mismatch."""
-    flat_student, flat_targets = flatten_student(student_logits, targets)
-    if isinstance(teacher, SparseTeacher):
-        if teacher.target_logprob.shape != targets.shape or teacher.topk_ids.shape[:-1] != targets.shape:
-            raise ValueError(
-                f"sparse teacher shapes (target_logprob {tuple(teacher.target_logprob.shape)}, topk_ids "
-                f"{tuple(teacher.topk_ids.shape)}) must match targets {tuple(targets.shape)}"
-            )
-        flat_teacher: Teacher = teacher.reshape_flat()
-    else:
-        if teacher.shape != student_logits.shape:
-            raise ValueError(
-                f"teacher_logits shape {tuple(teacher.shape)} must equal student_logits shape {tuple(student_logits.shape)}"
-            )
-        flat_teacher = (
-            teacher.reshape_flat()
-            if isinstance(teacher, LinearHead)
-            else teacher.detach().reshape(-1, teacher.shape[-1])
-        )
-    return flat_student, flat_teacher, flat_targets
-
-
-def teacher_rows(teacher: Teacher, start: int, end: int) -> SparseTeacher | Tensor:
-    """Rows ``start:end`` of a flat teacher: a sparse record, or dense logits (a head's made now)."""
-    return teacher.rows(start, end) if isinstance(teacher, SparseTeacher) else dense_rows(teacher, start, end)
-
-
-def dense_rows(logits: Tensor | LinearHead, start: int, end: int) -> Tensor:
-    """Rows ``start:end`` of flat logits, a head's made now without gradient (a teacher's, or a
-    student's for a per-token analysis)."""
-    if isinstance(logits, LinearHead):
-        with torch.no_grad():
-            return logits.logits(start, end)
-    return logits[start:end]
-
-
 def divergence_loss(
     name: str,
     student_logits: Tensor | LinearHead,
@@ -205,35 +138,28 @@ def divergence_terms(
     """Divergence ``name`` as one column weighted 1 / ``num_tokens`` on valid tokens (see
     divergence_loss); ``flat_teacher`` and ``flat_targets`` as flatten_inputs returns them.
 
-    ``params``: the divergence's own (beta, alpha). ``cross_entropy`` (cross_entropy_terms over the
-    same targets) is appended as a last column; at temperature 1 its values come from the same pass
-    over the student's logits."""
+    ``params``: the divergence's own (beta, alpha). ``cross_entropy`` is appended as the last
+    column (see engine.with_cross_entropy)."""
     valid = flat_targets != ignore_index
     denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
     weights = (valid.float() / max(denominator, 1.0))[:, None]
     terms_of = partial(DIVERGENCE_TERMS[name], **(params or {}))
     dense_kernel = _dense_kernel(name, params or {})
-    shared_cross_entropy = cross_entropy is not None and temperature == 1.0
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
 
-    def terms_fn(start: int, end: int, chunk: Tensor) -> Tensor:
+    def pieces(start: int, end: int, chunk: Tensor, needs_target: bool) -> tuple[Tensor, Tensor | None]:
         teacher = teacher_rows(flat_teacher, start, end)
         if dense_kernel is not None and isinstance(teacher, Tensor):
             value, log_q_target = dense_kernel(chunk, teacher, safe_targets[start:end], temperature)
-        elif shared_cross_entropy:
+            return value[:, None], log_q_target
+        if needs_target:
             log_p, log_q, log_q_target = full_logprobs_with_target(
                 chunk, teacher, safe_targets[start:end], temperature
             )
-            value = terms_of(log_p, log_q)
-        else:
-            value = terms_of(*full_logprobs(chunk, teacher, temperature))
-        return torch.stack([value, -log_q_target], -1) if shared_cross_entropy else value[:, None]
+            return terms_of(log_p, log_q)[:, None], log_q_target
+        return terms_of(*full_logprobs(chunk, teacher, temperature))[:, None], None
 
-    if cross_entropy is None:
-        return Terms(weights, terms_fn)
-    if not shared_cross_entropy:
-        return combine(Terms(weights, terms_fn), cross_entropy)
-    return Terms(torch.cat([weights, cross_entropy.weights], -1), terms_fn)
+    return with_cross_entropy(weights, pieces, cross_entropy, temperature)
 
 
 def _dense_kernel(name: str, params: dict[str, float]) -> DenseKernel | None:

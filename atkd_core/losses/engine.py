@@ -24,10 +24,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from atkd_core.losses.distributions import LinearHead, picked_and_rest, single_backward
+from atkd_core.losses.inputs import LinearHead
+from atkd_core.losses.kernels import picked_and_rest, single_backward
 
 # terms_fn(start, end, student_chunk_fp32 [n, V]) -> per-token terms [n, M]
 TermsFn = Callable[[int, int, Tensor], Tensor]
+# pieces_fn(start, end, student_chunk_fp32 [n, V], needs_target) -> (terms [n, M], log q_g [n]);
+# log q_g may be None when ``needs_target`` is False.
+PiecesFn = Callable[[int, int, Tensor, bool], tuple[Tensor, Tensor | None]]
 
 
 class Terms(NamedTuple):
@@ -63,6 +67,32 @@ def cross_entropy_terms(
     # num_tokens may be a step's count over its micro-batches, below 1: only zero needs replacing.
     denominator = float(num_tokens) if num_tokens > 0 else 1.0
     return Terms((valid.float() * (weight / denominator))[:, None], fn)
+
+
+def with_cross_entropy(
+    weights: Tensor, pieces: PiecesFn, cross_entropy: Terms | None, temperature: float
+) -> Terms:
+    """A teacher loss (``weights`` [N, M] over the terms ``pieces`` gives) with ``cross_entropy``
+    (cross_entropy_terms over the same targets) appended as a last column, or alone when None.
+
+    At temperature 1 the student's log q_g that ``pieces`` already computed is the cross-entropy,
+    saving a second pass over the vocabulary per chunk; at any other temperature it is not, and
+    the cross-entropy column computes its own."""
+
+    def teacher_only(start: int, end: int, chunk: Tensor) -> Tensor:
+        return pieces(start, end, chunk, False)[0]
+
+    if cross_entropy is None:
+        return Terms(weights, teacher_only)
+    if temperature != 1.0:
+        return combine(Terms(weights, teacher_only), cross_entropy)
+
+    def with_target(start: int, end: int, chunk: Tensor) -> Tensor:
+        values, log_q_target = pieces(start, end, chunk, True)
+        assert log_q_target is not None, "pieces must return log q_g when asked"
+        return torch.cat([values, -log_q_target[:, None]], -1)
+
+    return Terms(torch.cat([weights, cross_entropy.weights], -1), with_target)
 
 
 def weighted_token_sum(

@@ -18,16 +18,17 @@ the sum of the micro-batch losses of an optimizer step does not depend on how th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
 from atkd_core.data.batching import IGNORE_INDEX
-from atkd_core.losses.atkd import ATKDSplit, atkd_terms
-from atkd_core.losses.distributions import LinearHead, Teacher
-from atkd_core.losses.divergences import divergence_terms, flatten_inputs, flatten_student
+from atkd_core.losses.atkd import ATKDParams, atkd_terms
+from atkd_core.losses.divergences import divergence_terms
 from atkd_core.losses.engine import Terms, cross_entropy_terms, weighted_token_sum
+from atkd_core.losses.inputs import LinearHead, Teacher, flatten_inputs, flatten_student
 
 if TYPE_CHECKING:
     from atkd_core.config import LossConfig
@@ -79,6 +80,22 @@ class ObjectiveOutput:
     diagnostics: dict[str, float] = field(default_factory=dict)
 
 
+def _no_diagnostics(_values: Tensor) -> dict[str, float]:
+    return {}
+
+
+@dataclass(frozen=True)
+class TeacherTerms:
+    """An objective's loss against the teacher before the reduction.
+
+    terms: the weighted per-token columns, the cross-entropy column last. diagnostics: named values
+    to log, from the step's per-token terms ``values`` [N, M] the reduction returns.
+    """
+
+    terms: Terms
+    diagnostics: Callable[[Tensor], dict[str, float]] = _no_diagnostics
+
+
 class Objective(ABC):
     """A training loss: ``objective(student, teacher, targets, counts) -> ObjectiveOutput``.
 
@@ -111,15 +128,13 @@ class Objective(ABC):
         else:
             flat_student, flat_targets = flatten_student(student, targets)
             ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
-        terms = ce if teacher_terms is None else teacher_terms[0]
+        terms = ce if teacher_terms is None else teacher_terms.terms
         loss, values = weighted_token_sum(
             flat_student, terms.weights.to(flat_student.device), terms.fn, chunk
         )
         valid = (flat_targets != IGNORE_INDEX).to(values.dtype)
         cross_entropy = float((values[:, -1] * valid).sum()) / counts.tokens
-        diagnostics = (
-            {} if teacher_terms is None else self.diagnostics(teacher_terms[1], loss, values, targets)
-        )
+        diagnostics = {} if teacher_terms is None else teacher_terms.diagnostics(values)
         return ObjectiveOutput(loss, cross_entropy, diagnostics)
 
     def teacher_terms(
@@ -130,18 +145,12 @@ class Objective(ABC):
         counts: StepCounts,
         chunk: int | None,
         ce: Terms,
-    ) -> tuple[Terms, ATKDSplit | None] | None:
-        """The terms against the teacher with ``ce`` (the cross-entropy column) last, and ATKD's
-        split; None for objectives without a teacher.
+    ) -> TeacherTerms | None:
+        """The terms against the teacher with ``ce`` (the cross-entropy column) last; None for
+        objectives without a teacher.
 
         ``chunk``: tokens per chunk of vocabulary-sized work (e.g. a dense teacher's UNC)."""
         return None
-
-    def diagnostics(
-        self, split: ATKDSplit | None, loss: Tensor, values: Tensor, targets: Tensor
-    ) -> dict[str, float]:
-        """Named values to log from the step's per-token terms ``values`` [N, M]."""
-        return {}
 
     @abstractmethod
     def describe(self) -> str:
@@ -184,7 +193,7 @@ class Divergence(Objective):
         counts: StepCounts,
         chunk: int | None,
         ce: Terms,
-    ) -> tuple[Terms, ATKDSplit | None]:
+    ) -> TeacherTerms:
         """The divergence over the step's token count, then the cross-entropy."""
         terms = divergence_terms(
             self.name,
@@ -195,7 +204,7 @@ class Divergence(Objective):
             cross_entropy=ce,
             params=self.params,
         )
-        return terms, None
+        return TeacherTerms(terms)
 
     def describe(self) -> str:
         """See Objective.describe."""
@@ -212,6 +221,14 @@ class ATKD(Objective):
     def __init__(self, loss: LossConfig) -> None:
         super().__init__(loss.chunk_size, loss.ce_weight)
         self.config = loss
+        self.params = ATKDParams(
+            hard_fraction=float(loss.hard_fraction),
+            lam=loss.lam,
+            setting=loss.setting,
+            temperature=loss.temperature,
+            split_scope=loss.split_scope,
+            unc_threshold=loss.unc_threshold,
+        )
         self.hard_threshold = loss.unc_threshold if loss.split_scope == "threshold" else None
 
     def teacher_terms(
@@ -222,45 +239,21 @@ class ATKD(Objective):
         counts: StepCounts,
         chunk: int | None,
         ce: Terms,
-    ) -> tuple[Terms, ATKDSplit | None]:
-        """The ATKD terms, the cross-entropy, and the split.
+    ) -> TeacherTerms:
+        """The ATKD terms, the cross-entropy, and per-group TKD / DKD means and sizes to log.
 
         With step-wide group counts (a fixed threshold and a caller that counted the step's groups)
         each group is normalised by the step's count; otherwise by this micro-batch's, a mean that
         DeepSpeed's averaging over micro-batches and ranks turns into their mean (the paper's split).
         """
-        loss = self.config
         step_counts = None if counts.easy is None or counts.hard is None else (counts.easy, counts.hard)
-        return atkd_terms(
-            teacher,
-            flat_teacher,
-            targets,
-            hard_fraction=float(loss.hard_fraction),
-            lam=loss.lam,
-            setting=loss.setting,
-            temperature=loss.temperature,
-            split_scope=loss.split_scope,
-            unc_threshold=loss.unc_threshold,
-            chunk_size=chunk,
-            num_tokens=step_counts,
-            cross_entropy=ce,
-        )
+        terms, groups = atkd_terms(teacher, flat_teacher, targets, self.params, chunk, step_counts, ce)
 
-    def diagnostics(
-        self, split: ATKDSplit | None, loss: Tensor, values: Tensor, targets: Tensor
-    ) -> dict[str, float]:
-        """Per-group TKD / DKD means and the group sizes."""
-        if split is None:
-            return {}
-        out = split.output(loss, values, targets.shape)
-        return {
-            "tkd_easy": float(out.tkd_easy),
-            "dkd_easy": float(out.dkd_easy),
-            "tkd_hard": float(out.tkd_hard),
-            "dkd_hard": float(out.dkd_hard),
-            "num_easy": out.num_easy,
-            "num_hard": out.num_hard,
-        }
+        def diagnostics(values: Tensor) -> dict[str, float]:
+            means = {name: float(mean) for name, mean in groups.means(values).items()}
+            return {**means, "num_easy": int(groups.easy.sum()), "num_hard": int(groups.hard.sum())}
+
+        return TeacherTerms(terms, diagnostics)
 
     def describe(self) -> str:
         """See Objective.describe."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from datasets import load_from_disk
 
-from atkd_core.losses.atkd import dataset_threshold
+from atkd_core.losses.uncertainty import dataset_threshold
 from atkd_core.reports.figures import plot_token_difficulty
 from atkd_core.scoring import TeacherCache
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from atkd_core.errors import UserError
-from atkd_core.losses.distributions import LinearHead
+from atkd_core.losses.inputs import LinearHead
 from atkd_core.losses.objective import ObjectiveOutput
 
 # Config fields of architectures whose logits are not the output layer's plain output: applying the

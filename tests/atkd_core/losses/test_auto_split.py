@@ -11,7 +11,7 @@ from atkd_core.auto_split import resolve_auto_split
 from atkd_core.config import LossConfig
 from atkd_core.errors import CacheError
 from atkd_core.losses import otsu_threshold, unc_histogram
-from atkd_core.losses.atkd import dataset_threshold
+from atkd_core.losses.uncertainty import dataset_threshold
 
 
 def _bimodal(easy_share: float, seed: int = 0) -> torch.Tensor:

@@ -264,7 +264,7 @@ def test_dense_kernels_and_their_target_logprob_match_reference(kind, dtype, tem
     there makes the divergence infinite), a masked (-inf) teacher column is handled."""
     from functools import partial
 
-    from atkd_core.losses.distributions import dense_kl, dense_tvd
+    from atkd_core.losses.kernels import dense_kl, dense_tvd
 
     kernel = {
         "forward_kl": partial(dense_kl, reverse=False),
@@ -311,10 +311,10 @@ def test_dense_kernels_and_their_target_logprob_match_reference(kind, dtype, tem
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_dense_split_kl_matches_reference(reverse, dtype, temperature):
-    """dense_split_kl's hand-written backward, every student output weighted, against autograd in
+def test_dense_target_rest_matches_reference(reverse, dtype, temperature):
+    """target_rest's dense kernel: its hand-written backward, every student output weighted, against autograd in
     float64 (target and rest log-masses, the non-target KL); its inputs are left untouched."""
-    from atkd_core.losses.distributions import dense_split_kl
+    from atkd_core.losses.decomposition import target_rest
 
     student, teacher, targets = make_inputs((9,), dtype, "none", seed=23)
     # A near-certain token (q_g close to 1, the rest's mass tiny) among ordinary ones.
@@ -324,7 +324,7 @@ def test_dense_split_kl_matches_reference(reverse, dtype, temperature):
     student_before, teacher_before = student.detach().clone(), teacher.clone()
     gen = torch.Generator().manual_seed(24)
     weights = torch.randn(3, 9, generator=gen)
-    split = dense_split_kl(student, teacher, targets, temperature, reverse)
+    split = target_rest(student, teacher, targets, temperature, reverse)
     total = (torch.stack([split.log_q_target, split.log_q_rest, split.dkd]) * weights).sum()
     (grad,) = torch.autograd.grad(total, student)
 
@@ -349,7 +349,7 @@ def test_dense_split_kl_matches_reference(reverse, dtype, temperature):
     torch.testing.assert_close(split.log_p_rest.double(), (1 - p_target).log(), atol=1e-5, rtol=1e-4)
     assert grad.dtype == dtype and not split.log_p_target.requires_grad
     assert torch.equal(student.detach(), student_before) and torch.equal(teacher, teacher_before)
-    again = dense_split_kl(student, teacher, targets, temperature, reverse).dkd.sum()
+    again = target_rest(student, teacher, targets, temperature, reverse).dkd.sum()
     again.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         again.backward()
