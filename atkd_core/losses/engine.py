@@ -209,7 +209,7 @@ class _FusedLinearWeightedSum(torch.autograd.Function):
                     else:
                         # The chunk's product in the inputs' dtype, as the unfused output layer's
                         # backward computes it (a float32 matmul runs at a fraction of a GPU's
-                        # bf16 rate; the README's GPU log has the measurement); the sum over
+                        # bf16 rate; docs/gpu-log.md has the measurement); the sum over
                         # chunks stays in float32.
                         grad_weight[:vocab_size].add_(grad_logits.to(block.dtype).t() @ block)
                 if grad_bias is not None:
