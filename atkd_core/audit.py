@@ -24,6 +24,7 @@ from atkd_core.config import ModelConfig, PipelineConfig
 from atkd_core.errors import ConfigError
 from atkd_core.manifest import require_manifest
 from atkd_core.models.presets import PRESETS
+from atkd_core.outputs import PreparedManifest
 
 # Where transformers' configs of the common families keep their context length.
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -55,8 +56,8 @@ def model_positions(spec: ModelConfig) -> tuple[int, str] | None:
 def audit_prepared(config: PipelineConfig, prepared_dir: Path) -> None:
     """Refuse (ConfigError, one line per problem) every audited value that cannot run on the
     prepared data in ``prepared_dir`` and the configured models."""
-    manifest = require_manifest(prepared_dir, "prepare_data")
-    problems = [top_k_problem(config.scoring.top_k, int(manifest["vocab_size"]))]
+    manifest = require_manifest(prepared_dir, "prepare_data", PreparedManifest)
+    problems = [top_k_problem(config.scoring.top_k, manifest.vocab_size)]
     for role, spec in (("teacher", config.teacher), ("student", config.student)):
         positions = model_positions(spec)
         if positions is not None and config.data.max_length > positions[0]:
@@ -64,7 +65,7 @@ def audit_prepared(config: PipelineConfig, prepared_dir: Path) -> None:
                 f"data.max_length: {config.data.max_length} is over the {role}'s {positions[0]} positions "
                 f"({positions[1]}); set it to at most {positions[0]}"
             )
-    rows = int(manifest["counts"]["train"]["rows"])
+    rows = manifest.counts["train"].rows
     trainings = [("distill", config.distill.training)]
     if config.finetune.enabled:
         trainings.insert(0, ("finetune", config.finetune.training))

@@ -16,6 +16,7 @@ from atkd_core.config import LossConfig
 from atkd_core.errors import CacheError
 from atkd_core.losses import otsu_threshold, unc_histogram
 from atkd_core.losses.uncertainty import UNC_BINS
+from atkd_core.outputs import CacheManifest
 
 
 def auto_split_fields(unc: Tensor) -> dict[str, Any]:
@@ -26,18 +27,13 @@ def auto_split_fields(unc: Tensor) -> dict[str, Any]:
     return {"unc_histogram": histogram, "unc_auto_threshold": threshold, "unc_auto_hard_fraction": share}
 
 
-def resolve_auto_split(loss: LossConfig, cache_manifest: dict[str, Any]) -> LossConfig:
+def resolve_auto_split(loss: LossConfig, cache_manifest: CacheManifest) -> LossConfig:
     """``loss`` with ``hard_fraction: auto`` made concrete from a cache's UNC histogram: a fixed
     threshold (``split_scope: threshold``) and the share of the cache's tokens it makes hard.
     Any other loss is returned unchanged."""
     if loss.hard_fraction != "auto":
         return loss
-    threshold = cache_manifest.get("unc_auto_threshold")
-    if threshold is None:
-        raise CacheError(
-            "loss.hard_fraction auto needs the cache's UNC histogram; this cache has none: run "
-            "`atkd score CONFIG`, which adds it"
-        )
+    threshold = cache_manifest.unc_auto_threshold
     if math.isnan(threshold):
         raise CacheError(
             "loss.hard_fraction auto: the teacher's UNC histogram has no valley (every token in one bin); "
@@ -45,7 +41,7 @@ def resolve_auto_split(loss: LossConfig, cache_manifest: dict[str, Any]) -> Loss
         )
     return loss.model_copy(
         update={
-            "hard_fraction": cache_manifest["unc_auto_hard_fraction"],
+            "hard_fraction": cache_manifest.unc_auto_hard_fraction,
             "split_scope": "threshold",
             "unc_threshold": threshold,
         }

@@ -1,7 +1,11 @@
 """Stage outputs: one directory per stage with a ``manifest.json``, written atomically.
 
-A manifest records what was made, from what (input fingerprints), content hashes and the config.
-A stage whose manifest carries the same fingerprint as its inputs now is not redone.
+One protocol for every stage, training and evaluation included: an output whose manifest carries
+the fingerprint of its inputs now is reused (``is_up_to_date``); otherwise it is built in a
+temporary sibling directory (``atomic_output``, or a resumable staging directory of the stage's
+own that ``publish`` renames), its manifest is written last (``write_manifest``: stage, input
+fingerprint, ``content_sha256``, ``created_unix`` and the stage's typed fields, see
+``atkd_core.outputs``), and it replaces the old output in one rename.
 """
 
 from __future__ import annotations
@@ -17,12 +21,30 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from atkd_core.errors import UserError
 from atkd_core.workdir import process_alive
 
 MANIFEST_NAME = "manifest.json"
+
+
+class StageManifest(BaseModel):
+    """What every manifest holds. stage: the stage that wrote it. input_fingerprint: the identity
+    of what it was made from (reuse key). content_sha256: the identity of what it holds (what
+    outputs made from it are keyed by). created_unix: when it was written (seconds since the epoch)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: str
+    input_fingerprint: str
+    content_sha256: str
+    created_unix: float
+
+
+Manifest = TypeVar("Manifest", bound=StageManifest)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -48,12 +70,17 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The manifest of a stage output, or None when there is none (or it is unreadable)."""
+def read_manifest(directory: Path, kind: type[Manifest] = StageManifest) -> Manifest | None:  # type: ignore[assignment]
+    """The manifest of a stage output as ``kind``, or None when there is none, it is unreadable, or
+    it is not a ``kind`` (a manifest of an older format reads as absent: the output is rebuilt).
+    ``StageManifest`` reads the fields every manifest has, whatever its stage."""
     path = directory / MANIFEST_NAME
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+        if kind is StageManifest and isinstance(data, dict):
+            data = {name: data[name] for name in StageManifest.model_fields if name in data}
+        return kind.model_validate(data)
+    except (FileNotFoundError, json.JSONDecodeError, ValidationError):
         return None
 
 
@@ -73,26 +100,27 @@ def content_identity(location: Path | str) -> str:
     if not path.is_dir():
         return str(location)
     manifest = read_manifest(path)
-    if manifest is not None and manifest.get("content_sha256"):
-        return str(manifest["content_sha256"])
+    if manifest is not None:
+        return manifest.content_sha256
     weights = weight_files_sha256(path)
     if weights is not None and (path / "config.json").is_file():
         return fingerprint({"weights": weights, "config": sha256_file(path / "config.json")})
     return sha256_tree(path)
 
 
-def require_manifest(directory: Path, stage: str) -> dict[str, Any]:
-    """The manifest of ``stage``'s output ``directory``; a UserError saying to run it when there is none."""
-    manifest = read_manifest(directory)
+def require_manifest(directory: Path, stage: str, kind: type[Manifest]) -> Manifest:
+    """The manifest of ``stage``'s output ``directory`` as ``kind``; a UserError saying to run the
+    stage when there is none (or it is of an older format)."""
+    manifest = read_manifest(directory, kind)
     if manifest is None:
-        raise UserError(f"{directory}: no manifest.json; run {stage} first")
+        raise UserError(f"{directory}: no readable manifest.json; run {stage} first")
     return manifest
 
 
 def is_up_to_date(directory: Path, input_fingerprint: str) -> bool:
     """True when ``directory`` holds a finished output made from inputs with this fingerprint."""
     manifest = read_manifest(directory)
-    return manifest is not None and manifest.get("input_fingerprint") == input_fingerprint
+    return manifest is not None and manifest.input_fingerprint == input_fingerprint
 
 
 def _sibling(directory: Path, kind: str) -> Path:
@@ -139,9 +167,22 @@ def publishable_modes(directory: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
+def publish(staging: Path, directory: Path) -> None:
+    """Make the finished ``staging`` directory ``directory`` in one rename, replacing what was
+    there (moved aside first, removed after), with the file modes a plain ``open`` would give."""
+    publishable_modes(staging)
+    if directory.exists():
+        retired = _sibling(directory, "old")
+        directory.rename(retired)
+        staging.rename(directory)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(directory)
+
+
 @contextmanager
 def atomic_output(directory: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``directory`` in one rename.
+    """Yield a temporary sibling directory; on success it replaces ``directory`` (``publish``).
 
     On failure the temporary directory is removed and ``directory`` keeps what it had, so the next
     stage never reads a half-written output. Siblings a killed run left behind are removed first.
@@ -152,47 +193,53 @@ def atomic_output(directory: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        publishable_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if directory.exists():
-        retired = _sibling(directory, "old")
-        directory.rename(retired)
-        staging.rename(directory)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(directory)
+    publish(staging, directory)
 
 
-def write_manifest(directory: Path, *, stage: str, input_fingerprint: str, **fields: Any) -> dict[str, Any]:
-    """Write ``manifest.json`` with the stage name, input fingerprint, content hash and ``fields``."""
-    manifest = {
-        "stage": stage,
-        "input_fingerprint": input_fingerprint,
-        "content_sha256": sha256_tree(directory),
-        "created_unix": round(time.time(), 3),
+def write_manifest(
+    directory: Path,
+    kind: type[Manifest],
+    *,
+    stage: str,
+    input_fingerprint: str,
+    content_sha256: str | None = None,
+    **fields: Any,
+) -> Manifest:
+    """Write ``directory``'s ``manifest.json`` as ``kind`` and return it. ``content_sha256``: the
+    hash of every file in ``directory`` unless the stage gives the one that identifies its output."""
+    manifest = kind(
+        stage=stage,
+        input_fingerprint=input_fingerprint,
+        content_sha256=content_sha256 or sha256_tree(directory),
+        created_unix=round(time.time(), 3),
         **fields,
-    }
-    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    )
+    # Python mode, not pydantic's JSON mode, which would write NaN (an empty split's UNC) as null.
+    text = json.dumps(manifest.model_dump(), indent=2, sort_keys=True, default=str)
+    (directory / MANIFEST_NAME).write_text(text + "\n")
     return manifest
 
 
 def run_stage(
     directory: Path,
+    kind: type[Manifest],
     *,
     stage: str,
     input_fingerprint: str,
     build: Callable[[Path], dict[str, Any]],
     force: bool = False,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[Manifest, bool]:
     """Build a stage output unless an up-to-date one exists; return (manifest, reused).
 
-    ``build(staging_dir)`` writes the output files and returns extra manifest fields.
+    ``build(staging_dir)`` writes the output files and returns ``kind``'s own manifest fields.
     """
-    if not force and is_up_to_date(directory, input_fingerprint):
-        return read_manifest(directory), True  # type: ignore[return-value]
+    existing = None if force else read_manifest(directory, kind)
+    if existing is not None and existing.input_fingerprint == input_fingerprint:
+        return existing, True
     with atomic_output(directory) as staging:
         fields = build(staging)
-        write_manifest(staging, stage=stage, input_fingerprint=input_fingerprint, **fields)
-    return read_manifest(directory), False  # type: ignore[return-value]
+        manifest = write_manifest(staging, kind, stage=stage, input_fingerprint=input_fingerprint, **fields)
+    return manifest, False

@@ -14,20 +14,22 @@ See docs/architecture.md, "Stages".
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from atkd_core.config import PipelineConfig
+from atkd_core.errors import UserError
+from atkd_core.outputs import TrainedModelManifest
 
 if TYPE_CHECKING:
     from atkd_core.training.job import TrainJob
 
 # Trains a job (in this process, or under the DeepSpeed launcher) and returns its output manifest.
-Trainer = Callable[["TrainJob"], dict[str, Any]]
+Trainer = Callable[["TrainJob"], TrainedModelManifest | None]
 
 
 class TeacherOutputs(BaseModel):
@@ -37,6 +39,27 @@ class TeacherOutputs(BaseModel):
     teacher: str = Field(description="The (fine-tuned) teacher model directory or hub id.")
     train_data: str = Field(description="The prepared data the student trains on (SeqKD: the teacher's).")
     cache: str = Field(description="The teacher cache over train_data.")
+
+
+class StageArguments(BaseModel):
+    """A stage's inputs, by the names its Prefect task gives its arguments (other arguments, e.g. a
+    parent MLflow run id, are ignored). A stage missing one it needs is a UserError."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    prepared_dir: Path | None = Field(None, description="prepare_data's output (default: the layout's).")
+    teacher_init: Path | None = Field(None, description="The teacher's initial weights (finetune_teacher).")
+    teacher_dir: Path | None = Field(None, description="The teacher model (generate, score, distill).")
+    student_init: Path | None = Field(None, description="The student's initial weights (distill_student).")
+    cache_dir: Path | None = Field(None, description="The teacher cache (distill_student).")
+    models: dict[str, Path] | None = Field(None, description="Name -> model directory (evaluate).")
+
+    def needed(self, name: str, stage: str) -> Path:
+        """The input ``name`` (a path), or a UserError saying ``stage`` needs it."""
+        value = getattr(self, name)
+        if value is None:
+            raise UserError(f"{stage}: needs its input {name}")
+        return Path(value)
 
 
 @dataclass(frozen=True)
@@ -49,10 +72,10 @@ class StageTarget:
     current: bool
 
 
-def stage_target(stage: str, config: PipelineConfig, inputs: Mapping[str, Any]) -> StageTarget | None:
-    """The target of ``stage`` on ``inputs`` (its arguments by name: prepared_dir, teacher_dir, ...),
-    computed exactly as the stage computes it to decide reuse; None for a stage that writes nothing
-    (a user's model used where it is). Raises UserError when an input is missing or unusable.
+def stage_target(stage: str, config: PipelineConfig, inputs: StageArguments) -> StageTarget | None:
+    """The target of ``stage`` on ``inputs``, computed exactly as the stage computes it to decide
+    reuse; None for a stage that writes nothing (a user's model used where it is). Raises UserError
+    when an input is missing or unusable.
     """
     from atkd_core.data.generate import generation_fingerprint
     from atkd_core.data.prepare import prepare_inputs_fingerprint
@@ -67,7 +90,7 @@ def stage_target(stage: str, config: PipelineConfig, inputs: Mapping[str, Any]) 
     def target(output: Path, fingerprint: str) -> StageTarget:
         return StageTarget(output, fingerprint, is_up_to_date(output, fingerprint))
 
-    prepared = Path(inputs.get("prepared_dir", layout.prepared))
+    prepared = inputs.prepared_dir or layout.prepared
     if stage == "prepare_data":
         return target(layout.prepared, prepare_inputs_fingerprint(config))
     if stage in ("materialize_teacher", "materialize_student"):
@@ -80,13 +103,14 @@ def stage_target(stage: str, config: PipelineConfig, inputs: Mapping[str, Any]) 
             None if spec.path is not None else target(output, init_fingerprint(spec, prepared / "tokenizer"))
         )
     if stage == "finetune_teacher":
-        job = finetune_job(config, prepared, Path(inputs["teacher_init"]))
+        job = finetune_job(config, prepared, inputs.needed("teacher_init", stage))
         return target(job.output_dir, job.fingerprint())
     if stage == "generate_teacher_data":
-        teacher = Path(inputs["teacher_dir"])
+        teacher = inputs.needed("teacher_dir", stage)
         return target(layout.teacher_generated, generation_fingerprint(config, prepared, teacher))
     if stage == "score_teacher":
-        cache_fingerprint = config_scoring_spec(config, Path(inputs["teacher_dir"]), prepared).fingerprint()
+        teacher = inputs.needed("teacher_dir", stage)
+        cache_fingerprint = config_scoring_spec(config, teacher, prepared).fingerprint()
         # The stage also writes the teacher's token-difficulty report, which depends on k.
         hard_fraction = config.loss.hard_fraction
         report = layout.teacher_report / "difficulty.json"
@@ -99,12 +123,15 @@ def stage_target(stage: str, config: PipelineConfig, inputs: Mapping[str, Any]) 
             is_up_to_date(layout.teacher_cache, cache_fingerprint) and report_current,
         )
     if stage == "distill_student":
-        student_init, cache, teacher = (Path(inputs[k]) for k in ("student_init", "cache_dir", "teacher_dir"))
+        student_init, cache, teacher = (
+            inputs.needed(name, stage) for name in ("student_init", "cache_dir", "teacher_dir")
+        )
         job = distill_job(config, prepared, student_init, cache, teacher)
         return target(job.output_dir, job.fingerprint())
     if stage == "evaluate":
-        models = {name: Path(directory) for name, directory in inputs["models"].items()}
-        return target(layout.eval, evaluation_fingerprint(config, prepared, models))
+        if inputs.models is None:
+            raise UserError(f"{stage}: needs its input models")
+        return target(layout.eval, evaluation_fingerprint(config, prepared, inputs.models))
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -258,5 +285,6 @@ class LocalStages:
     def _train(self, job: TrainJob) -> str:
         """Train ``job``; return its output directory."""
         manifest = self.train(job)
-        self.log(f"{job.stage}: {job.output_dir}: final {manifest.get('final', {})}")
+        if manifest is not None:
+            self.log(f"{job.stage}: {job.output_dir}: final {manifest.final}")
         return str(job.output_dir)

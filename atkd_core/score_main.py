@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from atkd_core.manifest import require_manifest
 from atkd_core.models.build import load_model
+from atkd_core.outputs import PreparedManifest
 from atkd_core.scoring import finalize_cache, score_teacher, scoring_spec
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu"
-    manifest = require_manifest(args.prepared, "prepare_data")
+    manifest = require_manifest(args.prepared, "prepare_data", PreparedManifest)
     spec = scoring_spec(
         args.teacher,
         args.prepared,
@@ -61,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         dist.barrier()
     if rank == 0:
         result = finalize_cache(
-            args.out, spec, hard_fraction=args.hard_fraction, num_examples=manifest["counts"]["train"]["rows"]
+            args.out, spec, hard_fraction=args.hard_fraction, num_examples=manifest.counts["train"].rows
         )
-        print(json.dumps({"tokens": result["tokens"], "shards": result["num_shards"]}))
+        print(json.dumps({"tokens": result.tokens, "shards": result.num_shards}))
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import load_from_disk
@@ -42,15 +41,15 @@ from atkd_core.devices import default_device
 from atkd_core.errors import CacheError, ConfigError, faults_named
 from atkd_core.losses import SparseTeacher
 from atkd_core.manifest import (
-    MANIFEST_NAME,
     fingerprint,
-    publishable_modes,
+    publish,
     read_manifest,
     require_manifest,
     sha256_file,
-    sha256_tree,
     weight_files_sha256,
+    write_manifest,
 )
+from atkd_core.outputs import CacheManifest, PreparedManifest
 from atkd_core.progress import Progress
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,14 +93,14 @@ def scoring_spec(
     shard_size: int,
 ) -> ScoringSpec:
     """The spec of a cache of ``teacher_dir`` over ``prepared_dir`` (identity by content)."""
-    manifest = require_manifest(prepared_dir, "prepare_data")
-    if (problem := top_k_problem(top_k, int(manifest["vocab_size"]))) is not None:
+    manifest = require_manifest(prepared_dir, "prepare_data", PreparedManifest)
+    if (problem := top_k_problem(top_k, manifest.vocab_size)) is not None:
         raise ConfigError(problem)
     return ScoringSpec(
         teacher_dir=str(teacher_dir),
         teacher_weights_sha256=weights_sha256(teacher_dir),
         prepared_data_sha256=prepared_data_sha256(prepared_dir),
-        tokenizer_sha256=manifest["tokenizer_sha256"],
+        tokenizer_sha256=manifest.tokenizer_sha256,
         top_k=top_k,
         temperature=temperature,
         storage_dtype=storage_dtype,
@@ -225,7 +224,7 @@ def score_teacher(
     ``stop_after_shards`` stops early (simulates a killed run in tests).
     """
     dataset = load_from_disk(str(prepared_dir / "dataset"))["train"]
-    tokenizer_vocab = json.loads((prepared_dir / MANIFEST_NAME).read_text())["vocab_size"]
+    tokenizer_vocab = require_manifest(prepared_dir, "prepare_data", PreparedManifest).vocab_size
     pad_id = load_tokenizer(prepared_dir / "tokenizer").pad_token_id
     partial = _partial_dir(output_dir)
     _claim_partial(partial, spec, rank)
@@ -287,7 +286,7 @@ def _claim_partial(partial: Path, spec: ScoringSpec, rank: int) -> None:
 
 def finalize_cache(
     output_dir: Path, spec: ScoringSpec, *, hard_fraction: float | str, num_examples: int
-) -> dict[str, Any]:
+) -> CacheManifest:
     """Check every shard of the partial directory, write the manifest and publish it (rank 0)."""
     partial = _partial_dir(output_dir)
     num_shards = math.ceil(num_examples / spec.shard_size)
@@ -313,52 +312,36 @@ def finalize_cache(
         if hard_fraction == "auto"
         else quantiles.get(f"{1 - float(hard_fraction):g}")
     )
-    manifest = {
-        "stage": "score_teacher",
-        "input_fingerprint": spec.fingerprint(),
-        # The shards' checksums are their contents: what is made from the cache depends on these.
-        "content_sha256": fingerprint(checksums),
-        "spec": spec.__dict__,
-        "num_examples": num_examples,
-        "num_shards": num_shards,
-        "tokens": tokens,
-        "shards": checksums,
-        "unc_quantiles": quantiles,
-        "unc_mean": float(unc.mean()) if unc.numel() else float("nan"),
-        "hard_fraction": hard_fraction,
-        "unc_threshold_at_hard_fraction": easy_threshold,
-        **auto_split,
-        "cache_bytes": sum((partial / f"{name}.safetensors").stat().st_size for name in checksums),
-        "shard_bytes": {name: (partial / f"{name}.safetensors").stat().st_size for name in checksums},
-        "created_unix": round(time.time(), 3),
-    }
     (partial / "spec.json").unlink(missing_ok=True)
-    (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    publishable_modes(partial)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    partial.rename(output_dir)
+    shard_bytes = {name: (partial / f"{name}.safetensors").stat().st_size for name in checksums}
+    manifest = write_manifest(
+        partial,
+        CacheManifest,
+        stage="score_teacher",
+        input_fingerprint=spec.fingerprint(),
+        # The shards' checksums are their contents: what is made from the cache depends on these.
+        content_sha256=fingerprint(checksums),
+        spec=spec.__dict__,
+        num_examples=num_examples,
+        num_shards=num_shards,
+        tokens=tokens,
+        shards=checksums,
+        shard_bytes=shard_bytes,
+        cache_bytes=sum(shard_bytes.values()),
+        unc_quantiles=quantiles,
+        unc_mean=float(unc.mean()) if unc.numel() else float("nan"),
+        hard_fraction=hard_fraction,
+        unc_threshold_at_hard_fraction=easy_threshold,
+        **auto_split,
+    )
+    publish(partial, output_dir)
     return manifest
 
 
-def _with_unc_histogram(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """A cache manifest written before the UNC histogram was recorded, completed from its shards
-    (no teacher pass; the shards, hence the content hash, are unchanged)."""
-    if "unc_histogram" in manifest:
-        return manifest
-    uncs = []
-    for name in sorted(manifest["shards"]):
-        with safe_open(str(directory / f"{name}.safetensors"), "pt") as handle:
-            uncs.append(handle.get_tensor("unc"))
-    manifest = {**manifest, **auto_split_fields(torch.cat(uncs) if uncs else torch.zeros(0))}
-    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return manifest
-
-
-def cache_problem(directory: Path, manifest: dict[str, Any], *, check_hashes: bool) -> str | None:
+def cache_problem(directory: Path, manifest: CacheManifest, *, check_hashes: bool) -> str | None:
     """What is wrong with a finished cache's shards (missing, another size, another sha256), or None."""
-    sizes = manifest.get("shard_bytes", {})
-    for name, digest in sorted(manifest["shards"].items()):
+    sizes = manifest.shard_bytes
+    for name, digest in sorted(manifest.shards.items()):
         path = directory / f"{name}.safetensors"
         if not path.is_file():
             return f"{name} is missing"
@@ -371,7 +354,7 @@ def cache_problem(directory: Path, manifest: dict[str, Any], *, check_hashes: bo
 
 def prepared_data_sha256(prepared_dir: Path) -> str:
     """The content hash of a prepared-data output (from its manifest, or computed)."""
-    return require_manifest(prepared_dir, "prepare_data").get("content_sha256") or sha256_tree(prepared_dir)
+    return require_manifest(prepared_dir, "prepare_data", PreparedManifest).content_sha256
 
 
 class TeacherCache:
@@ -379,14 +362,14 @@ class TeacherCache:
 
     def __init__(self, directory: Path, *, expected: ScoringSpec | None = None):
         """Open ``directory``; with ``expected``, refuse a cache made from anything else."""
-        manifest = read_manifest(directory)
-        if manifest is None or manifest.get("stage") != "score_teacher":
+        manifest = read_manifest(directory, CacheManifest)
+        if manifest is None or manifest.stage != "score_teacher":
             raise CacheError(f"{directory}: not a teacher cache (no score_teacher manifest.json)")
-        if expected is not None and manifest["input_fingerprint"] != expected.fingerprint():
+        if expected is not None and manifest.input_fingerprint != expected.fingerprint():
             differs = [
-                f"{key}: cache has {manifest['spec'].get(key)!r}, expected {value!r}"
+                f"{key}: cache has {manifest.spec.get(key)!r}, expected {value!r}"
                 for key, value in expected.__dict__.items()
-                if key != "teacher_dir" and manifest["spec"].get(key) != value
+                if key != "teacher_dir" and manifest.spec.get(key) != value
             ]
             raise CacheError(
                 f"{directory}: made for different inputs; "
@@ -395,13 +378,13 @@ class TeacherCache:
             )
         self.directory = directory
         self.manifest = manifest
-        self.spec = manifest["spec"]
+        self.spec = manifest.spec
         self._rows: dict[str, tuple[int, int, int]] = {}
         self._shards: list[dict[str, Tensor]] = []
         problem = cache_problem(directory, manifest, check_hashes=True)
         if problem is not None:
             raise CacheError(f"{directory}: {problem}; `atkd score CONFIG` scores it again")
-        for shard_index, name in enumerate(sorted(manifest["shards"])):
+        for shard_index, name in enumerate(sorted(manifest.shards)):
             path = directory / f"{name}.safetensors"
             with safe_open(str(path), "pt") as handle:
                 ids = json.loads(handle.metadata()["example_ids"])
@@ -478,13 +461,13 @@ def run_scoring_stage(
     device: str = "cpu",
     verify_hashes: bool = True,
     log: Callable[[str], None] = print,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[CacheManifest, bool]:
     """The whole single-process stage: reuse an up-to-date, intact cache, else score, finalise;
     (manifest, reused). A cache is intact when every shard is there at its recorded size and, with
     ``verify_hashes``, its sha256; a damaged one is scored again, with a log line saying so."""
     from atkd_core.models.build import load_model
 
-    manifest = require_manifest(prepared_dir, "prepare_data")
+    manifest = require_manifest(prepared_dir, "prepare_data", PreparedManifest)
     spec = scoring_spec(
         teacher_dir,
         prepared_dir,
@@ -493,22 +476,22 @@ def run_scoring_stage(
         storage_dtype=storage_dtype,
         shard_size=shard_size,
     )
-    existing = read_manifest(output_dir)
-    if existing is not None and existing.get("input_fingerprint") == spec.fingerprint():
+    existing = read_manifest(output_dir, CacheManifest)
+    if existing is not None and existing.input_fingerprint == spec.fingerprint():
         problem = cache_problem(output_dir, existing, check_hashes=verify_hashes)
         if problem is None:
-            return _with_unc_histogram(output_dir, existing), True
+            return existing, True
         log(f"score_teacher: the cache in {output_dir} is damaged ({problem}); scoring it again")
     model = load_model(teacher_dir, device=device)
     score_teacher(model, prepared_dir, output_dir, spec, batch_size=batch_size, log=log)
     return finalize_cache(
-        output_dir, spec, hard_fraction=hard_fraction, num_examples=manifest["counts"]["train"]["rows"]
+        output_dir, spec, hard_fraction=hard_fraction, num_examples=manifest.counts["train"].rows
     ), False
 
 
 def score_from_config(
     config: PipelineConfig, teacher_dir: Path, prepared_dir: Path, log: Callable[[str], None] = print
-) -> tuple[Path, dict[str, Any], bool]:
+) -> tuple[Path, CacheManifest, bool]:
     """The score_teacher stage with the pipeline config's settings into ``<workdir>/teacher_cache``;
     returns (cache directory, manifest, reused)."""
     output = config.layout.teacher_cache

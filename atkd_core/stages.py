@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic
 
 from atkd_core.config import PipelineConfig
 from atkd_core.data.generate import generate_teacher_data
 from atkd_core.data.prepare import prepare_data
 from atkd_core.devices import default_device
 from atkd_core.evaluation.harness import run_evaluation
+from atkd_core.manifest import Manifest
+from atkd_core.outputs import CacheManifest, PreparedManifest
 from atkd_core.reports.difficulty import token_difficulty_report
 from atkd_core.scoring import TeacherCache, score_from_config
 from atkd_core.training.job import TrainJob, auto_split_line, distill_job
@@ -28,11 +30,11 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class StageOutput:
+class StageOutput(Generic[Manifest]):
     """What a stage made: its output directory, its manifest, and whether it was reused as it was."""
 
     directory: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     reused: bool
 
     def verb(self) -> str:
@@ -40,19 +42,19 @@ class StageOutput:
         return "reused" if self.reused else "wrote"
 
 
-def prepare(config: PipelineConfig, log: Log) -> StageOutput:
+def prepare(config: PipelineConfig, log: Log) -> StageOutput[PreparedManifest]:
     """prepare_data into ``<workdir>/prepared``."""
     output = config.layout.prepared
     manifest, reused = prepare_data(config, output, log=log)
     made = StageOutput(output, manifest, reused)
-    counts = ", ".join(
-        f"{split} {c['rows']} rows / {c['tokens']} tokens" for split, c in manifest["counts"].items()
-    )
+    counts = ", ".join(f"{split} {c.rows} rows / {c.tokens} tokens" for split, c in manifest.counts.items())
     log(f"prepare_data: {made.verb()} {output}: {counts}")
     return made
 
 
-def generate(config: PipelineConfig, prepared: Path, teacher: Path, log: Log) -> StageOutput:
+def generate(
+    config: PipelineConfig, prepared: Path, teacher: Path, log: Log
+) -> StageOutput[PreparedManifest]:
     """SeqKD: the teacher's responses to the training prompts into ``<workdir>/teacher_generated``."""
     output = config.layout.teacher_generated
     manifest, reused = generate_teacher_data(
@@ -65,7 +67,7 @@ def generate(config: PipelineConfig, prepared: Path, teacher: Path, log: Log) ->
 
 def score(
     config: PipelineConfig, train_data: Path, teacher: Path, log: Log
-) -> tuple[StageOutput, dict[str, Any]]:
+) -> tuple[StageOutput[CacheManifest], dict[str, Any]]:
     """score_teacher into ``<workdir>/teacher_cache`` and the teacher's token-difficulty report into
     ``<workdir>/reports/teacher``; returns (the cache, the report)."""
     output, manifest, reused = score_from_config(config, teacher, train_data, log)
@@ -74,8 +76,8 @@ def score(
         TeacherCache(output), train_data, config.loss.hard_fraction, config.layout.teacher_report
     )
     log(
-        f"score_teacher: {made.verb()} {output}: {manifest['tokens']} tokens, "
-        f"{manifest['cache_bytes'] / 2**20:.1f} MiB, UNC median {manifest['unc_quantiles']['0.5']:.3f}"
+        f"score_teacher: {made.verb()} {output}: {manifest.tokens} tokens, "
+        f"{manifest.cache_bytes / 2**20:.1f} MiB, UNC median {manifest.unc_quantiles['0.5']:.3f}"
     )
     return made, report
 

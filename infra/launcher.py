@@ -10,11 +10,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from atkd_core.config import TrainingConfig
 from atkd_core.errors import UserError
 from atkd_core.manifest import read_manifest
+from atkd_core.outputs import TrainedModelManifest
 from atkd_core.training.distributed import child_environment, free_port
 from atkd_core.training.job import MetricsFn, TrainJob
 from atkd_core.training.main import finished_output, run_training
@@ -91,8 +91,8 @@ def launch_training(
     log: Callable[[str], None] = print,
     hostfile: Path | None = None,
     node: NodeRole | None = None,
-) -> dict[str, Any]:
-    """Train ``job``; return its output manifest. Several processes: stream the launcher's log,
+) -> TrainedModelManifest | None:
+    """Train ``job``; return its output manifest (None on a node that does not write it). Several processes: stream the launcher's log,
     then replay rank 0's metrics file through ``log_metrics``; a failed rank fails the stage.
 
     A job of several nodes started one by one runs this on each with its ``node`` role (by
@@ -135,8 +135,9 @@ def launch_training(
         )
     if node is not None and node.rank != 0:
         # The model and the metrics are the first node's (global rank 0), perhaps on its own disk.
-        return {"stage": job.stage, "node_rank": node.rank, "world_size": job.training.world_size}
-    manifest = read_manifest(job.output_dir)
+        log(f"{job.stage}: node {node.rank}'s ranks are done; the first node writes the model")
+        return None
+    manifest = read_manifest(job.output_dir, TrainedModelManifest)
     if manifest is None:
         raise UserError(f"{job.stage}: the launcher finished but wrote no model to {job.output_dir}")
     for line in (job.output_dir / "metrics.jsonl").read_text().splitlines():

@@ -20,16 +20,17 @@ def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
     with stage_run(config, parent_run_id, "prepare_data") as run:
         made = stages.prepare(config, logger.info)
         manifest = made.manifest
-        run.log_params(
-            {"source": manifest["source"], "vocab_size": manifest["vocab_size"], "reused": made.reused}
-        )
-        metrics = {}
-        for split, counts in manifest["counts"].items():
-            for key, value in counts.items():
-                if isinstance(value, dict):  # the over-long rows' outcomes
-                    metrics.update({f"{split}/{key}_{outcome}": n for outcome, n in value.items()})
-                else:
-                    metrics[f"{split}/{key}"] = value
+        run.log_params({"source": manifest.source, "vocab_size": manifest.vocab_size, "reused": made.reused})
+        metrics: dict[str, float] = {}
+        for split, counts in manifest.counts.items():
+            metrics.update(
+                {
+                    f"{split}/rows": counts.rows,
+                    f"{split}/tokens": counts.tokens,
+                    f"{split}/label_tokens": counts.label_tokens,
+                }
+            )
+            metrics.update({f"{split}/overlong_{outcome}": n for outcome, n in counts.overlong.items()})
         run.log_metrics(metrics)
         run.log_artifact(output / "manifest.json")
     return str(output)
@@ -53,8 +54,8 @@ def generate_teacher_data_task(
         )
         run.log_metrics(
             {
-                "train/rows": manifest["counts"]["train"]["rows"],
-                "empty_responses": manifest["empty_responses"],
+                "train/rows": manifest.counts["train"].rows,
+                "empty_responses": manifest.empty_responses,
             }
         )
         run.log_artifact(output / "raw" / "train.jsonl")

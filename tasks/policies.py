@@ -19,7 +19,7 @@ from prefect.tasks import Task, exponential_backoff
 from atkd_core.config import PipelineConfig
 from atkd_core.errors import UserError
 from atkd_core.manifest import fingerprint
-from atkd_core.pipeline import StageTarget, stage_target
+from atkd_core.pipeline import StageArguments, StageTarget, stage_target
 from infra.tracking import record_stage
 
 R = TypeVar("R")
@@ -62,7 +62,7 @@ class StageInputs(CachePolicy):
         if not isinstance(config, PipelineConfig):
             return None
         try:
-            return stage_target(self.stage, config, inputs)
+            return stage_target(self.stage, config, StageArguments.model_validate(inputs))
         except UserError:
             return None
 

@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from atkd_core.config import PipelineConfig
 from atkd_core.manifest import read_manifest
+from atkd_core.outputs import TrainedModelManifest
 from atkd_core.reports.publishing import png_data_uri
 from infra.tracking import attach_run, register_model
 from tasks.policies import IO_RETRIES
@@ -20,7 +21,7 @@ def version_tags(config: PipelineConfig, student_dir: Path) -> dict[str, str]:
     """What tells registered students apart: the objective and its settings, the teacher, the seed
     and the training data's content hash (from the student's manifest)."""
     loss = config.loss
-    student = read_manifest(student_dir) or {}
+    student = read_manifest(student_dir, TrainedModelManifest)
     return {
         "objective": loss.objective,
         "divergence": loss.divergence if loss.objective == "kd" else "-",
@@ -31,7 +32,7 @@ def version_tags(config: PipelineConfig, student_dir: Path) -> dict[str, str]:
         "teacher": config.teacher.preset or str(config.teacher.path),
         "student": config.student.preset or str(config.student.path),
         "seed": str(config.distill.training.seed),
-        "data_sha256": str(student.get("train_data_sha256", "unknown")),
+        "data_sha256": student.train_data_sha256 if student is not None else "unknown",
     }
 
 
@@ -47,8 +48,8 @@ def register_student_task(
     """Log the student's weights to the pipeline's run and register them with the eval summary as
     the version's description; return the version (None when tracking is off)."""
     run = attach_run(config, run_id)
-    manifest = read_manifest(Path(student_dir)) or {}
-    content_hash = manifest.get("content_sha256") or manifest.get("input_fingerprint", "unknown")
+    manifest = read_manifest(Path(student_dir))
+    content_hash = manifest.content_sha256 if manifest is not None else "unknown"
     description = f"Distilled by pipeline run {run.run_id} ({config.name}).\n\n{summary}"
     version = register_model(
         run,

@@ -40,12 +40,12 @@ def score_teacher_task(
         output, manifest = made.directory, made.manifest
         run.log_metrics(
             {
-                "examples": manifest["num_examples"],
-                "tokens": manifest["tokens"],
-                "cache_bytes": manifest["cache_bytes"],
-                "unc_mean": manifest["unc_mean"],
+                "examples": manifest.num_examples,
+                "tokens": manifest.tokens,
+                "cache_bytes": manifest.cache_bytes,
+                "unc_mean": manifest.unc_mean,
                 "hard_share": report["hard_share"],
-                **{f"unc_q{q}": v for q, v in manifest["unc_quantiles"].items()},
+                **{f"unc_q{q}": v for q, v in manifest.unc_quantiles.items()},
             }
         )
         run.log_artifact(output / "manifest.json")

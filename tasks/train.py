@@ -27,7 +27,7 @@ MODEL_METADATA_FILES = (
 )
 
 
-def _train(job: TrainJob, run: RunHandle, logger: logging.Logger | logging.LoggerAdapter[Any]) -> dict:
+def _train(job: TrainJob, run: RunHandle, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     run.log_params(flatten(job.training.model_dump(mode="json"), "training."))
     metrics = MetricsBuffer(run, logger.warning)
     try:
@@ -37,8 +37,8 @@ def _train(job: TrainJob, run: RunHandle, logger: logging.Logger | logging.Logge
     for name in (*MODEL_METADATA_FILES, "manifest.json"):
         if (job.output_dir / name).is_file():
             run.log_artifact(job.output_dir / name, "model")
-    run.log_metrics({f"final_{k}": v for k, v in manifest.get("final", {}).items() if k != "step"})
-    return manifest
+    if manifest is not None:
+        run.log_metrics({f"final_{k}": v for k, v in manifest.final.items() if k != "step"})
 
 
 @task(name="materialize_student", cache_policy=StageInputs(stage="materialize_student"))

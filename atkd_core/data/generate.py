@@ -22,6 +22,7 @@ from atkd_core.data.suite import SPLITS
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.manifest import content_identity, fingerprint, require_manifest, run_stage
 from atkd_core.models.build import load_model
+from atkd_core.outputs import PreparedManifest
 from atkd_core.progress import Progress
 
 
@@ -93,10 +94,10 @@ def generate_teacher_data(
     *,
     device: str = "cpu",
     log: Callable[[str], None] = print,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[PreparedManifest, bool]:
     """Write the SeqKD training data into ``output_dir``; return (manifest, reused)."""
     teacher_dir = Path(teacher_dir)
-    source = require_manifest(prepared_dir, "prepare_data")
+    source = require_manifest(prepared_dir, "prepare_data", PreparedManifest)
     distill = config.distill
     identity = generation_fingerprint(config, prepared_dir, teacher_dir)
 
@@ -131,11 +132,14 @@ def generate_teacher_data(
             )
         counts = tokenize_splits(config, rows, tokenizer, staging, log)
         return {
-            **{k: source[k] for k in ("vocab_size", "tokenizer_sha256")},
+            "vocab_size": source.vocab_size,
+            "tokenizer_sha256": source.tokenizer_sha256,
             "source": "teacher_generated",
             "teacher": str(teacher_dir),
             "counts": counts,
             "empty_responses": empty,
         }
 
-    return run_stage(output_dir, stage="generate_teacher_data", input_fingerprint=identity, build=build)
+    return run_stage(
+        output_dir, PreparedManifest, stage="generate_teacher_data", input_fingerprint=identity, build=build
+    )

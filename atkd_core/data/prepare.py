@@ -29,6 +29,7 @@ from atkd_core.data.suite import SPLITS, write_suite
 from atkd_core.data.tokenizer import load_tokenizer, pad_vocabulary, padding_note, train_tokenizer
 from atkd_core.errors import ConfigError, DataError
 from atkd_core.manifest import fingerprint, run_stage, sha256_file
+from atkd_core.outputs import PreparedManifest
 
 
 def format_prompt(data: DataConfig, instruction: str, context: str | None) -> str:
@@ -420,7 +421,7 @@ def tokenize_splits(
 
 def prepare_data(
     config: PipelineConfig, output_dir: Path, *, force: bool = False, log: Callable[[str], None] = print
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[PreparedManifest, bool]:
     """Run the prepare_data stage into ``output_dir``; return (manifest, reused)."""
 
     def build(staging: Path) -> dict[str, Any]:
@@ -448,6 +449,7 @@ def prepare_data(
 
     return run_stage(
         output_dir,
+        PreparedManifest,
         stage="prepare_data",
         input_fingerprint=prepare_inputs_fingerprint(config),
         build=build,

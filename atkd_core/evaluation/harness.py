@@ -26,7 +26,8 @@ from typing import Any
 from atkd_core.config import FieldMap, PipelineConfig
 from atkd_core.data.prepare import format_prompt, read_rows
 from atkd_core.errors import UserError
-from atkd_core.manifest import MANIFEST_NAME, content_identity, fingerprint, read_manifest
+from atkd_core.manifest import atomic_output, content_identity, fingerprint, read_manifest, write_manifest
+from atkd_core.outputs import EvaluationManifest
 from atkd_core.reports.evaluation import summary_table, write_summary
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -215,26 +216,55 @@ def run_evaluation(
     """The evaluate stage: harness results per model, the summary table, the easy/hard analysis.
 
     ``models`` maps a name (student, teacher, ...) to a saved model directory. Writes
-    ``<name>.json`` per model, ``summary.{md,csv,png}``, ``difficulty.json``, ``errors.json`` and,
-    last, ``manifest.json``; an output whose manifest matches the inputs now is reused (the report
-    comes back with ``reused: True``).
+    ``<name>.json`` per model, ``summary.{md,csv,png}``, ``difficulty.json``, ``errors.json``,
+    ``tasks/`` and, last, ``manifest.json``, in a temporary sibling of ``output_dir`` that replaces
+    it in one rename; an output whose manifest matches the inputs now is reused (the report comes
+    back with ``reused: True``).
     """
-    from atkd_core.data.tokenizer import load_tokenizer
-    from atkd_core.evaluation.analysis import easy_hard_agreement
-
     check_models(models)
     identity = evaluation_fingerprint(config, prepared_dir, models)
-    existing = read_manifest(output_dir)
-    if existing is not None and existing.get("input_fingerprint") == identity:
+    existing = read_manifest(output_dir, EvaluationManifest)
+    if existing is not None and existing.input_fingerprint == identity:
         log(f"evaluate: reused {output_dir}")
         return {
-            **existing["report"],
+            **existing.report,
             "summary_markdown": (output_dir / "summary.md").read_text(),
             "reused": True,
         }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # Without a manifest the directory is unfinished: a run that fails half-way is never reused.
-    (output_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    with atomic_output(output_dir) as staging:
+        report, markdown = _evaluate_into(config, prepared_dir, models, staging, device, log)
+        _relocate_tasks(staging / "tasks", staging, output_dir)
+        write_manifest(
+            staging,
+            EvaluationManifest,
+            stage="evaluate",
+            input_fingerprint=identity,
+            content_sha256=fingerprint(report),
+            models={name: str(directory) for name, directory in models.items()},
+            report=report,
+        )
+    return {**report, "summary_markdown": markdown, "reused": False}
+
+
+def _relocate_tasks(tasks_dir: Path, staging: Path, output_dir: Path) -> None:
+    """Point the task YAMLs' data files at where they will be once ``staging`` is ``output_dir``:
+    the harness needs absolute paths, and the tasks are kept for anyone re-running them."""
+    for path in tasks_dir.glob("*.yaml"):
+        path.write_text(path.read_text().replace(str(staging.resolve()), str(output_dir.resolve())))
+
+
+def _evaluate_into(
+    config: PipelineConfig,
+    prepared_dir: Path,
+    models: dict[str, Path],
+    output_dir: Path,
+    device: str,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], str]:
+    """Run the harness on every model into ``output_dir``; return (the report, the summary table)."""
+    from atkd_core.data.tokenizer import load_tokenizer
+    from atkd_core.evaluation.analysis import easy_hard_agreement
+
     tasks_dir = output_dir / "tasks"
     names = write_tasks(config, prepared_dir, tasks_dir, load_tokenizer(prepared_dir / "tokenizer"))
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -263,15 +293,7 @@ def run_evaluation(
         )
         (output_dir / "difficulty.json").write_text(json.dumps(difficulty, indent=2))
     report = {"results": results, "errors": errors, "difficulty": difficulty, "tasks": names}
-    manifest = {
-        "stage": "evaluate",
-        "input_fingerprint": identity,
-        "content_sha256": fingerprint(report),
-        "models": {name: str(directory) for name, directory in models.items()},
-        "report": report,
-    }
-    (output_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return {**report, "summary_markdown": markdown, "reused": False}
+    return report, markdown
 
 
 def evaluation_fingerprint(config: PipelineConfig, prepared_dir: Path, models: dict[str, Path]) -> str:

@@ -133,6 +133,7 @@ def materialize_model(spec: ModelConfig, tokenizer_dir: Path, directory: Path) -
         return spec.path
     from atkd_core.data.tokenizer import load_tokenizer
     from atkd_core.manifest import run_stage
+    from atkd_core.outputs import ModelInitManifest
 
     identity = init_fingerprint(spec, tokenizer_dir)
 
@@ -142,7 +143,9 @@ def materialize_model(spec: ModelConfig, tokenizer_dir: Path, directory: Path) -
         save_model(model, tokenizer, staging)
         return {"preset": spec.preset, "init_seed": spec.init_seed, "parameters": count_parameters(model)}
 
-    run_stage(directory, stage="materialize_model", input_fingerprint=identity, build=build)
+    run_stage(
+        directory, ModelInitManifest, stage="materialize_model", input_fingerprint=identity, build=build
+    )
     return str(directory)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from atkd_core.grid import Grid, teacher_label
 from atkd_core.manifest import read_manifest
+from atkd_core.outputs import ModelInitManifest
 from atkd_core.reports.difficulty import cache_unc, kl_decomposition_magnitudes
 from atkd_core.reports.figures import plot_summary, plot_unc
 from atkd_core.reports.publishing import write_html
@@ -60,7 +61,9 @@ def teacher_analysis(
         unc_by_teacher[name] = unc.numpy()
         row: dict[str, Any] = {
             "teacher": name,
-            "parameters": (read_manifest(config.layout.teacher_init) or {}).get("parameters"),
+            "parameters": getattr(
+                read_manifest(config.layout.teacher_init, ModelInitManifest), "parameters", None
+            ),
             "unc_mean": float(unc.mean()),
             "unc_median": float(unc.median()),
             "easy_share": float((unc < 0.1).double().mean()),

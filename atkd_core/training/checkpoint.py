@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from atkd_core.errors import UserError, faults_named
-from atkd_core.manifest import publishable_modes
 from atkd_core.training.distributed import barrier
 from atkd_core.training.job import TrainJob, TrainState
 
@@ -109,24 +108,24 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, float]]:
     return [json.loads(line) for line in kept]
 
 
-def save_model(job: TrainJob, state: TrainState, card: str) -> None:
-    """The trained model in Hugging Face format (safetensors, tokenizer, generation config, card) on rank 0."""
+def save_model(job: TrainJob, state: TrainState, card: str, directory: Path | None) -> None:
+    """The trained model in Hugging Face format (safetensors, tokenizer, generation config, card)
+    into ``directory`` on rank 0 (None on the other ranks). Every rank calls it: under ZeRO-3 the
+    partitioned weights are gathered, which takes them all."""
     engine = state.engine
     if job.training.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            if state.rank == 0:
-                _write_model(engine.module, state, job.output_dir, card)
-    elif state.rank == 0:
-        _write_model(engine.module, state, job.output_dir, card)
+            if directory is not None:
+                _write_model(engine.module, state, directory, card)
+    elif directory is not None:
+        _write_model(engine.module, state, directory, card)
 
 
-def _write_model(module: torch.nn.Module, state: TrainState, output_dir: Path, card: str) -> None:
+def _write_model(module: torch.nn.Module, state: TrainState, staging: Path, card: str) -> None:
     from transformers import GenerationConfig
 
-    staging = output_dir.parent / f".{output_dir.name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
     with faults_named(staging):
         module.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]
     state.tokenizer.save_pretrained(staging)
@@ -137,7 +136,3 @@ def _write_model(module: torch.nn.Module, state: TrainState, output_dir: Path, c
         do_sample=False,
     ).save_pretrained(staging)
     (staging / "README.md").write_text(card)
-    publishable_modes(staging)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)

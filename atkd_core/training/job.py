@@ -20,6 +20,7 @@ from atkd_core.config import PipelineConfig, TrainingConfig
 from atkd_core.errors import CacheError
 from atkd_core.losses.objective import CrossEntropy, Objective, build_objective
 from atkd_core.manifest import content_identity, fingerprint, read_manifest
+from atkd_core.outputs import CacheManifest
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -133,7 +134,7 @@ def distill_job(
     fingerprinted by, the concrete threshold.
     """
     if config.loss.hard_fraction == "auto":
-        manifest = read_manifest(cache_dir)
+        manifest = read_manifest(cache_dir, CacheManifest)
         if manifest is None:
             raise CacheError(f"{cache_dir}: no teacher cache, which loss.hard_fraction auto is derived from")
         config = config.model_copy(update={"loss": resolve_auto_split(config.loss, manifest)})

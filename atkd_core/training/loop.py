@@ -142,7 +142,7 @@ def _attach_teacher(job: TrainJob, state: TrainState, log: Callable[[str], None]
         if state.objective.hard_threshold is not None:
             state.plan.hard_counts = cached.hard_counts(state.plan.train, state.objective.hard_threshold)
         state.teacher = cached
-        log(f"{job.stage}: offline teacher from {job.cache_dir} ({cached.cache.manifest['tokens']} tokens)")
+        log(f"{job.stage}: offline teacher from {job.cache_dir} ({cached.cache.manifest.tokens} tokens)")
         return
     if job.teacher_dir is None:
         raise UserError("online distillation needs the teacher model directory")

@@ -13,10 +13,18 @@ import argparse
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
-from atkd_core.manifest import content_identity, fingerprint, read_manifest, sha256_file
+from atkd_core.manifest import (
+    atomic_output,
+    content_identity,
+    fingerprint,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from atkd_core.outputs import TrainedModelManifest
 from atkd_core.progress import quiet_third_party_output
 from atkd_core.training.checkpoint import METRICS_FILE, save_model
 from atkd_core.training.distributed import process_group
@@ -40,18 +48,21 @@ def model_card(job: TrainJob, history: list[dict[str, float]]) -> str:
     )
 
 
-def finished_output(job: TrainJob) -> dict[str, Any] | None:
-    """The manifest of an output already trained from the same settings and inputs, marked reused."""
-    existing = read_manifest(job.output_dir)
-    if existing is not None and existing.get("input_fingerprint") == job.fingerprint():
-        return {**existing, "reused": True}
-    return None
+def finished_output(job: TrainJob) -> TrainedModelManifest | None:
+    """The manifest of an output already trained from the same settings and inputs."""
+    existing = read_manifest(job.output_dir, TrainedModelManifest)
+    return existing if existing is not None and existing.input_fingerprint == job.fingerprint() else None
 
 
-def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """setup -> train -> save -> cleanup on this rank; returns the output manifest (rank 0) or {}.
+def run_training(
+    job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], None] = print
+) -> TrainedModelManifest | None:
+    """setup -> train -> save -> cleanup on this rank; returns the output's manifest on rank 0,
+    None on the others.
 
-    An output already trained from the same settings and inputs is reused, not trained again.
+    An output already trained from the same settings and inputs is reused, not trained again. The
+    model is written the way every stage output is (``atkd_core.manifest``): into a temporary
+    sibling of ``job.output_dir`` that replaces it, manifest last, in one rename.
     """
     finished = finished_output(job)
     if finished is not None:
@@ -62,41 +73,37 @@ def run_training(job: TrainJob, log_metrics: MetricsFn, log: Callable[[str], Non
         state = setup(job, rank, world_size, device, log)
         try:
             history = train(job, state, log_metrics, log)
-            save_model(job, state, model_card(job, history))
+            with atomic_output(job.output_dir) if rank == 0 else nullcontext(None) as staging:
+                save_model(job, state, model_card(job, history), staging)
+                manifest = (
+                    None if staging is None else _finish_output(job, history, world_size, device, staging)
+                )
         finally:
             cleanup(state)
-    if rank != 0:
-        return {}
-    return _write_manifest(job, history, world_size, device)
-
-
-def _write_manifest(
-    job: TrainJob, history: list[dict[str, float]], world_size: int, device: str
-) -> dict[str, Any]:
-    """The output's metrics, DeepSpeed config and manifest beside the saved model."""
-    shutil.copy(job.checkpoint_dir / METRICS_FILE, job.output_dir / METRICS_FILE)
-    (job.output_dir / "ds_config.json").write_text(
-        json.dumps(render_ds_config(job.training, device), indent=2)
-    )
-    manifest = {
-        "stage": job.stage,
-        "input_fingerprint": job.fingerprint(),
-        "objective": job.objective,
-        "steps": len(history) and history[-1]["step"],
-        "final": history[-1] if history else {},
-        "world_size": world_size,
-        # What it was trained on, for the registry's tags (the fingerprint above hashes it in too).
-        "train_data_sha256": content_identity(job.prepared_dir),
-        # The weights and architecture only: metrics.jsonl carries timings that differ run to run.
-        "content_sha256": fingerprint(
-            {
-                p.name: sha256_file(p)
-                for p in sorted(job.output_dir.glob("*.safetensors")) + [job.output_dir / "config.json"]
-            }
-        ),
-    }
-    (job.output_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _finish_output(
+    job: TrainJob, history: list[dict[str, float]], world_size: int, device: str, staging: Path
+) -> TrainedModelManifest:
+    """The output's metrics, DeepSpeed config and manifest beside the saved model in ``staging``."""
+    shutil.copy(job.checkpoint_dir / METRICS_FILE, staging / METRICS_FILE)
+    (staging / "ds_config.json").write_text(json.dumps(render_ds_config(job.training, device), indent=2))
+    # The weights and architecture only: metrics.jsonl carries timings that differ run to run.
+    weights = sorted(staging.glob("*.safetensors")) + [staging / "config.json"]
+    return write_manifest(
+        staging,
+        TrainedModelManifest,
+        stage=job.stage,
+        input_fingerprint=job.fingerprint(),
+        content_sha256=fingerprint({p.name: sha256_file(p) for p in weights}),
+        objective=job.objective,
+        steps=int(history[-1]["step"]) if history else 0,
+        final=history[-1] if history else {},
+        world_size=world_size,
+        # What it was trained on, for the registry's tags (the fingerprint hashes it in too).
+        train_data_sha256=content_identity(job.prepared_dir),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

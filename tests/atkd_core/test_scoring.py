@@ -16,6 +16,7 @@ from atkd_core.errors import CacheError
 from atkd_core.losses import atkd_loss, otsu_threshold
 from atkd_core.manifest import read_manifest
 from atkd_core.models.build import load_model, materialize_model
+from atkd_core.outputs import CacheManifest, PreparedManifest
 from atkd_core.reports.difficulty import token_difficulty_report
 from atkd_core.scoring import ScoringSpec, TeacherCache, run_scoring_stage
 from tests.conftest import REPO_ROOT, free_port, tiny_config
@@ -61,7 +62,7 @@ def live_batch(prepared, teacher_dir, rows):
 def test_cache_equals_a_fresh_teacher_forward(setup, tmp_path):
     _, _, prepared, teacher_dir, _ = setup
     manifest, reused = score(prepared, teacher_dir, tmp_path / "cache")
-    assert not reused and manifest["num_examples"] == 64
+    assert not reused and manifest.num_examples == 64
     cache = TeacherCache(tmp_path / "cache")
     ids, logits, targets = live_batch(prepared, teacher_dir, range(5, 13))
     log_p = torch.log_softmax(logits, -1)
@@ -84,7 +85,7 @@ def test_cache_equals_a_fresh_teacher_forward(setup, tmp_path):
 
 def test_sparse_atkd_from_cache_equals_dense_with_live_teacher_when_k_is_v(setup, tmp_path):
     _, _, prepared, teacher_dir, _ = setup
-    vocab = read_manifest(prepared)["vocab_size"]
+    vocab = read_manifest(prepared, PreparedManifest).vocab_size
     score(prepared, teacher_dir, tmp_path / "cache", top_k=vocab)
     cache = TeacherCache(tmp_path / "cache")
     ids, teacher_logits, targets = live_batch(prepared, teacher_dir, range(0, 6))
@@ -104,14 +105,14 @@ def test_second_run_reuses_and_interrupted_run_resumes(setup, tmp_path):
 
     spec_args = dict(top_k=8, shard_size=24)
     # A run killed after its first shard: the partial directory holds shard 0 only.
-    manifest = read_manifest(prepared)
+    manifest = read_manifest(prepared, PreparedManifest)
     from atkd_core.scoring import prepared_data_sha256, weights_sha256
 
     spec = ScoringSpec(
         str(teacher_dir),
         weights_sha256(teacher_dir),
         prepared_data_sha256(prepared),
-        manifest["tokenizer_sha256"],
+        manifest.tokenizer_sha256,
         8,
         1.0,
         "float32",
@@ -151,15 +152,13 @@ def test_second_run_reuses_and_interrupted_run_resumes(setup, tmp_path):
 def test_corrupt_shard_and_wrong_teacher_are_refused(setup, tmp_path):
     config, root, prepared, teacher_dir, _ = setup
     score(prepared, teacher_dir, tmp_path / "cache")
-    manifest = read_manifest(tmp_path / "cache")
+    manifest = read_manifest(tmp_path / "cache", CacheManifest)
     other = materialize_model(
         config.teacher.model_copy(update={"init_seed": 9}), prepared / "tokenizer", tmp_path / "other"
     )
     from atkd_core.scoring import weights_sha256
 
-    expected = ScoringSpec(
-        **{**manifest["spec"], "teacher_weights_sha256": weights_sha256(tmp_path / "other")}
-    )
+    expected = ScoringSpec(**{**manifest.spec, "teacher_weights_sha256": weights_sha256(tmp_path / "other")})
     with pytest.raises(CacheError, match="teacher_weights_sha256: cache has"):
         TeacherCache(tmp_path / "cache", expected=expected)
     assert other
@@ -231,8 +230,8 @@ def test_two_processes_write_the_same_cache_as_one(setup, tmp_path):
         capture_output=True,
         timeout=180,
     )
-    multi = read_manifest(tmp_path / "multi")
-    assert multi["shards"] == single["shards"] and multi["tokens"] == single["tokens"]
+    multi = read_manifest(tmp_path / "multi", CacheManifest)
+    assert multi.shards == single.shards and multi.tokens == single.tokens
 
 
 def test_the_cache_records_the_auto_split_and_the_report_uses_it(setup, tmp_path):
@@ -240,20 +239,23 @@ def test_the_cache_records_the_auto_split_and_the_report_uses_it(setup, tmp_path
     manifest, _ = score(prepared, teacher_dir, tmp_path / "cache")
     cache = TeacherCache(tmp_path / "cache")
     unc = torch.cat([cache.field(i, "unc") for i in load_from_disk(str(prepared / "dataset"))["train"]["id"]])
-    assert sum(manifest["unc_histogram"]) == unc.numel() == manifest["tokens"]
-    threshold, share = otsu_threshold(manifest["unc_histogram"])
-    recorded = [manifest["unc_auto_threshold"], manifest["unc_auto_hard_fraction"]]
+    assert sum(manifest.unc_histogram) == unc.numel() == manifest.tokens
+    threshold, share = otsu_threshold(manifest.unc_histogram)
+    recorded = [manifest.unc_auto_threshold, manifest.unc_auto_hard_fraction]
     assert recorded == pytest.approx([threshold, share], nan_ok=True)
     report = token_difficulty_report(cache, prepared, "auto", tmp_path / "report")
     assert report["hard_fraction"] == "auto"
     assert report["unc_threshold"] == pytest.approx(threshold, nan_ok=True)
 
 
-def test_a_cache_without_a_histogram_gets_one_from_its_shards_when_reused(setup, tmp_path):
+def test_a_cache_manifest_of_an_older_format_is_scored_again(setup, tmp_path):
+    """A manifest that does not parse as today's (here: written before the UNC histogram was
+    recorded) reads as absent, so the cache is made again, never used half-described."""
     _, _, prepared, teacher_dir, _ = setup
     manifest, _ = score(prepared, teacher_dir, tmp_path / "cache")
-    old = {k: v for k, v in manifest.items() if not k.startswith(("unc_histogram", "unc_auto"))}
+    old = {k: v for k, v in manifest.model_dump().items() if not k.startswith(("unc_histogram", "unc_auto"))}
     (tmp_path / "cache" / "manifest.json").write_text(json.dumps(old))
+    assert read_manifest(tmp_path / "cache", CacheManifest) is None
     again, reused = score(prepared, teacher_dir, tmp_path / "cache")
-    assert reused and again["unc_histogram"] == manifest["unc_histogram"]
-    assert again["content_sha256"] == manifest["content_sha256"]
+    assert not reused and again.unc_histogram == manifest.unc_histogram
+    assert again.content_sha256 == manifest.content_sha256

@@ -142,7 +142,7 @@ def test_atkd_score_verifies_a_reused_cache_and_scores_a_damaged_one_again(tmp_p
 
 
 def test_atkd_score_writes_the_difficulty_report_the_flow_writes_and_its_target_is_current(tmp_path):
-    from atkd_core.pipeline import stage_target
+    from atkd_core.pipeline import StageArguments, stage_target
 
     config = tiny_config(tmp_path / "work", finetune={"enabled": False})
     path = tmp_path / "config.yaml"
@@ -151,5 +151,6 @@ def test_atkd_score_writes_the_difficulty_report_the_flow_writes_and_its_target_
     report = json.loads((config.layout.teacher_report / "difficulty.json").read_text())
     assert report["hard_fraction"] == config.loss.hard_fraction
     # The Prefect cache key of the stage sees the output the CLI made as current: no drift between them.
-    target = stage_target("score_teacher", config, {"teacher_dir": str(config.layout.teacher_init)})
+    arguments = StageArguments(teacher_dir=config.layout.teacher_init)
+    target = stage_target("score_teacher", config, arguments)
     assert target is not None and target.current

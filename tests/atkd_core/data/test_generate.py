@@ -23,7 +23,7 @@ def test_teacher_generated_data(tmp_path):
     manifest, reused = generate_teacher_data(
         config, tmp_path / "prepared", teacher, tmp_path / "seqkd", log=lambda _: None
     )
-    assert not reused and manifest["counts"]["train"]["rows"] == 64
+    assert not reused and manifest.counts["train"].rows == 64
     original = [
         json.loads(line) for line in (tmp_path / "prepared" / "raw" / "train.jsonl").read_text().splitlines()
     ]

@@ -20,6 +20,7 @@ from atkd_core.data.prepare import (
     template_tail_tokens,
 )
 from atkd_core.manifest import read_manifest
+from atkd_core.outputs import PreparedManifest
 from tests.atkd_core.data.test_tokenizer import _tokenizer
 from tests.conftest import tiny_config
 
@@ -139,8 +140,8 @@ def test_overlong_rows_follow_the_policy_and_are_counted_and_logged(tmp_path, po
     manifest, _ = prepare_data(
         _overlong_rows_config(tmp_path, policy), tmp_path / "prepared", log=lines.append
     )
-    assert manifest["counts"]["train"]["rows"] == rows
-    assert manifest["counts"]["train"]["overlong"] == {"instruction_cut": 0, **overlong}
+    assert manifest.counts["train"].rows == rows
+    assert manifest.counts["train"].overlong == {"instruction_cut": 0, **overlong}
     assert any(f"(data.on_overlong={policy})" in line for line in lines)
     dataset = load_from_disk(str(tmp_path / "prepared" / "dataset"))["train"]
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "prepared" / "tokenizer")
@@ -177,8 +178,8 @@ def test_prepare_writes_dataset_tokenizer_and_manifest(tmp_path):
         assert len(row["input_ids"]) == len(row["labels"]) <= config.data.max_length
         assert row["labels"][-1] == tokenizer.eos_token_id
         assert row["labels"][0] == IGNORE_INDEX
-    assert manifest["counts"]["train"]["rows"] == 64
-    assert read_manifest(tmp_path / "prepared")["content_sha256"] == manifest["content_sha256"]
+    assert manifest.counts["train"].rows == 64
+    assert read_manifest(tmp_path / "prepared", PreparedManifest) == manifest
 
 
 def test_prepare_is_reused_when_inputs_match_and_redone_when_they_change(tmp_path):
@@ -272,8 +273,8 @@ def test_user_files_with_holdout_splits_and_skipped_rows(tmp_path):
     manifest, _ = prepare_data(
         _files_config(tmp_path, train, on_bad_rows="skip"), tmp_path / "out", log=logged.append
     )
-    assert manifest["skipped_rows"] == 2 and any("train.jsonl:62: field 'response'" in m for m in logged)
-    counts = {split: c["rows"] for split, c in manifest["counts"].items()}
+    assert manifest.skipped_rows == 2 and any("train.jsonl:62: field 'response'" in m for m in logged)
+    counts = {split: c.rows for split, c in manifest.counts.items()}
     assert counts == {"train": 54, "validation": 3, "test": 3}
 
 

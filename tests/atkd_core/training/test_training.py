@@ -14,7 +14,9 @@ import torch
 
 from atkd_core.data.prepare import prepare_data
 from atkd_core.errors import UserError
+from atkd_core.manifest import read_manifest
 from atkd_core.models.build import materialize_model
+from atkd_core.outputs import CacheManifest
 from atkd_core.scoring import run_scoring_stage
 from atkd_core.training.checkpoint import CheckpointError
 from atkd_core.training.distributed import child_environment, free_port
@@ -99,7 +101,7 @@ def test_zero_stages_train_alike_in_process(inputs, tmp_path):
     for zero in (1, 2, 3):
         job = make_job(inputs, tmp_path, stage="finetune", training={"zero_stage": zero}, name=f"zero{zero}")
         manifest = run_training(job, lambda m, s: None, quiet)
-        assert manifest["steps"] == 4
+        assert manifest.steps == 4
         runs[zero] = losses(job)
     assert runs[1] == pytest.approx(runs[2], rel=1e-5) and runs[3] == pytest.approx(runs[2], rel=1e-5)
     from transformers import AutoModelForCausalLM
@@ -150,7 +152,7 @@ def test_two_processes_under_the_deepspeed_launcher_match_one(inputs, tmp_path, 
     run_training(one, lambda m, s: None, quiet)
     seen = []
     manifest = launch_training(two, lambda m, s: seen.append(s), quiet)
-    assert manifest["world_size"] == 2 and seen == [1, 2, 3, 4]
+    assert manifest.world_size == 2 and seen == [1, 2, 3, 4]
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-7)
 
 
@@ -189,11 +191,7 @@ def test_two_nodes_started_on_their_own_match_one_node_with_two_processes(inputs
     for thread in threads:
         thread.join(timeout=600)
     assert not errors, errors
-    assert results[0]["world_size"] == 2 and results[1] == {
-        "stage": "distill",
-        "node_rank": 1,
-        "world_size": 2,
-    }
+    assert results[0].world_size == 2 and results[1] is None
     assert losses(two_nodes) == pytest.approx(losses(one_node), rel=1e-5, abs=1e-7)
     # What each node reads from its environment, and the one line when something is missing.
     training = two_nodes.training
@@ -248,7 +246,7 @@ def test_every_objective_lowers_its_loss(inputs, tmp_path, loss, teacher_source)
     )
     manifest = run_training(job, lambda m, s: None, quiet)
     values = losses(job)
-    assert len(values) == 10 and manifest["objective"] == loss["objective"]
+    assert len(values) == 10 and manifest.objective == loss["objective"]
     assert sum(values[-3:]) / 3 < sum(values[:3]) / 3, values
 
 
@@ -270,7 +268,7 @@ def test_student_generated_data_trains(inputs, tmp_path, source, zero):
     job.config.distill.generation_temperature = 1.0
     manifest = run_training(job, lambda m, s: None, quiet)
     records = [json.loads(line) for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert manifest["steps"] == 6 and all(math.isfinite(r["loss"]) and r["loss"] >= 0 for r in records)
+    assert manifest.steps == 6 and all(math.isfinite(r["loss"]) and r["loss"] >= 0 for r in records)
     assert all(r["num_easy"] + r["num_hard"] > 0 for r in records)
 
 
@@ -293,7 +291,8 @@ def test_a_finished_stage_is_reused(inputs, tmp_path):
     job = make_job(inputs, tmp_path, name="reuse")
     first = run_training(job, lambda m, s: None, quiet)
     again = run_training(job, lambda m, s: None, quiet)
-    assert again["reused"] and again["input_fingerprint"] == first["input_fingerprint"]
+    # The very manifest the first run wrote, creation time included: nothing was trained again.
+    assert again == first
 
 
 def _train_command(job_path):
@@ -361,7 +360,7 @@ def test_damaged_checkpoint_is_an_error_unless_resume_is_never(inputs, tmp_path)
         run_training(job, lambda m, s: None, quiet)
     job.config.distill.training.resume = "never"
     manifest = run_training(job, lambda m, s: None, quiet)
-    assert manifest["steps"] == 2
+    assert manifest.steps == 2
     required = make_job(inputs, tmp_path, training={"resume": "require"}, name="required")
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         run_training(required, lambda m, s: None, quiet)
@@ -509,7 +508,14 @@ def test_a_checkpoint_is_tied_to_its_caches_contents_not_its_path(tmp_path):
 
     def job_fingerprint(content: str) -> str:
         (cache / "manifest.json").write_text(
-            json.dumps({"stage": "score_teacher", "content_sha256": content})
+            json.dumps(
+                {
+                    "stage": "score_teacher",
+                    "input_fingerprint": "f",
+                    "content_sha256": content,
+                    "created_unix": 0,
+                }
+            )
         )
         return TrainJob(
             stage="distill",
@@ -530,7 +536,7 @@ def test_the_auto_split_is_the_caches_threshold_whatever_the_batching(inputs, tm
     """hard_fraction auto: distill_job fixes the split at the cache's Otsu threshold, so splitting
     the batch into micro-batches changes nothing (a per-batch k would)."""
     root, teacher, student = inputs
-    manifest = json.loads((root / "cache" / "manifest.json").read_text())
+    manifest = read_manifest(root / "cache", CacheManifest)
     runs = {}
     for micro in (8, 2):
         config = make_job(
@@ -542,8 +548,8 @@ def test_the_auto_split_is_the_caches_threshold_whatever_the_batching(inputs, tm
         ).config
         job = distill_job(config, root / "prepared", student, root / "cache", teacher)
         assert job.config.loss.split_scope == "threshold"
-        assert job.config.loss.unc_threshold == manifest["unc_auto_threshold"]
-        assert job.config.loss.hard_fraction == manifest["unc_auto_hard_fraction"]
+        assert job.config.loss.unc_threshold == manifest.unc_auto_threshold
+        assert job.config.loss.hard_fraction == manifest.unc_auto_hard_fraction
         assert "loss.hard_fraction auto: hard if teacher UNC >= " in (auto_split_line(config, job) or "")
         run_training(job, lambda m, s: None, quiet)
         runs[micro] = losses(job)
