@@ -1,0 +1,317 @@
+"""Models, their training (optimizer, DeepSpeed, checkpoints), the loss, scoring and distillation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from atkd_core.config.base import StrictModel, cross_field_rules, when
+
+
+class ModelConfig(StrictModel):
+    """A model given by a built-in preset (random init, no download) or a hub id / local directory."""
+
+    preset: str | None = Field(
+        None, description="Built-in architecture preset, e.g. neox-small (see atkd_core.models)."
+    )
+    path: str | None = Field(None, description="Hub id or local directory loaded with from_pretrained.")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom modelling code from the model's repository."
+    )
+    init_seed: int = Field(0, ge=0, description="Seed of the random initialisation of a preset. Range: >= 0.")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelConfig:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("exactly one of preset and path must be set")
+        if self.preset is not None:
+            from atkd_core.models.presets import PRESETS  # light: a dict of sizes
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset {self.preset!r} is unknown; allowed: {', '.join(sorted(PRESETS))}")
+        return self
+
+
+class OptimConfig(StrictModel):
+    """Optimiser and learning-rate schedule."""
+
+    name: Literal["adamw_torch", "adamw_deepspeed"] = Field(
+        "adamw_torch",
+        description="adamw_torch: torch AdamW as DeepSpeed's client optimizer (no op compilation); "
+        "adamw_deepspeed: DeepSpeed's own AdamW (FusedAdam on GPU, CPU-Adam on CPU or when offloaded; "
+        "compiled on first use).",
+    )
+    lr: float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate. Range: (0, 1].")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay. Range: [0, 1].")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    warmup_ratio: float = Field(
+        0.03, ge=0, le=0.5, description="Fraction of steps with linear warm-up. Range: [0, 0.5]."
+    )
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    grad_clip: float = Field(1.0, ge=0, description="Global grad-norm clip; 0 disables. Range: >= 0.")
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> OptimConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: {list(self.betas)} must each be in [0, 1)")
+        return self
+
+
+class TrainingConfig(StrictModel):
+    """How a model is trained: DeepSpeed ZeRO, precision, batch, schedule, checkpoints, seed."""
+
+    model_config = cross_field_rules(
+        when("precision", ("fp16",), {"properties": {"device": {"not": {"const": "cpu"}}}}),
+    )
+
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage. Range: 0..3.")
+    offload_optimizer: bool = Field(False, description="Offload optimizer state to CPU (ZeRO 1-3).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 on GPU. fp16 is refused on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    num_processes: int = Field(1, ge=1, le=4096, description="Processes (ranks) per node. Range: 1..4096.")
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Machines in the job, num_processes each. Above 1, each node is started on its own "
+        "(a Kubernetes indexed Job, a Slurm step) with NODE_RANK (or JOB_COMPLETION_INDEX / SLURM_NODEID) "
+        "and MASTER_ADDR (MASTER_PORT, default 29500) set; or from one node over ssh with hostfile. "
+        "Range: 1..4096.",
+    )
+    hostfile: Path | None = Field(
+        None,
+        description="DeepSpeed hostfile ('host slots=N' lines, num_nodes of them) to start every node from "
+        "this one over ssh; null: each node is started on its own (see num_nodes).",
+    )
+    batch_size: int = Field(
+        16, ge=1, le=1_000_000, description="Global batch in sequences per optimizer step."
+    )
+    micro_batch_size: int = Field(8, ge=1, le=100_000, description="Sequences per forward pass per process.")
+    epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split. Range: (0, 1000].")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
+    checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints. Range: >= 1.")
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Newest checkpoints kept. Range: 1..100.")
+    eval_every: int = Field(100, ge=1, description="Optimizer steps between validation losses. Range: >= 1.")
+    seed: int = Field(0, ge=0, description="Seed of data order, dropout and init. Range: >= 0.")
+
+    resume: Literal["auto", "never", "require"] = Field(
+        "auto",
+        description="auto: resume from the newest intact checkpoint, else start clean; never: always start "
+        "clean; require: fail unless a checkpoint can be resumed.",
+    )
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> TrainingConfig:
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError(
+                "precision: 'fp16' is not supported by DeepSpeed on CPU; use fp32 (or bf16, ~5-30x slower)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainingConfig:
+        per_step = self.micro_batch_size * self.world_size
+        if self.batch_size % per_step != 0:
+            raise ValueError(
+                f"batch_size: {self.batch_size} must be a multiple of micro_batch_size x num_processes x "
+                f"num_nodes = {self.micro_batch_size} x {self.num_processes} x {self.num_nodes} = {per_step}"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the whole job: num_processes on each of num_nodes machines."""
+        return self.num_processes * self.num_nodes
+
+    @property
+    def grad_accumulation_steps(self) -> int:
+        """Micro-batches accumulated per optimizer step on each process."""
+        return self.batch_size // (self.micro_batch_size * self.world_size)
+
+
+class FinetuneConfig(StrictModel):
+    """Supervised fine-tuning of the teacher on the training split (the paper distils fine-tuned teachers)."""
+
+    enabled: bool = Field(True, description="Fine-tune the teacher before scoring it.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Its training settings.")
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+
+
+class LossConfig(StrictModel):
+    """The distillation objective (docs/architecture.md, "The method")."""
+
+    model_config = cross_field_rules(
+        when(
+            "split_scope",
+            ("threshold",),
+            {
+                "properties": {"unc_threshold": {"type": "number"}, "hard_fraction": {"type": "number"}},
+                "required": ["unc_threshold"],
+            },
+        ),
+    )
+
+    objective: Literal["sft", "kd", "atkd"] = Field(
+        "atkd", description="sft: cross-entropy; kd: a divergence; atkd."
+    )
+    divergence: Literal[DIVERGENCES] = Field(  # type: ignore[valid-type]
+        "forward_kl",
+        description=f"Token-level divergence for objective kd. Allowed: {', '.join(DIVERGENCES)}.",
+    )
+    setting: Literal["forward", "reverse"] = Field(
+        "forward", description="ATKD over KL(teacher||student) (forward) or KL(student||teacher) (reverse)."
+    )
+    hard_fraction: float | Literal["auto"] = Field(
+        0.5,
+        description="ATKD k: share of tokens (highest teacher UNC) that are hard. auto: a fixed UNC "
+        "threshold at the valley of the teacher's UNC histogram over the training split (Otsu's rule, "
+        "from the scoring cache), the same for every batch. Range: (0, 1) or auto.",
+    )
+    lam: float = Field(
+        0.2, ge=0, le=1, description="ATKD lambda: weight of the easy-token loss. Range: [0, 1]."
+    )
+    split_scope: Literal["batch", "sequence", "threshold"] = Field(
+        "batch",
+        description="Where the easy/hard split is taken: the micro-batch, each row, or a fixed UNC threshold.",
+    )
+    unc_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="UNC at or above which a token is hard (split_scope=threshold). Range: [0, 1].",
+    )
+    temperature: float = Field(
+        1.0, gt=0, le=100, description="Softmax temperature on both sides. Range: (0, 100]."
+    )
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD beta (GKD). Range: [0, 1].")
+    skew_alpha: float = Field(0.1, ge=0, le=1, description="Skew KL alpha (DistiLLM). Range: [0, 1].")
+    ce_weight: float = Field(
+        0.0, ge=0, le=1, description="Weight of cross-entropy mixed into KD/ATKD. Range: [0, 1]."
+    )
+    chunk_size: int | Literal["auto"] | None = Field(
+        "auto",
+        description="Tokens per chunk of vocabulary-sized work; auto: sized by memory, 4M logits a chunk on "
+        "plain logits (128 tokens at V=32000), 32M with a fused output layer (256 tokens at V=128000), the "
+        "fastest measured on CPU; null for unchunked. Range: >= 1, auto or null.",
+    )
+    fused_linear: bool = Field(
+        True,
+        description="Apply the student's (and an online teacher's) output layer inside the loss, chunk by "
+        "chunk, so the [tokens, vocabulary] logits are never built; false: plain logits (the same values).",
+    )
+
+    @field_validator("hard_fraction", mode="before")
+    @classmethod
+    def _check_hard_fraction(cls, value: Any) -> Any:
+        # One message for both forms (a union would report one line per member).
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be a number in (0, 1) or auto") from None
+        if isinstance(value, bool) or not 0 < number < 1:
+            raise ValueError("must be a number in (0, 1) or auto")
+        return number
+
+    @field_validator("chunk_size", mode="before")
+    @classmethod
+    def _check_chunk_size(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError("must be a number of tokens >= 1, auto or null")
+        return value
+
+    @model_validator(mode="after")
+    def _check_threshold(self) -> LossConfig:
+        if self.hard_fraction == "auto" and self.split_scope == "threshold":
+            raise ValueError(
+                "loss.hard_fraction: auto chooses the UNC threshold itself; it cannot be combined with "
+                "loss.split_scope 'threshold' (drop one of them)"
+            )
+        if self.split_scope == "threshold" and self.unc_threshold is None:
+            raise ValueError("loss.unc_threshold: must be set when loss.split_scope is 'threshold'")
+        return self
+
+
+class ScoringConfig(StrictModel):
+    """The offline teacher cache (one teacher pass over the training split)."""
+
+    top_k: int = Field(
+        64, ge=1, le=4096, description="Teacher top-K token ids and log-probs kept per token. Range: 1..4096."
+    )
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of cached log-probs."
+    )
+    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per teacher forward. Range: 1..4096.")
+    shard_size: int = Field(1024, ge=1, description="Examples per shard. Range: >= 1.")
+
+
+class DistillConfig(StrictModel):
+    """Training the student against the teacher."""
+
+    model_config = cross_field_rules(
+        when(
+            "data_source",
+            ("student_generated", "on_policy"),
+            {
+                "properties": {"teacher_source": {"const": "online"}, "sft_warmup_epochs": {"maximum": 0}},
+                "required": ["teacher_source"],
+            },
+        ),
+    )
+
+    teacher_source: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: the scoring cache, no teacher in memory; online: teacher forward in the loop.",
+    )
+    data_source: Literal["ground_truth", "teacher_generated", "student_generated", "on_policy"] = Field(
+        "ground_truth",
+        description="Supervised KD / SeqKD / ImitKD / GKD-style mixing (generated ones need online).",
+    )
+    generation_max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="Longest teacher response for teacher_generated data. Range: 1..4096."
+    )
+    generation_temperature: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Sampling temperature of teacher_generated data; 0 is greedy. Range: [0, 10].",
+    )
+    on_policy_ratio: float = Field(
+        0.5, ge=0, le=1, description="Share of student-generated batches (on_policy). Range: [0, 1]."
+    )
+    sft_warmup_epochs: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description=(
+            "Epochs of plain cross-entropy on the training responses before the distillation loss "
+            "takes over, added to training's budget (the same for every objective): a stand-in for "
+            "the pretrained student the paper starts from. Range: [0, 100]."
+        ),
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Its training settings.")
+
+    @model_validator(mode="after")
+    def _generated_needs_online(self) -> DistillConfig:
+        if self.data_source in ("student_generated", "on_policy") and self.teacher_source != "online":
+            raise ValueError(
+                f"teacher_source: 'offline' cannot serve data_source {self.data_source!r}; set teacher_source: online"
+            )
+        if self.sft_warmup_epochs > 0 and self.data_source in ("student_generated", "on_policy"):
+            raise ValueError(
+                f"sft_warmup_epochs: {self.sft_warmup_epochs} needs fixed responses; data_source "
+                f"{self.data_source!r} generates them during training (use ground_truth or teacher_generated)"
+            )
+        return self
