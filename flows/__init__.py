@@ -1,7 +1,5 @@
-"""flows: Prefect flows composing the stage tasks, and the ``atkd`` command line."""
+"""flows: Prefect flows composing the stage tasks, and the ``atkd`` command line.
 
-from infra.settings import apply_environment_defaults
-
-# Here rather than in the CLI alone: a Prefect worker imports the flow module directly, and these
-# must be set before transformers, datasets or mlflow read them.
-apply_environment_defaults()
+Importing this package changes nothing in the process: the environment defaults
+(``infra.settings``) are applied by the entry points, the ``atkd`` command and each flow's body.
+"""

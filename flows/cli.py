@@ -17,6 +17,7 @@ from atkd_core.errors import ConfigError, UserError, filesystem_error
 from atkd_core.pipeline import LocalStages, pipeline_outputs, student_stages, teacher_stages
 from atkd_core.progress import DEBUG_VARIABLE, quiet_third_party_output
 from atkd_core.workdir import workdir_lock
+from infra.settings import apply_environment_defaults
 
 DEBUG_HELP = "show the traceback of an error caused by the input instead of its one-line message"
 
@@ -339,6 +340,7 @@ class _UserErrorsWithoutTraceback(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atkd`` console script; returns the exit code."""
+    apply_environment_defaults()
     args = build_parser().parse_args(argv)
     if args.debug:
         os.environ[DEBUG_VARIABLE] = "1"  # the stages' own processes keep third-party output too

@@ -1,8 +1,14 @@
-"""Process-wide environment defaults, applied before prefect, mlflow or lm-eval are imported."""
+"""Process-wide environment defaults, applied by the entry points before prefect, mlflow or lm-eval
+are imported: the ``atkd`` command (and so the servers and worker ``atkd serve`` starts), and
+``python -m infra.settings COMMAND``, the container images' entry point, through which their
+worker and the flow runs it starts (Kubernetes jobs included) get them. Importing a module of this
+product never changes the environment.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
 # Each default is one a user may override by exporting the variable themselves.
 ENVIRONMENT_DEFAULTS = {
@@ -35,3 +41,17 @@ def apply_environment_defaults() -> None:
     """Set each default in ``os.environ`` unless the user already set it."""
     for key, value in ENVIRONMENT_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m infra.settings COMMAND [ARG...]``: run COMMAND in this process with the defaults
+    applied (an image's entry point: the worker and the flow runs it starts inherit them)."""
+    command = sys.argv[1:] if argv is None else argv
+    if not command:
+        raise SystemExit("usage: python -m infra.settings COMMAND [ARG...]")
+    apply_environment_defaults()
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    main()
