@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Before prefect is imported anywhere: an isolated home, no telemetry, no hub access.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="atkd-test-prefect-"))
+# Before prefect is imported anywhere: an isolated home (removed when the session ends), no
+# telemetry, no hub access.
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="atkd-test-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 from infra.settings import apply_environment_defaults  # noqa: E402
 
 apply_environment_defaults()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from atkd_core.errors import UserError
 from atkd_core.workdir import process_alive
 from infra.kubernetes import TEMPLATE_PATH
 from infra.servers import postgres_bin_dir, read_state, start, stop
@@ -76,11 +77,25 @@ def state_dir(tmp_path):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _start_on_free_ports(state: Path, backend: str, attempts: int = 3):
+    """start() on ports that were free a moment ago. The servers are separate programs that bind
+    the port they are given (none reports a port the system chose), so a port another process took
+    in between fails one attempt (start's check, or the server's log) and the next uses new ports."""
+    for _ in range(attempts - 1):
+        try:
+            return start(state, free_port(), free_port(), backend=backend, postgres_port=free_port())
+        except UserError as exc:
+            if not re.search("already in use", str(exc), re.IGNORECASE):
+                raise
+            stop(state, log=lambda _: None)
+    return start(state, free_port(), free_port(), backend=backend, postgres_port=free_port())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_deployment_runs_through_the_worker_and_lands_in_mlflow(tmp_path, state_dir, backend):
     state = state_dir
-    servers = start(state, free_port(), free_port(), backend=backend, postgres_port=free_port())
+    servers = _start_on_free_ports(state, backend)
     try:
         env = {
             key: value
@@ -178,8 +193,6 @@ def test_deployment_runs_through_the_worker_and_lands_in_mlflow(tmp_path, state_
 
 def test_start_refuses_a_taken_port(tmp_path):
     import socket
-
-    from atkd_core.errors import UserError
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
