@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
 from atkd_core.data.batching import IGNORE_INDEX
-from atkd_core.scoring import STORAGE_DTYPES, _write_shard, score_batch
+from atkd_core.scoring import STORAGE_DTYPES, score_batch
+from atkd_core.scoring.writer import write_shard
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
             for index, (ids, labels) in enumerate(batches):
                 record = score_batch(model(input_ids=ids).logits, labels, args.vocab, args.top_k, 1.0)
                 counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1).tolist()
-                _write_shard(
+                write_shard(
                     directory,
                     index,
                     [f"ex-{index}-{r}" for r in range(len(ids))],

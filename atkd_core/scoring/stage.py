@@ -1,0 +1,83 @@
+"""The score_teacher stage: reuse an intact cache of these inputs, else score and publish one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from atkd_core.config import PipelineConfig
+from atkd_core.devices import default_device
+from atkd_core.manifest import (
+    read_manifest,
+    require_manifest,
+)
+from atkd_core.outputs import CacheManifest, PreparedManifest
+from atkd_core.scoring.reader import cache_problem
+from atkd_core.scoring.spec import scoring_spec
+from atkd_core.scoring.writer import finalize_cache, score_teacher
+
+
+def run_scoring_stage(
+    teacher_dir: Path,
+    prepared_dir: Path,
+    output_dir: Path,
+    *,
+    top_k: int,
+    temperature: float,
+    storage_dtype: str,
+    shard_size: int,
+    batch_size: int,
+    hard_fraction: float | str,
+    device: str = "cpu",
+    verify_hashes: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[CacheManifest, bool]:
+    """The whole single-process stage: reuse an up-to-date, intact cache, else score, finalise;
+    (manifest, reused). A cache is intact when every shard is there at its recorded size and, with
+    ``verify_hashes``, its sha256; a damaged one is scored again, with a log line saying so."""
+    from atkd_core.models.build import load_model
+
+    manifest = require_manifest(prepared_dir, "prepare_data", PreparedManifest)
+    spec = scoring_spec(
+        teacher_dir,
+        prepared_dir,
+        top_k=top_k,
+        temperature=temperature,
+        storage_dtype=storage_dtype,
+        shard_size=shard_size,
+    )
+    existing = read_manifest(output_dir, CacheManifest)
+    if existing is not None and existing.input_fingerprint == spec.fingerprint():
+        problem = cache_problem(output_dir, existing, check_hashes=verify_hashes)
+        if problem is None:
+            return existing, True
+        log(f"score_teacher: the cache in {output_dir} is damaged ({problem}); scoring it again")
+    model = load_model(teacher_dir, device=device)
+    score_teacher(model, prepared_dir, output_dir, spec, batch_size=batch_size, log=log)
+    return finalize_cache(
+        output_dir, spec, hard_fraction=hard_fraction, num_examples=manifest.counts["train"].rows
+    ), False
+
+
+def score_from_config(
+    config: PipelineConfig, teacher_dir: Path, prepared_dir: Path, log: Callable[[str], None] = print
+) -> tuple[Path, CacheManifest, bool]:
+    """The score_teacher stage with the pipeline config's settings into ``<workdir>/teacher_cache``;
+    returns (cache directory, manifest, reused)."""
+    output = config.layout.teacher_cache
+    manifest, reused = run_scoring_stage(
+        teacher_dir,
+        prepared_dir,
+        output,
+        top_k=config.scoring.top_k,
+        temperature=config.loss.temperature,
+        storage_dtype=config.scoring.storage_dtype,
+        shard_size=config.scoring.shard_size,
+        batch_size=config.scoring.batch_size,
+        hard_fraction=config.loss.hard_fraction,
+        device=default_device(),
+        # Hashing reads the whole cache: worth it when distillation is about to read it anyway.
+        verify_hashes=config.distill.teacher_source == "offline",
+        log=log,
+    )
+    return output, manifest, reused
