@@ -25,7 +25,8 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from atkd_core.data.records import file_records, json_object, text_field
+from atkd_core.config import FIELD_PRESETS
+from atkd_core.data.records import file_records, json_object, read_rows, text_field
 from atkd_core.errors import DataError
 
 PAPER_HELD_OUT = 500
@@ -58,9 +59,6 @@ def split_dolly(
 ) -> dict[str, int]:
     """Write ``out_dir``/{train,validation,test}.jsonl from the Dolly JSONL ``source``: a seeded
     shuffle, ``test`` then ``validation`` rows held out, the rest train. Returns rows per split."""
-    from atkd_core.config import FIELD_PRESETS
-    from atkd_core.data.prepare import read_rows  # datasets/transformers: not at CLI start-up
-
     rows, _ = read_rows(source, FIELD_PRESETS["dolly"])
     if len(rows) <= validation + test:
         raise DataError(

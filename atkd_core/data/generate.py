@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from atkd_core.config import FieldMap, PipelineConfig
-from atkd_core.data.prepare import format_prompt, read_located_rows, tokenize_splits
+from atkd_core.data.encoding import format_prompt
+from atkd_core.data.prepare import tokenize_splits
+from atkd_core.data.records import read_located_rows
 from atkd_core.data.suite import SPLITS
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.manifest import content_identity, fingerprint, require_manifest, run_stage

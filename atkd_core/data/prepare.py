@@ -12,233 +12,30 @@ from __future__ import annotations
 
 import json
 import random
-import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from atkd_core.config import DataConfig, FieldMap, PipelineConfig
+from atkd_core.config import FieldMap, PipelineConfig
 from atkd_core.data.batching import IGNORE_INDEX
+from atkd_core.data.encoding import (
+    FittedPrompt,
+    encode_example,
+    fit_prompt_fields,
+    format_prompt,
+    template_tail_tokens,
+)
 from atkd_core.data.preflight import preflight
-from atkd_core.data.records import file_records, json_object, text_field
+from atkd_core.data.records import Located, read_hub_split, read_located_rows
 from atkd_core.data.suite import SPLITS, write_suite
 from atkd_core.data.tokenizer import load_tokenizer, pad_vocabulary, padding_note, train_tokenizer
 from atkd_core.errors import ConfigError, DataError
 from atkd_core.manifest import fingerprint, run_stage, sha256_file
 from atkd_core.outputs import PreparedManifest
-
-
-def format_prompt(data: DataConfig, instruction: str, context: str | None) -> str:
-    """The prompt for one example: the context template when there is context, else the plain one."""
-    if context:
-        return data.context_template.format(instruction=instruction, context=context)
-    return data.prompt_template.format(instruction=instruction)
-
-
-# A row and where it was read (``file:line``), for messages about it after splits are shuffled.
-Located = tuple[str, dict[str, str]]
-
-
-def read_located_rows(
-    path: Path, fields: FieldMap, on_bad_rows: str = "error"
-) -> tuple[list[Located], list[str]]:
-    """Rows of a Dolly/Alpaca-style file mapped to instruction/context/response/category, each
-    with its ``file:line``.
-
-    Returns (rows, skipped) where ``skipped`` names each bad row (only with on_bad_rows='skip';
-    with 'error' the first bad row raises DataError naming file, line and field).
-    """
-    rows, skipped = _mapped_rows(file_records(path), fields, on_bad_rows)
-    if not rows:
-        raise DataError(f"{path}: no usable rows ({len(skipped)} skipped)")
-    return rows, skipped
-
-
-def read_rows(
-    path: Path, fields: FieldMap, on_bad_rows: str = "error"
-) -> tuple[list[dict[str, str]], list[str]]:
-    """``read_located_rows`` without the locations."""
-    rows, skipped = read_located_rows(path, fields, on_bad_rows)
-    return [row for _, row in rows], skipped
-
-
-def _mapped_rows(
-    records: Iterable[tuple[str, Any]], fields: FieldMap, on_bad_rows: str
-) -> tuple[list[Located], list[str]]:
-    """Each (``where``, record) mapped to the four fields; a bad one raises or is skipped by policy."""
-    rows, skipped = [], []
-    for where, record in records:
-        try:
-            rows.append((where, _map_fields(json_object(record, where), fields, where)))
-        except DataError as exc:
-            if on_bad_rows == "error":
-                raise
-            skipped.append(str(exc))
-    return rows, skipped
-
-
-def _map_fields(record: dict[str, Any], fields: FieldMap, where: str) -> dict[str, str]:
-    return {
-        "instruction": text_field(record, fields.instruction, where, required=True),
-        "context": text_field(record, fields.context, where, required=False) if fields.context else "",
-        "response": text_field(record, fields.response, where, required=True),
-        "category": text_field(record, fields.category, where, required=False) if fields.category else "",
-    }
-
-
-def read_hub_split(
-    name: str, split: str, fields: FieldMap, on_bad_rows: str
-) -> tuple[list[Located], list[str]]:
-    """Rows of one split of a ``datasets`` dataset (a local path or a hub name),
-    each with its ``name[split]:row N``."""
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # datasets raises many types for "not reachable" and "no such split"
-        raise DataError(
-            f"dataset {name!r} split {split!r} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "hubs are offline here (HF_DATASETS_OFFLINE=1): download it elsewhere and point data.train_files at "
-            "local JSONL/Parquet, or pass a local dataset directory"
-        ) from None
-    records = ((f"{name}[{split}]:row {index + 1}", record) for index, record in enumerate(dataset))
-    return _mapped_rows(records, fields, on_bad_rows)
-
-
-class Encoded(NamedTuple):
-    """One tokenised example and how it was made to fit ``max_length``."""
-
-    input_ids: list[int]
-    labels: list[int]
-    fit: Literal["whole", "prompt_truncated", "response_truncated"]
-
-
-def encode_example(
-    prompt: str,
-    response: str,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    *,
-    min_prompt_tokens: int = 1,
-    keep_prompt_tail: int = 0,
-) -> Encoded:
-    """Token ids and labels for one example: IGNORE_INDEX on the prompt, kept on the response + EOS.
-
-    The prompt's trailing whitespace (the newline after "### Response:") is trained as the start of
-    the response, and the split is made as lm-evaluation-harness makes it (context tokens, then the
-    rest of the whole text's tokens), so the harness scores exactly the tokens trained here.
-
-    Too long, the prompt loses its middle: its first tokens (the instruction) and its last
-    ``keep_prompt_tail`` (the template's response marker) stay, never fewer than
-    ``min_prompt_tokens`` in all. Only a response whose tokens and EOS do not fit beside that many
-    prompt tokens is cut, keeping its beginning and losing its EOS (``fit`` says which happened; the
-    caller's policy decides whether such a row is kept).
-    """
-    context = prompt.rstrip()
-    prompt_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    whole_ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
-    response_ids = whole_ids[len(prompt_ids) :] + [tokenizer.eos_token_id]
-    fit: Literal["whole", "prompt_truncated", "response_truncated"] = "whole"
-    if len(prompt_ids) + len(response_ids) > max_length:
-        floor = min(len(prompt_ids), min_prompt_tokens)
-        if len(response_ids) <= max_length - floor:
-            prompt_ids = _drop_middle(prompt_ids, max_length - len(response_ids), keep_prompt_tail)
-            fit = "prompt_truncated"
-        else:
-            prompt_ids = _drop_middle(prompt_ids, floor, keep_prompt_tail)
-            response_ids = response_ids[: max_length - len(prompt_ids)]
-            fit = "response_truncated"
-    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    return Encoded(prompt_ids + response_ids, labels, fit)
-
-
-class FittedPrompt(NamedTuple):
-    """A row's prompt after field-aware shortening, and which fields lost text."""
-
-    prompt: str
-    context_cut: bool
-    instruction_cut: bool
-
-
-def _longest_fitting(length: int, fits: Callable[[int], bool]) -> int | None:
-    """The largest n in [0, length] with ``fits(n)``, assuming fits is monotone; None if not even 0."""
-    if not fits(0):
-        return None
-    low, high = 0, length
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
-def _head_and_tail(text: str, keep: int) -> str:
-    """``text`` down to ``keep`` characters: its start and its end, the middle dropped."""
-    if keep >= len(text):
-        return text
-    head = (keep + 1) // 2
-    return text[:head] + text[len(text) - (keep - head) :]
-
-
-def fit_prompt_fields(
-    data: DataConfig,
-    row: dict[str, str],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    min_prompt_tokens: int,
-) -> FittedPrompt:
-    """The row's prompt, shortened field by field until prompt, response and EOS fit ``max_length``.
-
-    The context (Alpaca's ``input``, Dolly's ``context``) goes first, keeping its start; only when
-    none of it is left does the instruction lose its middle (its start and its end, usually the
-    question, stay). The template's own text (headers, the response marker) is never cut, nor is
-    the response: a response that does not fit beside ``min_prompt_tokens`` prompt tokens gets the
-    prompt back unchanged, for encode_example to cut the response as the policy says.
-    """
-    instruction, context, response = row["instruction"], row["context"], row["response"]
-    prompt = format_prompt(data, instruction, context)
-
-    def tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    prompt_tokens = tokens(prompt.rstrip())
-    budget = max_length - (tokens(prompt + response) - prompt_tokens + 1)  # the response and its EOS
-    if prompt_tokens <= budget or budget < min(min_prompt_tokens, prompt_tokens):
-        return FittedPrompt(prompt, False, False)
-    if context:
-        kept = _longest_fitting(
-            len(context), lambda n: tokens(format_prompt(data, instruction, context[:n]).rstrip()) <= budget
-        )
-        if kept:
-            return FittedPrompt(format_prompt(data, instruction, context[:kept]), True, False)
-    kept = _longest_fitting(
-        len(instruction),
-        lambda n: tokens(format_prompt(data, _head_and_tail(instruction, n), "").rstrip()) <= budget,
-    )
-    if kept is None:  # the template alone is over budget: encode_example cuts tokens instead
-        return FittedPrompt(format_prompt(data, instruction, ""), bool(context), False)
-    return FittedPrompt(format_prompt(data, _head_and_tail(instruction, kept), ""), bool(context), True)
-
-
-def _drop_middle(ids: list[int], budget: int, keep_tail: int) -> list[int]:
-    """``ids`` cut to ``budget`` tokens: the last ``keep_tail`` (at most the budget) and the first rest."""
-    if len(ids) <= budget:
-        return ids
-    tail = min(keep_tail, budget)
-    return ids[: budget - tail] + ids[len(ids) - tail :]
-
-
-def template_tail_tokens(template: str, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Tokens of the template's text after its last field (e.g. "### Response:"), which truncation keeps."""
-    literal, field, _, _ = list(string.Formatter().parse(template))[-1]
-    suffix = literal if field is None else ""
-    return len(tokenizer(suffix.rstrip(), add_special_tokens=False)["input_ids"])
 
 
 def _holdout(rows: list[Located], fraction: float, seed: int) -> tuple[list[Located], list[Located]]:

@@ -13,9 +13,11 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from atkd_core.config import FieldMap
 from atkd_core.errors import DataError
 
 
@@ -153,3 +155,73 @@ def text_field(record: dict[str, Any], field: str, where: str, *, required: bool
     if required and (value is None or not value.strip()):
         raise DataError(f"{where}: field {field!r} is missing or empty")
     return value or ""
+
+
+# A row and where it was read (``file:line``), for messages about it after splits are shuffled.
+Located = tuple[str, dict[str, str]]
+
+
+def read_located_rows(
+    path: Path, fields: FieldMap, on_bad_rows: str = "error"
+) -> tuple[list[Located], list[str]]:
+    """Rows of a Dolly/Alpaca-style file mapped to instruction/context/response/category, each
+    with its ``file:line``.
+
+    Returns (rows, skipped) where ``skipped`` names each bad row (only with on_bad_rows='skip';
+    with 'error' the first bad row raises DataError naming file, line and field).
+    """
+    rows, skipped = _mapped_rows(file_records(path), fields, on_bad_rows)
+    if not rows:
+        raise DataError(f"{path}: no usable rows ({len(skipped)} skipped)")
+    return rows, skipped
+
+
+def read_rows(
+    path: Path, fields: FieldMap, on_bad_rows: str = "error"
+) -> tuple[list[dict[str, str]], list[str]]:
+    """``read_located_rows`` without the locations."""
+    rows, skipped = read_located_rows(path, fields, on_bad_rows)
+    return [row for _, row in rows], skipped
+
+
+def _mapped_rows(
+    records: Iterable[tuple[str, Any]], fields: FieldMap, on_bad_rows: str
+) -> tuple[list[Located], list[str]]:
+    """Each (``where``, record) mapped to the four fields; a bad one raises or is skipped by policy."""
+    rows, skipped = [], []
+    for where, record in records:
+        try:
+            rows.append((where, _map_fields(json_object(record, where), fields, where)))
+        except DataError as exc:
+            if on_bad_rows == "error":
+                raise
+            skipped.append(str(exc))
+    return rows, skipped
+
+
+def _map_fields(record: dict[str, Any], fields: FieldMap, where: str) -> dict[str, str]:
+    return {
+        "instruction": text_field(record, fields.instruction, where, required=True),
+        "context": text_field(record, fields.context, where, required=False) if fields.context else "",
+        "response": text_field(record, fields.response, where, required=True),
+        "category": text_field(record, fields.category, where, required=False) if fields.category else "",
+    }
+
+
+def read_hub_split(
+    name: str, split: str, fields: FieldMap, on_bad_rows: str
+) -> tuple[list[Located], list[str]]:
+    """Rows of one split of a ``datasets`` dataset (a local path or a hub name),
+    each with its ``name[split]:row N``."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types for "not reachable" and "no such split"
+        raise DataError(
+            f"dataset {name!r} split {split!r} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "where the hub cannot be reached (or HF_DATASETS_OFFLINE=1 is set), download it where it can be "
+            "and point data.train_files at local JSONL/Parquet, or pass a local dataset directory"
+        ) from None
+    records = ((f"{name}[{split}]:row {index + 1}", record) for index, record in enumerate(dataset))
+    return _mapped_rows(records, fields, on_bad_rows)

@@ -24,7 +24,8 @@ from string import Template
 from typing import Any
 
 from atkd_core.config import FieldMap, PipelineConfig
-from atkd_core.data.prepare import format_prompt, read_rows
+from atkd_core.data.encoding import format_prompt
+from atkd_core.data.records import read_rows
 from atkd_core.errors import UserError
 from atkd_core.manifest import atomic_output, content_identity, fingerprint, read_manifest, write_manifest
 from atkd_core.outputs import EvaluationManifest

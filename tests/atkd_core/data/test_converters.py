@@ -8,7 +8,8 @@ import pytest
 
 from atkd_core.config import FIELD_PRESETS
 from atkd_core.data.converters import convert_eval_set, split_dolly
-from atkd_core.data.prepare import DataError, read_rows
+from atkd_core.data.records import read_rows
+from atkd_core.errors import DataError
 from flows.cli import main
 
 

@@ -7,8 +7,9 @@ import json
 import torch
 from datasets import load_from_disk
 
+from atkd_core.data.batching import IGNORE_INDEX
 from atkd_core.data.generate import generate_teacher_data
-from atkd_core.data.prepare import IGNORE_INDEX, prepare_data
+from atkd_core.data.prepare import prepare_data
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.models.build import load_model, materialize_model
 from tests.conftest import tiny_config
@@ -39,7 +40,7 @@ def test_teacher_generated_data(tmp_path):
     # Batched, left-padded generation equals generating each prompt alone.
     tokenizer = load_tokenizer(tmp_path / "prepared" / "tokenizer")
     model = load_model(teacher).eval()
-    from atkd_core.data.prepare import format_prompt
+    from atkd_core.data.encoding import format_prompt
 
     for row, made in list(zip(original, generated, strict=True))[:3]:
         ids = tokenizer(

@@ -9,16 +9,11 @@ from datasets import load_from_disk
 from transformers import AutoTokenizer
 
 from atkd_core.config import DataConfig
-from atkd_core.data.prepare import (
-    IGNORE_INDEX,
-    DataError,
-    encode_example,
-    fit_prompt_fields,
-    format_prompt,
-    prepare_data,
-    read_rows,
-    template_tail_tokens,
-)
+from atkd_core.data.batching import IGNORE_INDEX
+from atkd_core.data.encoding import encode_example, fit_prompt_fields, format_prompt, template_tail_tokens
+from atkd_core.data.prepare import prepare_data
+from atkd_core.data.records import read_rows
+from atkd_core.errors import DataError
 from atkd_core.manifest import read_manifest
 from atkd_core.outputs import PreparedManifest
 from tests.atkd_core.data.test_tokenizer import _tokenizer
@@ -301,7 +296,7 @@ def test_csv_parquet_and_json_files(tmp_path, suffix):
 
 def test_unreachable_hub_dataset_is_a_clear_error(tmp_path):
     config = tiny_config(tmp_path, data={"source": "hub", "hub_name": "databricks/databricks-dolly-15k"})
-    with pytest.raises(DataError, match="cannot be loaded .*offline"):
+    with pytest.raises(DataError, match="cannot be loaded .*where the hub cannot be reached"):
         prepare_data(config, tmp_path / "out", log=lambda _: None)
 
 

@@ -11,7 +11,9 @@ import pytest
 
 from atkd_core.config import DataConfig
 from atkd_core.data.converters import convert_eval_set
-from atkd_core.data.prepare import format_prompt, prepare_data, read_hub_split, read_rows
+from atkd_core.data.encoding import format_prompt
+from atkd_core.data.prepare import prepare_data
+from atkd_core.data.records import read_hub_split, read_rows
 from atkd_core.errors import DataError
 from tests.atkd_core.data.test_prepare import _files_config
 
