@@ -21,6 +21,12 @@ class ModelConfig(StrictModel):
         False, description="Allow custom modelling code from the model's repository."
     )
     init_seed: int = Field(0, ge=0, description="Seed of the random initialisation of a preset. Range: >= 0.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = Field(
+        "auto",
+        description="The attention kernel when this model trains or teaches online: auto (transformers' "
+        "choice for the architecture, sdpa where it supports it), eager, sdpa, flash_attention_2 (needs "
+        "CUDA and the flash-attn package) or flex_attention. The same losses whichever kernel.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelConfig:
@@ -67,6 +73,12 @@ class TrainingConfig(StrictModel):
     )
 
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage. Range: 0..3.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them "
+        "from the forward: activation memory of one layer instead of all, for one more forward's "
+        "compute. The same losses.",
+    )
     offload_optimizer: bool = Field(False, description="Offload optimizer state to CPU (ZeRO 1-3).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp32 on CPU, bf16 on GPU. fp16 is refused on CPU."

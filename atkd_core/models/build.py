@@ -91,12 +91,28 @@ def build_model(spec: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTra
 
 
 def load_model(
-    path: str | Path, *, device: str | torch.device = "cpu", trust_remote_code: bool = False
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str = "auto",
 ) -> PreTrainedModel:
-    """Load a causal LM from a hub id or a local ``save_pretrained`` directory (fp32) onto ``device``."""
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), trust_remote_code=trust_remote_code, dtype=torch.float32
-    )
+    """Load a causal LM from a hub id or a local ``save_pretrained`` directory (fp32) onto ``device``;
+    ``attn_implementation`` other than auto picks the attention kernel (ConfigError where the model
+    or this machine cannot run it)."""
+    kernel = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, dtype=torch.float32, **kernel
+        )
+    except (ImportError, ValueError) as exc:
+        if not kernel:
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"attn_implementation: {attn_implementation!r} cannot run {path} here ({first_line[:200]}); "
+            "use auto, sdpa or eager"
+        ) from None
     # transformers types PreTrainedModel.to through a decorator mypy reads as an unbound function.
     return model.to(device)  # type: ignore[arg-type]
 

@@ -88,7 +88,11 @@ def setup(job: TrainJob, rank: int, world_size: int, device: str, log: Callable[
             f"{training.batch_size}"
         )
     tokenizer = load_tokenizer(job.prepared_dir / "tokenizer")
-    model = load_model(job.init_dir)
+    trained = job.config.teacher if job.stage == "finetune" else job.config.student
+    model = load_model(job.init_dir, attn_implementation=trained.attn_implementation)
+    if training.gradient_checkpointing:
+        # Non-reentrant: it keeps the RNG state and works with inputs that need no gradient.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     plan = BatchPlan(examples_of(dataset["train"]), training, rank, world_size)
     warmup_steps = (
         round(job.config.distill.sft_warmup_epochs * plan.steps_per_epoch) if job.stage == "distill" else 0
@@ -147,7 +151,12 @@ def _attach_teacher(job: TrainJob, state: TrainState, log: Callable[[str], None]
     if job.teacher_dir is None:
         raise UserError("online distillation needs the teacher model directory")
     state.teacher = load_live_teacher(
-        job.teacher_dir, job.training, state.device, len(state.tokenizer), fused=job.config.loss.fused_linear
+        job.teacher_dir,
+        job.training,
+        state.device,
+        len(state.tokenizer),
+        fused=job.config.loss.fused_linear,
+        attn_implementation=job.config.teacher.attn_implementation,
     )
     log(f"{job.stage}: online teacher {job.teacher_dir}")
 

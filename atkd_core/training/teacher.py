@@ -108,14 +108,19 @@ class LiveTeacher(TeacherSource):
 
 
 def load_live_teacher(
-    teacher_dir: Path, training: TrainingConfig, device: torch.device, vocab_size: int, fused: bool
+    teacher_dir: Path,
+    training: TrainingConfig,
+    device: torch.device,
+    vocab_size: int,
+    fused: bool,
+    attn_implementation: str = "auto",
 ) -> LiveTeacher:
     """The teacher at ``teacher_dir`` in eval mode without gradients, on the student's device, or
     partitioned like the student under ZeRO-3 (every rank runs its forward); with ``fused``, its
     output layer is left to the loss (gathered for it under ZeRO-3: LiveTeacher.loss_context)."""
     from atkd_core.models.build import load_model
 
-    teacher = load_model(teacher_dir).eval().requires_grad_(False)
+    teacher = load_model(teacher_dir, attn_implementation=attn_implementation).eval().requires_grad_(False)
     if training.zero_stage != 3:
         return LiveTeacher(
             teacher.to(device), vocab_size, OutputLayer(teacher, vocab_size) if fused else None

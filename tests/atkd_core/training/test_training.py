@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -13,14 +14,15 @@ import pytest
 import torch
 
 from atkd_core.data.prepare import prepare_data
-from atkd_core.errors import UserError
+from atkd_core.errors import ConfigError, UserError
 from atkd_core.manifest import read_manifest
-from atkd_core.models.build import materialize_model
+from atkd_core.models.build import load_model, materialize_model
 from atkd_core.outputs import CacheManifest
 from atkd_core.scoring import run_scoring_stage
 from atkd_core.training.checkpoint import CheckpointError
-from atkd_core.training.distributed import child_environment, free_port
+from atkd_core.training.distributed import child_environment, free_port, process_group
 from atkd_core.training.job import TrainJob, auto_split_line, distill_job
+from atkd_core.training.loop import cleanup, setup
 from atkd_core.training.main import run_training
 from infra.launcher import launch_training
 from tests.conftest import REPO_ROOT, tiny_config
@@ -554,3 +556,42 @@ def test_the_auto_split_is_the_caches_threshold_whatever_the_batching(inputs, tm
         run_training(job, lambda m, s: None, quiet)
         runs[micro] = losses(job)
     assert runs[2] == pytest.approx(runs[8], rel=1e-5, abs=1e-7)
+
+
+def _with_student_attention(job: TrainJob, kernel: str) -> TrainJob:
+    student = job.config.student.model_copy(update={"attn_implementation": kernel})
+    return dataclasses.replace(job, config=job.config.model_copy(update={"student": student}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["sft", "atkd"])
+def test_activation_checkpointing_and_the_attention_kernel_train_alike(inputs, tmp_path, objective):
+    """gradient_checkpointing and attn_implementation change how a step is computed, not its
+    losses; each is checked to have taken effect on the model that trained."""
+    loss = {"objective": objective}
+    jobs = {
+        "reference": make_job(inputs, tmp_path, loss=loss, name="reference"),
+        "checkpointed": make_job(
+            inputs, tmp_path, loss=loss, training={"gradient_checkpointing": True}, name="checkpointed"
+        ),
+        "eager": _with_student_attention(make_job(inputs, tmp_path, loss=loss, name="eager"), "eager"),
+        "sdpa": _with_student_attention(make_job(inputs, tmp_path, loss=loss, name="sdpa"), "sdpa"),
+    }
+    seen = {}
+    for name, job in jobs.items():
+        with process_group("cpu") as (rank, world_size):
+            state = setup(job, rank, world_size, "cpu", quiet)
+            model = state.engine.module
+            seen[name] = (model.is_activation_checkpointing, model.config._attn_implementation)
+            cleanup(state)
+        run_training(job, lambda m, s: None, quiet)
+    assert seen["checkpointed"][0] and not seen["reference"][0]
+    assert seen["eager"][1] == "eager" and seen["sdpa"][1] == "sdpa"
+    for name in ("checkpointed", "eager", "sdpa"):
+        assert losses(jobs[name]) == pytest.approx(losses(jobs["reference"]), rel=1e-5, abs=1e-7), name
+
+
+def test_an_attention_kernel_the_machine_cannot_run_is_one_line(inputs):
+    _, _, student = inputs
+    with pytest.raises(ConfigError, match="attn_implementation: 'flash_attention_2' cannot run"):
+        load_model(student, attn_implementation="flash_attention_2")
