@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,14 @@ def test_stage_scores_models_with_the_harness_and_a_trained_teacher_beats_random
         assert (tmp_path / "eval" / name).is_file(), name
     raw = json.loads((tmp_path / "eval" / "teacher.json").read_text())
     assert set(families) <= set(raw["results"])
+    # Written in a temporary sibling and renamed: the kept task files point at their final place.
+    data_files = re.findall(
+        r'(?:test|validation): "(.+)"', (tmp_path / "eval" / "tasks" / "atkd_add.yaml").read_text()
+    )
+    assert data_files and all(
+        Path(f).is_file() and Path(f).parent == (tmp_path / "eval" / "tasks").resolve() for f in data_files
+    )
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".eval")] == []
 
     def mean_rouge(model):
         return sum(report["results"][model][t]["rougeL"] for t in families) / len(families)
