@@ -110,7 +110,7 @@ def load_model(
             raise
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
-            f"attn_implementation: {attn_implementation!r} cannot run {path} here ({first_line[:200]}); "
+            f"attn_implementation: {attn_implementation!r} cannot run {path} on this machine ({first_line[:200]}); "
             "use auto, sdpa or eager"
         ) from None
     # transformers types PreTrainedModel.to through a decorator mypy reads as an unbound function.
