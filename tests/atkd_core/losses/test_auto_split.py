@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from atkd_core.auto_split import resolve_auto_split
 from atkd_core.config import LossConfig
 from atkd_core.errors import CacheError
 from atkd_core.losses import otsu_threshold, unc_histogram
 from atkd_core.losses.uncertainty import dataset_threshold
+from atkd_core.outputs import CacheManifest
 
 
 def _bimodal(easy_share: float, seed: int = 0) -> torch.Tensor:
@@ -47,16 +49,41 @@ def test_dataset_threshold_is_the_quantile_or_otsus():
     assert dataset_threshold(unc, "auto") == otsu_threshold(unc_histogram(unc))[0]
 
 
+def _cache_manifest(**fields) -> CacheManifest:
+    """A teacher cache's manifest with the given auto-split fields (the rest made up)."""
+    made_up = {
+        "stage": "score_teacher",
+        "input_fingerprint": "f",
+        "content_sha256": "c",
+        "created_unix": 0.0,
+        "spec": {},
+        "num_examples": 1,
+        "num_shards": 1,
+        "tokens": 1,
+        "shards": {},
+        "shard_bytes": {},
+        "cache_bytes": 0,
+        "unc_quantiles": {},
+        "unc_mean": 0.5,
+        "hard_fraction": "auto",
+        "unc_threshold_at_hard_fraction": None,
+        "unc_histogram": [1],
+    }
+    return CacheManifest(**{**made_up, **fields})
+
+
 def test_resolving_auto_gives_a_fixed_threshold_split():
-    manifest = {"unc_auto_threshold": 0.42, "unc_auto_hard_fraction": 0.37}
+    manifest = _cache_manifest(unc_auto_threshold=0.42, unc_auto_hard_fraction=0.37)
     resolved = resolve_auto_split(LossConfig(hard_fraction="auto"), manifest)
     assert (resolved.split_scope, resolved.unc_threshold, resolved.hard_fraction) == ("threshold", 0.42, 0.37)
     numeric = LossConfig(hard_fraction=0.7)
     assert resolve_auto_split(numeric, manifest) is numeric
-    with pytest.raises(CacheError, match="has no UNC histogram|this cache has none"):
-        resolve_auto_split(LossConfig(hard_fraction="auto"), {})
+    # A cache manifest without the split's record cannot exist: it reads as no cache at all.
+    with pytest.raises(ValidationError, match="unc_auto_threshold"):
+        _cache_manifest(unc_auto_hard_fraction=0.37)
+    valleyless = _cache_manifest(unc_auto_threshold=float("nan"), unc_auto_hard_fraction=float("nan"))
     with pytest.raises(CacheError, match="no valley"):
-        resolve_auto_split(LossConfig(hard_fraction="auto"), {"unc_auto_threshold": float("nan")})
+        resolve_auto_split(LossConfig(hard_fraction="auto"), valleyless)
 
 
 def test_auto_cannot_be_combined_with_a_given_threshold():
