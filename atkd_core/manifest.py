@@ -117,10 +117,16 @@ def require_manifest(directory: Path, stage: str, kind: type[Manifest]) -> Manif
     return manifest
 
 
+def up_to_date_manifest(directory: Path, kind: type[Manifest], input_fingerprint: str) -> Manifest | None:
+    """The manifest (as ``kind``) of a finished output in ``directory`` made from inputs with this
+    fingerprint, or None: the one reuse check every stage makes."""
+    manifest = read_manifest(directory, kind)
+    return manifest if manifest is not None and manifest.input_fingerprint == input_fingerprint else None
+
+
 def is_up_to_date(directory: Path, input_fingerprint: str) -> bool:
     """True when ``directory`` holds a finished output made from inputs with this fingerprint."""
-    manifest = read_manifest(directory)
-    return manifest is not None and manifest.input_fingerprint == input_fingerprint
+    return up_to_date_manifest(directory, StageManifest, input_fingerprint) is not None
 
 
 def _sibling(directory: Path, kind: str) -> Path:
@@ -236,8 +242,8 @@ def run_stage(
 
     ``build(staging_dir)`` writes the output files and returns ``kind``'s own manifest fields.
     """
-    existing = None if force else read_manifest(directory, kind)
-    if existing is not None and existing.input_fingerprint == input_fingerprint:
+    existing = None if force else up_to_date_manifest(directory, kind, input_fingerprint)
+    if existing is not None:
         return existing, True
     with atomic_output(directory) as staging:
         fields = build(staging)

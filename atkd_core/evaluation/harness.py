@@ -27,7 +27,13 @@ from atkd_core.config import FieldMap, PipelineConfig
 from atkd_core.data.encoding import format_prompt
 from atkd_core.data.records import read_rows
 from atkd_core.errors import UserError
-from atkd_core.manifest import atomic_output, content_identity, fingerprint, read_manifest, write_manifest
+from atkd_core.manifest import (
+    atomic_output,
+    content_identity,
+    fingerprint,
+    up_to_date_manifest,
+    write_manifest,
+)
 from atkd_core.outputs import EvaluationManifest
 from atkd_core.reports.evaluation import summary_table, write_summary
 
@@ -224,8 +230,8 @@ def run_evaluation(
     """
     check_models(models)
     identity = evaluation_fingerprint(config, prepared_dir, models)
-    existing = read_manifest(output_dir, EvaluationManifest)
-    if existing is not None and existing.input_fingerprint == identity:
+    existing = up_to_date_manifest(output_dir, EvaluationManifest, identity)
+    if existing is not None:
         log(f"evaluate: reused {output_dir}")
         return {
             **existing.report,

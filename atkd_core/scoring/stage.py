@@ -8,8 +8,8 @@ from pathlib import Path
 from atkd_core.config import PipelineConfig
 from atkd_core.devices import default_device
 from atkd_core.manifest import (
-    read_manifest,
     require_manifest,
+    up_to_date_manifest,
 )
 from atkd_core.outputs import CacheManifest, PreparedManifest
 from atkd_core.scoring.reader import cache_problem
@@ -46,8 +46,8 @@ def run_scoring_stage(
         storage_dtype=storage_dtype,
         shard_size=shard_size,
     )
-    existing = read_manifest(output_dir, CacheManifest)
-    if existing is not None and existing.input_fingerprint == spec.fingerprint():
+    existing = up_to_date_manifest(output_dir, CacheManifest, spec.fingerprint())
+    if existing is not None:
         problem = cache_problem(output_dir, existing, check_hashes=verify_hashes)
         if problem is None:
             return existing, True

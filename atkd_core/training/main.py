@@ -20,8 +20,8 @@ from atkd_core.manifest import (
     atomic_output,
     content_identity,
     fingerprint,
-    read_manifest,
     sha256_file,
+    up_to_date_manifest,
     write_manifest,
 )
 from atkd_core.outputs import TrainedModelManifest
@@ -50,8 +50,7 @@ def model_card(job: TrainJob, history: list[dict[str, float]]) -> str:
 
 def finished_output(job: TrainJob) -> TrainedModelManifest | None:
     """The manifest of an output already trained from the same settings and inputs."""
-    existing = read_manifest(job.output_dir, TrainedModelManifest)
-    return existing if existing is not None and existing.input_fingerprint == job.fingerprint() else None
+    return up_to_date_manifest(job.output_dir, TrainedModelManifest, job.fingerprint())
 
 
 def run_training(
