@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from atkd_core.data.batching import IGNORE_INDEX
+from atkd_core.data.batching import IGNORE_INDEX, Placement, target_columns
 from atkd_core.errors import CacheError
 from atkd_core.losses import SparseTeacher
 from atkd_core.manifest import (
@@ -85,12 +85,18 @@ class TeacherCache:
             raise CacheError(f"{self.directory}: example {example_id!r} is not in the cache")
         return self._rows[example_id]
 
-    def sparse_teacher(self, example_ids: Sequence[str], targets: Tensor) -> SparseTeacher:
+    def sparse_teacher(
+        self, example_ids: Sequence[str], targets: Tensor, placements: Sequence[Placement] | None = None
+    ) -> SparseTeacher:
         """The SparseTeacher for a batch whose shifted targets are ``targets`` [B, T].
 
-        Refuses (CacheError) any example whose valid targets differ from the cached ones: a cache
-        misaligned with the data would otherwise train on the wrong teacher silently.
+        ``placements``: where each example sits (data.batching.pack); by default example i fills
+        row i from column 0 (collate). Refuses (CacheError) any example whose valid targets differ
+        from the cached ones: a cache misaligned with the data would otherwise train on the wrong
+        teacher silently.
         """
+        if placements is None:
+            placements = [Placement(row, 0, targets.shape[1] + 1) for row in range(len(example_ids))]
         batch, length = targets.shape
         k = self.spec["top_k"]
         target_logprob = torch.zeros(batch, length)
@@ -98,10 +104,11 @@ class TeacherCache:
         log_tail = torch.zeros(batch, length)
         topk_ids = torch.zeros(batch, length, k, dtype=torch.int32)
         topk_logprobs = torch.zeros(batch, length, k)
-        for row, example_id in enumerate(example_ids):
+        for example_id, placement in zip(example_ids, placements, strict=True):
             shard, start, end = self._row(example_id)
             tensors = self._shards[shard]
-            positions = (targets[row] != IGNORE_INDEX).nonzero().squeeze(-1).cpu()
+            row, columns = placement.row, target_columns(placement)
+            positions = (targets[row, columns] != IGNORE_INDEX).nonzero().squeeze(-1).cpu() + columns.start
             cached_targets = tensors["targets"][start:end]
             if positions.numel() != cached_targets.numel() or not torch.equal(
                 targets[row, positions].cpu().int(), cached_targets

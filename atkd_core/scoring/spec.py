@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from atkd_core.audit import top_k_problem
 from atkd_core.config import PipelineConfig
 from atkd_core.errors import CacheError, ConfigError
@@ -82,7 +80,6 @@ def config_scoring_spec(config: PipelineConfig, teacher_dir: Path, prepared_dir:
     )
 
 
-@torch.no_grad()
 def prepared_data_sha256(prepared_dir: Path) -> str:
     """The content hash of a prepared-data output (from its manifest, or computed)."""
     return require_manifest(prepared_dir, "prepare_data", PreparedManifest).content_sha256

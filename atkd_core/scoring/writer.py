@@ -118,6 +118,7 @@ def _finished_shard(directory: Path, index: int) -> str | None:
     return digest if sha256_file(path) == digest else None
 
 
+@torch.no_grad()
 def score_teacher(
     model: torch.nn.Module,
     prepared_dir: Path,
@@ -134,7 +135,8 @@ def score_teacher(
 
     Shards are dealt round-robin to ranks; every rank writes its own into the shared partial
     directory. The caller synchronises ranks before rank 0 calls :func:`finalize_cache`.
-    ``stop_after_shards`` stops early (simulates a killed run in tests).
+    ``stop_after_shards`` stops early (simulates a killed run in tests). Without autograd: a
+    record that kept its graph would hold every batch's activations until its shard is written.
     """
     dataset = load_from_disk(str(prepared_dir / "dataset"))["train"]
     tokenizer_vocab = require_manifest(prepared_dir, "prepare_data", PreparedManifest).vocab_size

@@ -259,3 +259,20 @@ def test_a_cache_manifest_of_an_older_format_is_scored_again(setup, tmp_path):
     again, reused = score(prepared, teacher_dir, tmp_path / "cache")
     assert not reused and again.unc_histogram == manifest.unc_histogram
     assert again.content_sha256 == manifest.content_sha256
+
+
+def test_scoring_runs_without_autograd(setup, tmp_path):
+    """A record that kept its autograd graph held every batch's activations until its shard was
+    written: 11.5 GB for 267 Dolly-length examples on a 4M-parameter teacher."""
+    from atkd_core.scoring.spec import scoring_spec
+    from atkd_core.scoring.writer import score_teacher
+
+    _, _, prepared, teacher_dir, _ = setup
+    model = load_model(teacher_dir)
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(torch.is_grad_enabled()))
+    spec = scoring_spec(
+        teacher_dir, prepared, top_k=4, temperature=1.0, storage_dtype="float32", shard_size=24
+    )
+    score_teacher(model, prepared, tmp_path / "cache", spec, batch_size=8, log=lambda _: None)
+    assert seen and not any(seen)
