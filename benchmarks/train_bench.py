@@ -1,11 +1,16 @@
-"""Training step time and tokens/s for the same student: sft, kd offline, atkd offline, atkd online.
+"""Training throughput per objective, padded against packed batches, on Dolly-shaped lengths.
 
-All four train the demo's student on the demo's data (same batches, same steps) in one process under
-DeepSpeed ZeRO-2, fp32 on CPU; the teacher is the demo's teacher preset (its weights do not change
-the cost). Step times are medians after the first steps; ratios are to sft.
+Every case trains the same student on the same batches (same seed, same steps) in one process under
+DeepSpeed ZeRO-2, twice: right-padded batches (training.packing false) and packed ones (true). The
+data are synthetic rows whose prompt and response lengths follow databricks-dolly-15k's
+(``benchmarks/dolly_shape.py``; ``--data demo`` takes the demo's suite instead), at the paper's
+512-token limit. The teacher is the demo's teacher preset, random-init (its weights do not change
+the cost). Rates are medians over the steps after the first three; response tokens are the trained
+targets. The packed and padded runs log the same per-step losses up to float rounding; the table
+shows the largest relative difference.
 
     .venv/bin/python benchmarks/train_bench.py
-    .venv/bin/python benchmarks/train_bench.py --steps 30 --teacher neox-medium
+    .venv/bin/python benchmarks/train_bench.py --steps 30 --teacher neox-medium --data demo
 """
 
 from __future__ import annotations
@@ -25,21 +30,42 @@ from atkd_core.scoring import score_from_config
 from atkd_core.training.job import distill_job
 from atkd_core.training.main import run_training
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dolly_shape import write_dolly_shaped  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CASES = [
-    ("sft", "offline", {"objective": "sft"}),
-    ("kd offline", "offline", {"objective": "kd"}),
-    ("atkd offline", "offline", {"objective": "atkd"}),
-    ("atkd online", "online", {"objective": "atkd"}),
+    ("sft", "offline", "sft"),
+    ("kd offline", "offline", "kd"),
+    ("atkd offline", "offline", "atkd"),
+    ("kd online", "online", "kd"),
+    ("atkd online", "online", "atkd"),
 ]
 
 
+def data_settings(kind: str, root: Path, rows: int, max_length: int) -> list[str]:
+    """Config overrides that point the demo config at ``kind``'s data."""
+    if kind == "demo":
+        return []
+    path = write_dolly_shaped(root / "dolly-shaped.jsonl", rows)
+    return [
+        "data.source=files",
+        f"data.train_files=[{path}]",
+        f"data.max_length={max_length}",
+        "data.field_preset=dolly",
+    ]
+
+
 def main() -> None:
-    """Train each case for the same steps and print the table."""
+    """Train each case padded and packed for the same steps and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per case")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--teacher", default="neox-small", help="teacher preset")
     parser.add_argument("--student", default="neox-tiny", help="student preset")
+    parser.add_argument("--data", choices=("dolly", "demo"), default="dolly", help="the rows trained on")
+    parser.add_argument("--rows", type=int, default=1200, help="Dolly-shaped rows written (--data dolly)")
+    parser.add_argument("--max-length", type=int, default=512, help="data.max_length for --data dolly")
+    parser.add_argument("--cases", nargs="+", default=[name for name, _, _ in CASES], help="which objectives")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
@@ -62,12 +88,13 @@ def main() -> None:
             "loss.hard_fraction=0.5",
             f"teacher.preset={args.teacher}",
             f"student.preset={args.student}",
+            *data_settings(args.data, root, args.rows, args.max_length),
             *args.overrides,
         ]
         base = load_config(REPO / "configs" / "demo.yaml", [f"workdir={root}", *shared])
-        prepare_data(base, root / "prepared", log=lambda _: None)
+        prepared, _ = prepare_data(base, root / "prepared", log=lambda _: None)
         tokenizer = root / "prepared" / "tokenizer"
-        progress("data prepared")
+        progress(f"data prepared: {prepared.counts['train'].rows} training examples")
         teacher = Path(materialize_model(base.teacher, tokenizer, root / "teacher"))
         progress(f"teacher {args.teacher} initialised")
         student = Path(materialize_model(base.student, tokenizer, root / "student"))
@@ -75,50 +102,70 @@ def main() -> None:
         # The pipeline's scoring stage: on the GPU when there is one, with the config's settings.
         cache, _, _ = score_from_config(base, teacher, root / "prepared", log=lambda _: None)
         progress("teacher scored")
-        rows = []
-        for name, source, loss in CASES:
-            config = load_config(
-                REPO / "configs" / "demo.yaml",
-                [
-                    f"workdir={root / name.replace(' ', '-')}",
-                    f"distill.teacher_source={source}",
-                    f"distill.training.max_steps={args.steps}",
-                    f"loss.objective={loss['objective']}",
-                    "distill.training.eval_every=100000",
-                    *shared,
-                ],
-            )
-            # The pipeline's own distillation job (it resolves loss.hard_fraction auto, if --set asks for it).
-            job = distill_job(config, root / "prepared", student, cache, teacher)
-            progress(f"{name}: training")
-            run_training(job, lambda metrics, step: None, log=progress)
-            history = [
-                json.loads(line) for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()
-            ]
-            steady = history[min(3, len(history) - 1) :]
-            rows.append((name, statistics.median(r["tokens_per_s"] for r in steady)))
+        results = []
+        for name, source, objective in (case for case in CASES if case[0] in args.cases):
+            runs = {}
+            for packing in (False, True):
+                label = f"{name.replace(' ', '-')}-{'packed' if packing else 'padded'}"
+                config = load_config(
+                    REPO / "configs" / "demo.yaml",
+                    [
+                        f"workdir={root / label}",
+                        f"distill.teacher_source={source}",
+                        f"distill.training.max_steps={args.steps}",
+                        f"distill.training.packing={str(packing).lower()}",
+                        f"loss.objective={objective}",
+                        "distill.training.eval_every=100000",
+                        *shared,
+                    ],
+                )
+                # The pipeline's own distillation job (it resolves loss.hard_fraction auto, if --set asks).
+                job = distill_job(config, root / "prepared", student, cache, teacher)
+                progress(f"{label}: training")
+                run_training(job, lambda metrics, step: None, log=progress)
+                runs[packing] = [
+                    json.loads(line) for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()
+                ]
+            results.append((name, runs))
         sizes = {
             role: count_parameters(load_model(path))
             for role, path in (("student", student), ("teacher", teacher))
         }
-    sft_rate = rows[0][1]
     training = base.distill.training
     print(
         f"student {args.student} ({sizes['student'] / 1e6:.1f}M), teacher {args.teacher} ({sizes['teacher'] / 1e6:.1f}M), "
-        f"demo data, vocabulary {base.tokenizer.pad_to or base.tokenizer.vocab_size}, batch {training.batch_size}, "
-        f"{args.steps} steps, ZeRO-{training.zero_stage}, precision {training.precision}, optimizer {training.optim.name}"
+        f"{args.data} data (max_length {base.data.max_length}), vocabulary {base.tokenizer.pad_to or base.tokenizer.vocab_size}, "
+        f"batch {training.batch_size} (micro {training.micro_batch_size}), {args.steps} steps, "
+        f"ZeRO-{training.zero_stage}, precision {training.precision}, optimizer {training.optim.name}"
     )
-    mfu_title = " MFU |" if args.peak_tflops else ""
-    print(f"| objective | response tokens/s | step time vs sft |{mfu_title}")
-    print("|---|---|---|" + ("---|" if args.peak_tflops else ""))
-    # Every case trains on the same batches, so the step-time ratio is the inverse throughput ratio.
-    for name, rate in rows:
-        line = f"| {name} | {rate:,.0f} | {sft_rate / rate:.2f}x |"
+
+    def median(history: list[dict[str, float]], key: str) -> float:
+        return statistics.median(record[key] for record in history[min(3, len(history) - 1) :])
+
+    sft_packed = median(results[0][1][True], "tokens_per_s") if results[0][0] == "sft" else None
+    mfu_title = " MFU packed |" if args.peak_tflops else ""
+    print(
+        "| objective | padded tokens/s | packed tokens/s | packed / padded | padding share padded → packed "
+        f"| step time vs sft (packed) | largest loss difference |{mfu_title}"
+    )
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.peak_tflops else ""))
+    for name, runs in results:
+        padded, packed = median(runs[False], "tokens_per_s"), median(runs[True], "tokens_per_s")
+        difference = max(
+            abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12)
+            for a, b in zip(runs[True], runs[False], strict=True)
+        )
+        versus_sft = f"{sft_packed / packed:.2f}x" if sft_packed else "-"
+        line = (
+            f"| {name} | {padded:,.0f} | {packed:,.0f} | {packed / padded:.2f}x "
+            f"| {median(runs[False], 'padding_share'):.0%} → {median(runs[True], 'padding_share'):.0%} "
+            f"| {versus_sft} | {difference:.1e} |"
+        )
         if args.peak_tflops:
-            # Model FLOPs: 6 per student parameter per token (forward + backward), 2 per teacher
-            # parameter when the teacher runs in the loop (online).
+            # Model FLOPs per response token: 6 per student parameter (forward + backward), 2 per
+            # teacher parameter when the teacher runs in the loop (online).
             flops = 6 * sizes["student"] + (2 * sizes["teacher"] if "online" in name else 0)
-            line += f" {flops * rate / (args.peak_tflops * 1e12):.1%} |"
+            line += f" {flops * packed / (args.peak_tflops * 1e12):.1%} |"
         print(line)
 
 

@@ -69,10 +69,25 @@ def test_scoring_bench_prints_its_comparison():
     assert "scor" in out.lower() and "bytes" in out.lower()
 
 
-def test_train_bench_trains_every_objective():
-    out = run_benchmark("train_bench.py", "--steps", "2", *TINY_PIPELINE[2:])
-    for name in ("sft", "kd offline", "atkd offline", "atkd online"):
+def test_train_bench_trains_every_objective_padded_and_packed():
+    out = run_benchmark("train_bench.py", "--steps", "2", "--rows", "96", "--max-length", "128")
+    assert "dolly data (max_length 128)" in out
+    for name in ("sft", "kd offline", "atkd offline", "kd online", "atkd online"):
         assert f"| {name} |" in out
+
+
+def test_dolly_shaped_rows_follow_the_written_quantiles(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    from dolly_shape import CATEGORIES, RESPONSE, WITH_CONTEXT, dolly_shaped_rows
+
+    rows = dolly_shaped_rows(4000, seed=1)
+    responses = sorted(len(row["response"].split()) for row in rows)
+    median = responses[len(responses) // 2]
+    assert abs(median - dict(RESPONSE)[0.5]) <= 5
+    with_context = sum(1 for row in rows if row["context"]) / len(rows)
+    expected = sum(CATEGORIES[c] for c in WITH_CONTEXT) / sum(CATEGORIES.values())
+    assert abs(with_context - expected) < 0.03
+    assert dolly_shaped_rows(10, seed=1) == rows[:10]
 
 
 def test_overhead_bench_times_both_variants():

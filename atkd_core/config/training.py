@@ -103,6 +103,13 @@ class TrainingConfig(StrictModel):
         16, ge=1, le=1_000_000, description="Global batch in sequences per optimizer step."
     )
     micro_batch_size: int = Field(8, ge=1, le=100_000, description="Sequences per forward pass per process.")
+    packing: bool = Field(
+        True,
+        description="Pack each micro-batch's examples into rows of data.max_length tokens, each with its "
+        "own positions and attention, instead of padding every example to the longest: the same "
+        "per-token losses with less padding. Not applied when loss.split_scope is sequence (that "
+        "split is per row).",
+    )
     epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split. Range: (0, 1000].")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
@@ -214,6 +221,12 @@ class LossConfig(StrictModel):
         description="Tokens per chunk of vocabulary-sized work; auto: sized by memory, 4M logits a chunk on "
         "plain logits (128 tokens at V=32000), 32M with a fused output layer (256 tokens at V=128000), the "
         "fastest measured on CPU; null for unchunked. Range: >= 1, auto or null.",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compile each chunk's loss math with torch.compile (Triton kernels on CUDA, C++ on "
+        "CPU; the same function as the eager path, the same values up to float rounding). auto: on CUDA "
+        "when Triton is installed, off on CPU (where compiling costs more than it saves in short runs).",
     )
     fused_linear: bool = Field(
         True,

@@ -95,8 +95,46 @@ def with_cross_entropy(
     return Terms(torch.cat([weights, cross_entropy.weights], -1), with_target)
 
 
+ChunkLossFn = Callable[[TermsFn, int, int, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def chunk_loss(
+    terms_fn: TermsFn, start: int, end: int, logits: Tensor, weights: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One chunk's loss and terms: ``((terms * weights).sum(), terms)`` with ``terms`` [n, M] =
+    ``terms_fn(start, end, logits)``; logits [n, V] float32, weights [n, M].
+
+    The one definition of a chunk's math: eager, or compiled by ``chunk_loss_fn(compiled=True)``.
+    """
+    terms = terms_fn(start, end, logits)
+    return (terms * weights).sum(), terms
+
+
+_compiled: list[ChunkLossFn] = []
+
+
+def chunk_loss_fn(compiled: bool) -> ChunkLossFn:
+    """``chunk_loss``, or the same function compiled with ``torch.compile`` (inductor: Triton
+    kernels on CUDA, C++ on CPU), which fuses the float32 passes over each ``[n, V]`` block and
+    differentiates them with a compiled backward.
+
+    One compiled function serves every call: torch.compile caches by code object and guards on the
+    tensors' shapes and the terms' constants (temperature, setting), so a new micro-batch's
+    ``terms_fn`` reuses the graph; the first new shape compiles once more with dynamic sizes.
+    """
+    if not compiled:
+        return chunk_loss
+    if not _compiled:
+        _compiled.append(torch.compile(chunk_loss))
+    return _compiled[0]
+
+
 def weighted_token_sum(
-    student_logits: Tensor | LinearHead, weights: Tensor, terms_fn: TermsFn, chunk_size: int | None
+    student_logits: Tensor | LinearHead,
+    weights: Tensor,
+    terms_fn: TermsFn,
+    chunk_size: int | None,
+    compiled: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Return (loss, terms): ``loss = (terms * weights).sum()`` and the detached ``terms`` [N, M].
 
@@ -105,7 +143,9 @@ def weighted_token_sum(
     weights: [N, M] float32, no gradient.
     chunk_size: tokens per chunk, or None for one plain autograd graph over all tokens (a fused
         head then makes all N rows in one block).
+    compiled: each chunk's math through ``chunk_loss_fn(True)`` (the same function, compiled).
     """
+    loss_fn = chunk_loss_fn(compiled)
     if isinstance(student_logits, LinearHead):
         head = student_logits
         return _FusedLinearWeightedSum.apply(
@@ -116,18 +156,21 @@ def weighted_token_sum(
             terms_fn,
             chunk_size or head.hidden.shape[0],
             head.vocab_size,
+            loss_fn,
         )
     if chunk_size is None or chunk_size >= student_logits.shape[0]:
-        terms = terms_fn(0, student_logits.shape[0], student_logits.float())
-        return (terms * weights).sum(), terms.detach()
-    return _ChunkedWeightedSum.apply(student_logits, weights, terms_fn, chunk_size)
+        loss, terms = loss_fn(terms_fn, 0, student_logits.shape[0], student_logits.float(), weights)
+        return loss, terms.detach()
+    return _ChunkedWeightedSum.apply(student_logits, weights, terms_fn, chunk_size, loss_fn)
 
 
 class _ChunkedWeightedSum(torch.autograd.Function):
     """Forward computes each chunk's loss and its gradient at once; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, student_logits: Tensor, weights: Tensor, terms_fn: TermsFn, chunk_size: int):
+    def forward(
+        ctx, student_logits: Tensor, weights: Tensor, terms_fn: TermsFn, chunk_size: int, loss_fn: ChunkLossFn
+    ):
         num_tokens = student_logits.shape[0]
         grad_logits = torch.zeros_like(student_logits) if student_logits.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
@@ -137,12 +180,11 @@ class _ChunkedWeightedSum(torch.autograd.Function):
             chunk_weights = weights[start:end]
             with torch.enable_grad():
                 chunk = student_logits[start:end].detach().float().requires_grad_(grad_logits is not None)
-                terms = terms_fn(start, end, chunk)
-                chunk_loss = (terms * chunk_weights).sum()
+                loss, terms = loss_fn(terms_fn, start, end, chunk, chunk_weights)
             if grad_logits is not None and bool(chunk_weights.any()):
-                (chunk_grad,) = torch.autograd.grad(chunk_loss, chunk)
+                (chunk_grad,) = torch.autograd.grad(loss, chunk)
                 grad_logits[start:end] = chunk_grad.to(grad_logits.dtype)
-            total += chunk_loss.detach()
+            total += loss.detach()
             all_terms.append(terms.detach())
         ctx.save_for_backward(grad_logits if grad_logits is not None else torch.empty(0))
         terms = torch.cat(all_terms)
@@ -156,7 +198,7 @@ class _ChunkedWeightedSum(torch.autograd.Function):
         )
         (grad_logits,) = ctx.saved_tensors
         # Scaled in place: a second [N, V] buffer is exactly what chunking exists to avoid.
-        return grad_logits.mul_(grad_total.to(grad_logits.dtype)), None, None, None
+        return grad_logits.mul_(grad_total.to(grad_logits.dtype)), None, None, None, None
 
 
 class _FusedLinearWeightedSum(torch.autograd.Function):
@@ -174,6 +216,7 @@ class _FusedLinearWeightedSum(torch.autograd.Function):
         terms_fn: TermsFn,
         chunk_size: int,
         vocab_size: int,
+        loss_fn: ChunkLossFn,
     ):
         need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
         need_bias = bias is not None and bias.requires_grad
@@ -197,10 +240,9 @@ class _FusedLinearWeightedSum(torch.autograd.Function):
             chunk_weights = weights[start:end]
             with torch.enable_grad():
                 logits = torch.nn.functional.linear(block, rows, row_bias).float().requires_grad_(True)
-                terms = terms_fn(start, end, logits)
-                chunk_loss = (terms * chunk_weights).sum()
+                loss, terms = loss_fn(terms_fn, start, end, logits, chunk_weights)
             if (need_hidden or need_weight or need_bias) and bool(chunk_weights.any()):
-                (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+                (grad_logits,) = torch.autograd.grad(loss, logits)
                 if grad_hidden is not None:
                     grad_hidden[start:end] = (grad_logits.to(rows.dtype) @ rows).to(grad_hidden.dtype)
                 if grad_weight is not None:
@@ -214,7 +256,7 @@ class _FusedLinearWeightedSum(torch.autograd.Function):
                         grad_weight[:vocab_size].add_(grad_logits.to(block.dtype).t() @ block)
                 if grad_bias is not None:
                     grad_bias[:vocab_size] += grad_logits.sum(0)
-            total += chunk_loss.detach()
+            total += loss.detach()
             all_terms.append(terms.detach())
         ctx.save_for_backward(
             *(torch.empty(0) if grad is None else grad for grad in (grad_hidden, grad_weight, grad_bias))
@@ -232,4 +274,4 @@ class _FusedLinearWeightedSum(torch.autograd.Function):
             grad.mul_(grad_total.to(grad.dtype)).to(dtype) if present else None
             for grad, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes, strict=True)
         ]
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None

@@ -108,8 +108,11 @@ class Objective(ABC):
     needs_teacher: bool = False
     hard_threshold: float | None = None
 
-    def __init__(self, chunk_size: int | Literal["auto"] | None, ce_weight: float) -> None:
-        self.chunk_size, self.ce_weight = chunk_size, ce_weight
+    def __init__(
+        self, chunk_size: int | Literal["auto"] | None, ce_weight: float, compiled: bool = False
+    ) -> None:
+        """compiled: each chunk's math compiled (engine.chunk_loss_fn), the same values as eager."""
+        self.chunk_size, self.ce_weight, self.compiled = chunk_size, ce_weight, compiled
 
     def __call__(
         self, student: Student, teacher: Teacher | None, targets: Tensor, counts: StepCounts
@@ -130,7 +133,7 @@ class Objective(ABC):
             ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
         terms = ce if teacher_terms is None else teacher_terms.terms
         loss, values = weighted_token_sum(
-            flat_student, terms.weights.to(flat_student.device), terms.fn, chunk
+            flat_student, terms.weights.to(flat_student.device), terms.fn, chunk, compiled=self.compiled
         )
         valid = (flat_targets != IGNORE_INDEX).to(values.dtype)
         cross_entropy = float((values[:, -1] * valid).sum()) / counts.tokens
@@ -160,8 +163,8 @@ class Objective(ABC):
 class CrossEntropy(Objective):
     """Plain cross-entropy on the targets: teacher fine-tuning, SFT, and the SFT warm-up."""
 
-    def __init__(self, chunk_size: int | Literal["auto"] | None = "auto") -> None:
-        super().__init__(chunk_size, ce_weight=1.0)
+    def __init__(self, chunk_size: int | Literal["auto"] | None = "auto", compiled: bool = False) -> None:
+        super().__init__(chunk_size, ce_weight=1.0, compiled=compiled)
 
     def describe(self) -> str:
         """See Objective.describe."""
@@ -181,8 +184,9 @@ class Divergence(Objective):
         temperature: float,
         chunk_size: int | Literal["auto"] | None,
         ce_weight: float,
+        compiled: bool = False,
     ) -> None:
-        super().__init__(chunk_size, ce_weight)
+        super().__init__(chunk_size, ce_weight, compiled)
         self.name, self.params, self.temperature = name, params, temperature
 
     def teacher_terms(
@@ -218,8 +222,8 @@ class ATKD(Objective):
 
     needs_teacher = True
 
-    def __init__(self, loss: LossConfig) -> None:
-        super().__init__(loss.chunk_size, loss.ce_weight)
+    def __init__(self, loss: LossConfig, compiled: bool = False) -> None:
+        super().__init__(loss.chunk_size, loss.ce_weight, compiled)
         self.config = loss
         self.params = ATKDParams(
             hard_fraction=float(loss.hard_fraction),
@@ -264,20 +268,23 @@ class ATKD(Objective):
         )
 
 
-def build_objective(loss: LossConfig) -> Objective:
-    """The training loss of ``loss.objective``: sft, kd (with ``loss.divergence``) or atkd."""
+def build_objective(loss: LossConfig, compiled: bool = False) -> Objective:
+    """The training loss of ``loss.objective``: sft, kd (with ``loss.divergence``) or atkd;
+    ``compiled``: its chunks' math compiled (see Objective)."""
     if loss.objective == "sft":
-        return CrossEntropy(loss.chunk_size)
+        return CrossEntropy(loss.chunk_size, compiled)
     if loss.objective == "kd":
         params = {
             "generalized_jsd": {"beta": loss.jsd_beta},
             "skew_forward_kl": {"alpha": loss.skew_alpha},
             "skew_reverse_kl": {"alpha": loss.skew_alpha},
         }.get(loss.divergence, {})
-        return Divergence(loss.divergence, params, loss.temperature, loss.chunk_size, loss.ce_weight)
+        return Divergence(
+            loss.divergence, params, loss.temperature, loss.chunk_size, loss.ce_weight, compiled
+        )
     if loss.hard_fraction == "auto":
         raise ValueError(
             "loss.hard_fraction auto must be resolved from the teacher's UNC histogram first "
             "(atkd_core.auto_split.resolve_auto_split; the distillation job does it)"
         )
-    return ATKD(loss)
+    return ATKD(loss, compiled)

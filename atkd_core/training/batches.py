@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from atkd_core.config import DistillConfig, TrainingConfig
-from atkd_core.data.batching import IGNORE_INDEX, collate
+from atkd_core.data.batching import IGNORE_INDEX, Placement, collate, pack, padded_placements, row_capacity
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -32,13 +32,16 @@ class Example(TypedDict):
 
 
 class Batch(TypedDict):
-    """A padded micro-batch on the training device: input_ids / attention_mask / labels [B, T]
-    and the examples' ids (the teacher cache's keys)."""
+    """A micro-batch on the training device: input_ids / labels [R, W]; attention_mask [R, W]
+    (padded) or position_ids [R, W] (packed: no mask, positions restart per example); the
+    examples' ids (the teacher cache's keys) and where each sits in the rows."""
 
     input_ids: Tensor
-    attention_mask: Tensor
     labels: Tensor
+    attention_mask: Tensor | None
+    position_ids: Tensor | None
     ids: list[str]
+    placements: list[Placement]
 
 
 def examples_of(split: Dataset) -> list[Example]:
@@ -105,15 +108,84 @@ class BatchPlan:
         return None if self.hard_counts is None else sum(self.hard_counts[i] for i in indices)
 
 
-def to_batch(examples: list[Example], ids: list[str], pad_token_id: int, device: torch.device) -> Batch:
-    """Pad ``examples`` (collate) and move them to ``device``; ``ids`` name them in the teacher cache."""
-    tensors = {key: value.to(device) for key, value in collate(examples, pad_token_id).items()}
+def to_batch(
+    examples: list[Example], ids: list[str], pad_token_id: int, device: torch.device, limit: int | None = None
+) -> Batch:
+    """``examples`` as tensors on ``device``: packed into rows of at most ``limit`` tokens, at the row
+    length that leaves the least padding (data.batching.row_capacity), or right-padded (collate)
+    when ``limit`` is None; ``ids`` name them in the teacher cache."""
+    if limit is None:
+        padded = collate(examples, pad_token_id)
+        return Batch(
+            input_ids=padded["input_ids"].to(device),
+            labels=padded["labels"].to(device),
+            attention_mask=padded["attention_mask"].to(device),
+            position_ids=None,
+            ids=ids,
+            placements=padded_placements(examples),
+        )
+    capacity = row_capacity([len(example["input_ids"]) for example in examples], limit)
+    return packed_batch(examples, ids, pad_token_id, device, capacity)
+
+
+def packed_batch(
+    examples: list[Example], ids: list[str], pad_token_id: int, device: torch.device, capacity: int
+) -> Batch:
+    """``examples`` packed into rows of ``capacity`` tokens (data.batching.pack), on ``device``."""
+    packed, placements = pack(examples, pad_token_id, capacity)
     return Batch(
-        input_ids=tensors["input_ids"],
-        attention_mask=tensors["attention_mask"],
-        labels=tensors["labels"],
+        input_ids=packed["input_ids"].to(device),
+        labels=packed["labels"].to(device),
+        attention_mask=None,
+        position_ids=packed["position_ids"].to(device),
         ids=ids,
+        placements=placements,
     )
+
+
+def model_inputs(batch: Batch) -> dict[str, Tensor | bool]:
+    """The keyword arguments of a causal LM's training forward for ``batch``: no attention mask when
+    packed (transformers then separates the examples by their restarting position_ids, which it
+    does only without a KV cache), and no KV cache in any case (training never decodes)."""
+    if batch["position_ids"] is not None:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    assert batch["attention_mask"] is not None, "a padded batch has an attention mask"
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+@torch.no_grad()
+def keeps_packed_examples_apart(model: torch.nn.Module, vocab_size: int) -> bool:
+    """Whether ``model`` keeps packed examples apart: the logits of two short examples packed in
+    one row equal their logits alone. Models whose attention ignores restarting position_ids (in
+    transformers 5.x, OPT among the built-in ones) would let each example see the one before it.
+
+    Runs two forwards of at most 8 tokens in eval mode.
+    """
+    generator = torch.Generator().manual_seed(0)
+    examples = [torch.randint(0, vocab_size, (length,), generator=generator).tolist() for length in (5, 3)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        alone = [
+            model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
+            for ids in examples
+        ]
+        packed, placements = pack(
+            [{"input_ids": ids, "labels": ids} for ids in examples], pad_token_id=0, capacity=8
+        )
+        logits = model(
+            input_ids=packed["input_ids"].to(device),
+            position_ids=packed["position_ids"].to(device),
+            use_cache=False,
+        ).logits.float()
+    finally:
+        model.train(was_training)
+    for own, placement in zip(alone, placements, strict=True):
+        together = logits[placement.row, placement.start : placement.end]
+        if float((together - own).abs().max()) > 1e-3 * (float(own.abs().max()) + 1e-6):
+            return False
+    return True
 
 
 @torch.no_grad()

@@ -63,10 +63,20 @@ class TrainJob:
         """sft for fine-tuning, else the configured loss objective."""
         return "sft" if self.stage == "finetune" else self.config.loss.objective
 
-    def build_objective(self) -> Objective:
-        """The loss this stage trains on (cross-entropy for fine-tuning)."""
+    @property
+    def pack_capacity(self) -> int | None:
+        """Tokens per packed row (data.max_length) when this stage packs its batches, else None:
+        distillation split per sequence (loss.split_scope: sequence) needs one example per row."""
+        per_row_split = self.stage == "distill" and self.config.loss.split_scope == "sequence"
+        return self.config.data.max_length if self.training.packing and not per_row_split else None
+
+    def build_objective(self, compiled: bool = False) -> Objective:
+        """The loss this stage trains on (cross-entropy for fine-tuning); ``compiled``: its chunks'
+        math compiled (devices.compiles_loss of loss.compile)."""
         loss = self.config.loss
-        return CrossEntropy(loss.chunk_size) if self.stage == "finetune" else build_objective(loss)
+        if self.stage == "finetune":
+            return CrossEntropy(loss.chunk_size, compiled)
+        return build_objective(loss, compiled)
 
     def fingerprint(self) -> str:
         """What the trained model depends on: its settings and the contents of its inputs."""
@@ -174,6 +184,8 @@ class TrainState:
     warmup_steps: int
     teacher: TeacherSource | None = None
     output_layer: OutputLayer | None = None
+    # Tokens per packed row (TrainJob.pack_capacity), or None: batches are right-padded.
+    pack_capacity: int | None = None
     start_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 

@@ -24,6 +24,7 @@ import torch
 
 from atkd_core.config import TrainingConfig
 from atkd_core.data.batching import IGNORE_INDEX, next_token_logits, shift_targets
+from atkd_core.devices import compiles_loss
 from atkd_core.errors import UserError
 from atkd_core.losses.objective import CrossEntropy, Objective, ObjectiveOutput, StepCounts
 from atkd_core.progress import Progress
@@ -31,6 +32,8 @@ from atkd_core.training.batches import (
     Batch,
     BatchPlan,
     examples_of,
+    keeps_packed_examples_apart,
+    model_inputs,
     student_answers,
     to_batch,
     uses_student_answers,
@@ -90,6 +93,13 @@ def setup(job: TrainJob, rank: int, world_size: int, device: str, log: Callable[
     tokenizer = load_tokenizer(job.prepared_dir / "tokenizer")
     trained = job.config.teacher if job.stage == "finetune" else job.config.student
     model = load_model(job.init_dir, attn_implementation=trained.attn_implementation)
+    pack_capacity = job.pack_capacity
+    if pack_capacity is not None and not keeps_packed_examples_apart(model, len(tokenizer)):
+        log(
+            f"{job.stage}: batches padded, not packed: {type(model).__name__} lets packed examples attend "
+            "to each other (its attention ignores position_ids that restart per example)"
+        )
+        pack_capacity = None
     if training.gradient_checkpointing:
         # Non-reentrant: it keeps the RNG state and works with inputs that need no gradient.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -108,6 +118,9 @@ def setup(job: TrainJob, rank: int, world_size: int, device: str, log: Callable[
             betas=training.optim.betas,
             weight_decay=training.optim.weight_decay,
         )
+    compiled = compiles_loss(job.config.loss.compile, torch.device(device).type)
+    if compiled:
+        log(f"{job.stage}: loss chunks compiled with torch.compile (the first steps include compiling)")
     schedule = lr_multiplier(training, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -122,13 +135,14 @@ def setup(job: TrainJob, rank: int, world_size: int, device: str, log: Callable[
         tokenizer=tokenizer,
         plan=plan,
         validation=examples_of(dataset["validation"]),
-        objective=job.build_objective(),
-        warmup_objective=CrossEntropy(job.config.loss.chunk_size),
+        objective=job.build_objective(compiled),
+        warmup_objective=CrossEntropy(job.config.loss.chunk_size, compiled),
         rank=rank,
         world_size=world_size,
         total_steps=total_steps,
         warmup_steps=warmup_steps,
         output_layer=OutputLayer(engine.module, len(tokenizer)) if job.config.loss.fused_linear else None,
+        pack_capacity=pack_capacity,
     )
     _attach_teacher(job, state, log)
     state.start_step = resume(job, state, log)
@@ -157,7 +171,14 @@ def _attach_teacher(job: TrainJob, state: TrainState, log: Callable[[str], None]
         len(state.tokenizer),
         fused=job.config.loss.fused_linear,
         attn_implementation=job.config.teacher.attn_implementation,
+        packed=state.pack_capacity is not None,
     )
+    if state.pack_capacity is not None and not state.teacher.keeps_packed_examples_apart:
+        log(
+            f"{job.stage}: batches padded, not packed: the teacher lets packed examples attend to each other "
+            "(its attention ignores position_ids that restart per example)"
+        )
+        state.pack_capacity = None
     log(f"{job.stage}: online teacher {job.teacher_dir}")
 
 
@@ -174,7 +195,7 @@ def _step_batches(job: TrainJob, state: TrainState, step: int, indices: list[int
             examples = student_answers(
                 state.engine.module, state.tokenizer, examples, job.config.distill, state.device
             )
-        batches.append(to_batch(examples, ids, pad, state.device))
+        batches.append(to_batch(examples, ids, pad, state.device, state.pack_capacity))
     return batches
 
 
@@ -185,6 +206,11 @@ def _step_tokens(job: TrainJob, state: TrainState, indices: list[int], batches: 
         local = sum(int((shift_targets(b["labels"]) != IGNORE_INDEX).sum()) for b in batches)
         return round(all_reduce_sum(float(local), state.world_size, state.device))
     return state.plan.tokens(indices)
+
+
+def _filled(batch: Batch) -> int:
+    """Token slots of ``batch`` that hold an example's tokens."""
+    return sum(placement.end - placement.start for placement in batch["placements"])
 
 
 def _step_counts(tokens: int, hard: int | None, micro_per_step: int) -> StepCounts:
@@ -206,7 +232,7 @@ def _micro_batch_loss(
     engine, targets = state.engine, shift_targets(batch["labels"])
     layer = state.output_layer
     with layer.bypassed() if layer is not None else nullcontext():
-        outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        outputs = engine(**model_inputs(batch))
     source = state.teacher if objective.needs_teacher else None
     teacher = source(batch, targets) if source is not None else None
     if layer is None:
@@ -250,6 +276,9 @@ def train(
             "lr": engine.get_lr()[0],
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": tokens / (time.perf_counter() - started),
+            # Of the token slots the forward passes computed, the share that held no example.
+            "padding_share": 1
+            - sum(_filled(b) for b in batches) / sum(b["input_ids"].numel() for b in batches),
             **{key: sum(values) / len(values) for key, values in diagnostics.items()},
         }
         if (step + 1) % training.eval_every == 0 or step + 1 == state.total_steps:
@@ -274,7 +303,13 @@ def validation_loss(state: TrainState, max_examples: int = 256) -> float:
     total, count = 0.0, 0
     for start in range(0, min(len(state.validation), max_examples), VALIDATION_BATCH):
         examples = state.validation[start : start + VALIDATION_BATCH]
-        batch = to_batch(examples, [e["id"] for e in examples], state.tokenizer.pad_token_id, state.device)
+        batch = to_batch(
+            examples,
+            [e["id"] for e in examples],
+            state.tokenizer.pad_token_id,
+            state.device,
+            state.pack_capacity,
+        )
         # A denominator of 1 makes the logged cross-entropy the sum over the batch's tokens.
         total += _micro_batch_loss(state, state.warmup_objective, batch, StepCounts(tokens=1.0)).cross_entropy
         count += int((shift_targets(batch["labels"]) != IGNORE_INDEX).sum())

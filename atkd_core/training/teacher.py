@@ -24,7 +24,7 @@ from atkd_core.data.batching import next_token_logits
 from atkd_core.errors import UserError
 from atkd_core.losses import Teacher
 from atkd_core.scoring import TeacherCache
-from atkd_core.training.batches import Batch, Example
+from atkd_core.training.batches import Batch, Example, keeps_packed_examples_apart, model_inputs
 from atkd_core.training.ds_config import resolve_precision
 from atkd_core.training.heads import OutputLayer
 
@@ -60,7 +60,7 @@ class CachedTeacher(TeacherSource):
 
     def __call__(self, batch: Batch, targets: Tensor) -> Teacher:
         """See TeacherSource."""
-        return self.cache.sparse_teacher(batch["ids"], targets)
+        return self.cache.sparse_teacher(batch["ids"], targets, batch["placements"])
 
     def hard_counts(self, examples: list[Example], threshold: float) -> list[int]:
         """Per example, the tokens whose cached teacher UNC is at or above ``threshold``."""
@@ -72,7 +72,8 @@ class LiveTeacher(TeacherSource):
 
     With ``output_layer`` (loss.fused_linear) it returns its hidden states and output layer, whose
     logits the loss makes chunk by chunk. ``partitioned``: the model is a ZeRO-3 engine, whose
-    output layer's weight is whole only while gathered (loss_context).
+    output layer's weight is whole only while gathered (loss_context). ``keeps_packed_examples_apart``:
+    whether packed batches may be given to it (batches.keeps_packed_examples_apart).
     """
 
     def __init__(
@@ -81,9 +82,11 @@ class LiveTeacher(TeacherSource):
         vocab_size: int,
         output_layer: OutputLayer | None = None,
         partitioned: bool = False,
+        keeps_packed_examples_apart: bool = True,
     ) -> None:
         self.model, self.vocab_size, self.output_layer = model, vocab_size, output_layer
         self.partitioned = partitioned
+        self.keeps_packed_examples_apart = keeps_packed_examples_apart
 
     def loss_context(self) -> AbstractContextManager[Any]:
         """Under ZeRO-3 with the output layer in the loss: that layer's parameters gathered whole on
@@ -101,7 +104,7 @@ class LiveTeacher(TeacherSource):
         """See TeacherSource."""
         layer = self.output_layer
         with layer.bypassed() if layer is not None else nullcontext():
-            outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            outputs = self.model(**model_inputs(batch))
         if layer is None:
             return next_token_logits(outputs.logits, self.vocab_size)
         return layer.head(outputs.logits[:, :-1])
@@ -114,16 +117,23 @@ def load_live_teacher(
     vocab_size: int,
     fused: bool,
     attn_implementation: str = "auto",
+    packed: bool = False,
 ) -> LiveTeacher:
     """The teacher at ``teacher_dir`` in eval mode without gradients, on the student's device, or
     partitioned like the student under ZeRO-3 (every rank runs its forward); with ``fused``, its
-    output layer is left to the loss (gathered for it under ZeRO-3: LiveTeacher.loss_context)."""
+    output layer is left to the loss (gathered for it under ZeRO-3: LiveTeacher.loss_context).
+    ``packed``: the batches will be packed, so whether the teacher keeps packed examples apart is
+    checked (LiveTeacher.keeps_packed_examples_apart)."""
     from atkd_core.models.build import load_model
 
     teacher = load_model(teacher_dir, attn_implementation=attn_implementation).eval().requires_grad_(False)
+    packs = keeps_packed_examples_apart(teacher, vocab_size) if packed else True
     if training.zero_stage != 3:
         return LiveTeacher(
-            teacher.to(device), vocab_size, OutputLayer(teacher, vocab_size) if fused else None
+            teacher.to(device),
+            vocab_size,
+            OutputLayer(teacher, vocab_size) if fused else None,
+            keeps_packed_examples_apart=packs,
         )
     import deepspeed
 
@@ -135,4 +145,4 @@ def load_live_teacher(
         inference["bf16"] = {"enabled": True}
     output_layer = OutputLayer(teacher, vocab_size) if fused else None
     engine = deepspeed.initialize(model=teacher, config=inference)[0]
-    return LiveTeacher(engine, vocab_size, output_layer, partitioned=True)
+    return LiveTeacher(engine, vocab_size, output_layer, partitioned=True, keeps_packed_examples_apart=packs)

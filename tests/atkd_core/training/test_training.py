@@ -595,3 +595,21 @@ def test_an_attention_kernel_the_machine_cannot_run_is_one_line(inputs):
     _, _, student = inputs
     with pytest.raises(ConfigError, match="attn_implementation: 'flash_attention_2' cannot run"):
         load_model(student, attn_implementation="flash_attention_2")
+
+
+@pytest.mark.slow
+def test_compiled_loss_chunks_train_alike(inputs, tmp_path):
+    """loss.compile on (inductor's CPU backend here) trains with the eager per-step losses."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for compiled in ("on", "off"):
+        job = make_job(
+            inputs, tmp_path, loss={"compile": compiled, "chunk_size": 16}, name=f"compile-{compiled}"
+        )
+        torch._dynamo.reset()
+        counters.clear()
+        run_training(job, lambda m, s: None, quiet)
+        runs[compiled] = losses(job)
+        assert (counters["stats"]["unique_graphs"] > 0) == (compiled == "on")
+    assert runs["on"] == pytest.approx(runs["off"], rel=1e-5, abs=1e-7)
