@@ -12,7 +12,7 @@ LOCK_HASH := $(shell cat requirements.txt constraints.txt pyproject.toml | sha25
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast lint reproduce reproduce-exploratory serve serve-stop clean
+.PHONY: setup demo test test-fast lint reproduce reproduce-exploratory serve serve-stop gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ serve: setup
 
 serve-stop: setup
 	$(BIN)/atkd serve --stop
+
+# The wheels benchmarks/gpu_check.sh installs on a GPU machine without a package index (.whl/,
+# for Python 3.12 on x86-64 Linux; PYTHON_VERSION=3.11 for another). Needs a package index here.
+gpu-wheels: setup
+	$(BIN)/python benchmarks/gpu_wheels.py --python-version $(or $(PYTHON_VERSION),3.12)
 
 lint: setup
 	$(BIN)/ruff check .

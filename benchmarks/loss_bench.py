@@ -3,7 +3,10 @@
 Prints one table, every figure also as a ratio to unchunked forward_kl; the first row is the naive
 eager forward KL (``log_softmax`` of both sides + ``kl_div``) for comparison, and the last rows put
 the other dense divergences (unchunked) beside naive eager versions of them: TRL's generalized JSD
-(a logsumexp mixture and two ``kl_div``), TVD from two softmaxes, DistiLLM's skew KL. Time is the median of the
+(a logsumexp mixture and two ``kl_div``), TVD from two softmaxes, DistiLLM's skew KL. The rows
+marked "compiled" run the training objectives (cross-entropy, forward KL, ATKD on a sparse K=64
+teacher, chunked) eagerly and with ``loss.compile: on`` (each chunk's math through torch.compile;
+compiling happens in the untimed warm-up pass). Time is the median of the
 timed passes. Peak memory is the most tensor memory allocated at once during one pass, above the
 inputs: on CPU from the profiler's allocation events, on CUDA ``torch.cuda.max_memory_allocated``.
 
@@ -28,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from atkd_core.losses import SparseTeacher, atkd_loss, divergence_loss, forward_kl
 
 NAIVE = "naive log_softmax+kl_div"
+OBJECTIVES = ("sft", "kd", "atkd K=64")
 CASES = [
     (NAIVE, None),
     ("forward_kl", None),
@@ -41,6 +45,7 @@ CASES = [
     ("tvd", None),
     ("naive skew kl", None),
     ("skew_forward_kl", None),
+    *((f"{objective} objective", how) for objective in OBJECTIVES for how in ("chunk", "compiled")),
 ]
 BETA, ALPHA = 0.5, 0.1
 
@@ -93,13 +98,26 @@ def run_case(args: argparse.Namespace, name: str, chunked: str | None) -> tuple[
     student = torch.randn(args.tokens, args.vocab, device=device, requires_grad=True)
     teacher = torch.randn(args.tokens, args.vocab, device=device) * 2
     targets = torch.randint(0, args.vocab, (args.tokens,), device=device)
-    if "sparse" in name:
+    if "sparse" in name or "K=64" in name:
         log_p = torch.log_softmax(teacher, -1)
         top = log_p.topk(64, -1)
         teacher = SparseTeacher(log_p.gather(-1, targets[:, None]).squeeze(-1), top.indices.int(), top.values)
 
+    objective = None
+    if name.endswith(" objective"):
+        from atkd_core.config import LossConfig
+        from atkd_core.losses.objective import CrossEntropy, StepCounts, build_objective
+
+        kind = name.split()[0]
+        compiled = chunked == "compiled"
+        config = LossConfig(objective=kind, chunk_size=args.chunk, hard_fraction=0.5)  # type: ignore[arg-type]
+        objective = CrossEntropy(args.chunk, compiled) if kind == "sft" else build_objective(config, compiled)
+        counts = StepCounts(float(args.tokens))
+
     def step() -> None:
-        if name.startswith("naive"):
+        if objective is not None:
+            loss = objective(student, teacher, targets, counts).loss
+        elif name.startswith("naive"):
             loss = naive_loss(name, student, teacher)
         elif name == "forward_kl":
             loss = forward_kl(student, teacher, targets, chunk_size=chunk_size)
@@ -141,12 +159,12 @@ def main() -> None:
         f"chunk={args.chunk} repeats={args.repeats} (fp32, forward+backward)"
     )
     print(
-        f"| {'loss':<24} | {'chunked':<7} | {'time (s)':>8} | {'x fwd KL':>8} | {'peak extra MiB':>14} | {'x fwd KL':>8} |"
+        f"| {'loss':<24} | {'chunked':<8} | {'time (s)':>8} | {'x fwd KL':>8} | {'peak extra MiB':>14} | {'x fwd KL':>8} |"
     )
-    print(f"|{'-' * 26}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 16}|{'-' * 10}|")
+    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 16}|{'-' * 10}|")
     for name, chunked, seconds, memory in results:
         print(
-            f"| {name:<24} | {'yes' if chunked else 'no':<7} | {seconds:>8.3f} | {seconds / base_time:>8.2f} | "
+            f"| {name:<24} | {chunked or 'no':<8} | {seconds:>8.3f} | {seconds / base_time:>8.2f} | "
             f"{memory / 2**20:>14.0f} | {memory / base_memory:>8.2f} |"
         )
 

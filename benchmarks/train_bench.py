@@ -34,12 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dolly_shape import write_dolly_shaped  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# (name, teacher source, objective, extra overrides). "sft plain logits": the model's own output
+# layer makes every logit before the loss (loss.fused_linear false), the reference a user compares with.
 CASES = [
-    ("sft", "offline", "sft"),
-    ("kd offline", "offline", "kd"),
-    ("atkd offline", "offline", "atkd"),
-    ("kd online", "online", "kd"),
-    ("atkd online", "online", "atkd"),
+    ("sft", "offline", "sft", []),
+    ("sft plain logits", "offline", "sft", ["loss.fused_linear=false"]),
+    ("kd offline", "offline", "kd", []),
+    ("atkd offline", "offline", "atkd", []),
+    ("kd online", "online", "kd", []),
+    ("atkd online", "online", "atkd", []),
 ]
 
 
@@ -65,7 +68,7 @@ def main() -> None:
     parser.add_argument("--data", choices=("dolly", "demo"), default="dolly", help="the rows trained on")
     parser.add_argument("--rows", type=int, default=1200, help="Dolly-shaped rows written (--data dolly)")
     parser.add_argument("--max-length", type=int, default=512, help="data.max_length for --data dolly")
-    parser.add_argument("--cases", nargs="+", default=[name for name, _, _ in CASES], help="which objectives")
+    parser.add_argument("--cases", nargs="+", default=[case[0] for case in CASES], help="which objectives")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
@@ -103,7 +106,7 @@ def main() -> None:
         cache, _, _ = score_from_config(base, teacher, root / "prepared", log=lambda _: None)
         progress("teacher scored")
         results = []
-        for name, source, objective in (case for case in CASES if case[0] in args.cases):
+        for name, source, objective, extra in (case for case in CASES if case[0] in args.cases):
             runs = {}
             for packing in (False, True):
                 label = f"{name.replace(' ', '-')}-{'packed' if packing else 'padded'}"
@@ -117,6 +120,7 @@ def main() -> None:
                         f"loss.objective={objective}",
                         "distill.training.eval_every=100000",
                         *shared,
+                        *extra,
                     ],
                 )
                 # The pipeline's own distillation job (it resolves loss.hard_fraction auto, if --set asks).

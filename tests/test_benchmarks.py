@@ -72,7 +72,7 @@ def test_scoring_bench_prints_its_comparison():
 def test_train_bench_trains_every_objective_padded_and_packed():
     out = run_benchmark("train_bench.py", "--steps", "2", "--rows", "96", "--max-length", "128")
     assert "dolly data (max_length 128)" in out
-    for name in ("sft", "kd offline", "atkd offline", "kd online", "atkd online"):
+    for name in ("sft", "sft plain logits", "kd offline", "atkd offline", "kd online", "atkd online"):
         assert f"| {name} |" in out
 
 
@@ -98,3 +98,19 @@ def test_overhead_bench_times_both_variants():
 def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_gpu_wheels_lists_what_the_check_imports_and_leaves_out_what_cuda_images_bring():
+    """The wheel list is computed from this environment's metadata (no download here: that needs
+    a package index)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from gpu_wheels import BROUGHT, ROOTS, closure
+
+    found = closure(ROOTS, "3.12")
+    assert {"pydantic", "pydantic-core", "deepspeed", "datasets", "lm-eval", "transformers"} <= set(found)
+    assert "torch" in found and BROUGHT.match("torch") and BROUGHT.match("nvidia-cublas")
+    assert not BROUGHT.match("pydantic-core")
+    # Versions are the installed (locked) ones.
+    from importlib.metadata import version
+
+    assert found["transformers"] == version("transformers")
