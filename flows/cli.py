@@ -168,7 +168,12 @@ def _cmd_run(config: PipelineConfig, direct: bool, config_path: Path) -> int:
     if result.mlflow_run_id:
         print(f"  MLflow run       {result.mlflow_run_url or result.mlflow_run_id}")
         if result.mlflow_run_url is None:
-            print(f"  MLflow UI        mlflow ui --backend-store-uri {result.mlflow_tracking_uri}")
+            from infra.tracking import mlflow_ui_url
+
+            print(
+                f"  MLflow UI        mlflow ui --backend-store-uri {result.mlflow_tracking_uri}, then "
+                f"{mlflow_ui_url('http://127.0.0.1:5000')}"
+            )
     if result.registered_model:
         print(f"  Registered model {result.registered_model}")
     print(f"  Prefect run      {result.prefect_flow_run_url or result.prefect_flow_run_id}")
@@ -217,6 +222,7 @@ def _cmd_compare(
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from infra.servers import start, stop
+    from infra.tracking import mlflow_ui_url
 
     if args.stop:
         if not stop(args.dir):
@@ -234,7 +240,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     print(
         f"Prefect UI    {servers.prefect_ui_url}\n"
-        f"MLflow UI     {servers.mlflow_url}\n"
+        f"MLflow UI     {mlflow_ui_url(servers.mlflow_url)}\n"
         f"{database}"
         f"worker        polling work pool '{servers.work_pool}' (logs: {servers.state_dir}/worker.log)\n"
         f"state         {servers.state_dir} (stop with: atkd serve --stop)\n\n"

@@ -19,6 +19,7 @@ from infra.tracking.client import (
     connect,
     flatten,
     is_server_uri,
+    mlflow_ui_url,
     tracking_status,
 )
 from infra.tracking.handle import MetricsBuffer, RunHandle
@@ -28,6 +29,7 @@ from infra.tracking.runs import attach_run, ended_status, pipeline_run, record_s
 from infra.tracking.sync import sync, unsent_calls
 
 __all__ = [
+    "mlflow_ui_url",
     "OUTBOX_NAME",
     "MetricsBuffer",
     "Outbox",

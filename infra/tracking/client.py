@@ -92,3 +92,18 @@ def check_tracking_server(config: PipelineConfig) -> None:
     uri = config.resolved_tracking_uri
     if is_server_uri(uri):
         connect(uri)
+
+
+# MLflow 3's UI opens in its GenAI view (traces, "Evaluations") in a browser that has not chosen
+# otherwise: it keeps the choice in local storage, not on the server, whatever the experiment's
+# tags say. This parameter opens the view of training runs, where these runs' metrics are.
+TRAINING_RUNS_VIEW = "workflowType=machine_learning"
+
+
+def mlflow_ui_url(server: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI's page of a server (``http://host:port``), an experiment in it or a run of
+    that experiment, in the training-runs view (TRAINING_RUNS_VIEW)."""
+    route = "/#/experiments"
+    if experiment_id is not None:
+        route += f"/{experiment_id}" + (f"/runs/{run_id}" if run_id is not None else "")
+    return f"{server.rstrip('/')}{route}?{TRAINING_RUNS_VIEW}"

@@ -16,6 +16,7 @@ from infra.tracking.client import (
     MAX_PARAM_LENGTH,
     METRICS_PER_BATCH,
     is_server_uri,
+    mlflow_ui_url,
 )
 from infra.tracking.outbox import Outbox
 
@@ -83,7 +84,7 @@ class RunHandle:
         """The run's page in the MLflow UI when the tracking URI is a server, else None."""
         if self.run_id is None or not is_server_uri(self.tracking_uri):
             return None
-        return f"{str(self.tracking_uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return mlflow_ui_url(str(self.tracking_uri), self.experiment_id, self.run_id)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set tags on the run."""

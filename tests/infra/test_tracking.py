@@ -127,3 +127,17 @@ def test_an_outage_is_kept_beside_the_outbox_for_this_process_only(tmp_path, cap
     assert outbox.outage("http://a") is None
     outbox.clear_outage()
     assert not outbox.outage_path.exists()
+
+
+def test_run_links_open_the_mlflow_training_runs_view():
+    """MLflow 3's UI starts a fresh browser in its GenAI view whatever the experiment's tags say;
+    the links the product prints carry the parameter that opens the training runs."""
+    handle = RunHandle(client=None, run_id="abc", tracking_uri="http://127.0.0.1:5000/", experiment_id="7")
+    assert handle.web_url() == "http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
+    assert tracking.mlflow_ui_url("http://mlflow.atkd:5000") == (
+        "http://mlflow.atkd:5000/#/experiments?workflowType=machine_learning"
+    )
+    local = RunHandle(
+        client=None, run_id="abc", tracking_uri="sqlite:///runs/demo/mlflow.db", experiment_id="7"
+    )
+    assert local.web_url() is None
