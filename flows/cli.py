@@ -312,7 +312,15 @@ def _warn(message: str) -> None:
 def _checks_before_running(config: PipelineConfig, args: argparse.Namespace) -> None:
     """What can be known wrong before any stage starts, each as one line (UserError)."""
     from atkd_core.models.build import check_model_paths
+    from infra.hub_access import prepare_hub_access
 
+    harness = None
+    if config.eval.enabled and config.eval.harness_tasks and args.command == "run":
+        from atkd_core.evaluation.harness import harness_datasets
+
+        # A misspelt task fails now, not after training; its datasets say whether it needs the hub.
+        harness = harness_datasets(config.eval.harness_tasks)
+    prepare_hub_access(config, harness)
     check_model_paths({"teacher": config.teacher, "student": config.student})
     if args.command in ("run", "train"):
         from atkd_core.training.ds_config import resolve_device, resolve_precision
@@ -322,10 +330,6 @@ def _checks_before_running(config: PipelineConfig, args: argparse.Namespace) -> 
             trainings["finetune.training"] = config.finetune.training
         for section, training in trainings.items():  # a device this machine lacks fails now
             resolve_precision(training, resolve_device(training, section), section)
-    if config.eval.enabled and config.eval.harness_tasks and args.command == "run":
-        from atkd_core.evaluation.harness import harness_datasets
-
-        harness_datasets(config.eval.harness_tasks)  # a misspelt task fails now, not after training
     if args.command == "run" and not args.direct and config.tracking.enabled:
         from infra.tracking import check_tracking_server
 

@@ -19,6 +19,7 @@ from atkd_core.config import PipelineConfig, load_config
 from atkd_core.pipeline import pipeline_outputs
 from atkd_core.reports.comparison import cell_scores
 from atkd_core.workdir import workdir_lock
+from infra.hub_access import prepare_hub_access
 from infra.tracking import OUTBOX_NAME, RunHandle, pipeline_run, unsent_calls
 from tasks.data import generate_teacher_data_task, prepare_data_task
 from tasks.evaluate import evaluate_task
@@ -172,6 +173,10 @@ RUN_NAME = (
 def distill_pipeline(config: PipelineConfig = ADHOC_DEFAULT) -> PipelineResult:
     """Run every stage of the ATKD pipeline on ``config``; return the output paths and run ids."""
     logger = get_run_logger()
+    # A flow started by a deployment's worker gets the checks `atkd run` makes before it.
+    needs = prepare_hub_access(config)
+    if needs:
+        logger.info("reads from the Hugging Face hub: %s", "; ".join(needs))
     flow_run_id, flow_run_url = flow_run_links()
     with (
         workdir_lock(config.workdir, warn=logger.warning),

@@ -18,10 +18,9 @@ ENVIRONMENT_DEFAULTS = {
     # The temporary local API takes longer than Prefect's 20 s default to start on a fresh
     # PREFECT_HOME on a small machine; a run then failed before its first stage.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    # The hubs are not reachable from the machines this runs on by default; without these a missing
-    # file costs ~45 s of retries before it fails.
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
+    # Hub access is not set here: a run that needs no hub is made offline, and one that needs an
+    # unreachable hub fails in seconds, by infra.hub_access before its first stage; the user's own
+    # HF_HUB_OFFLINE / HF_ENDPOINT / HF_HOME / HF_TOKEN are left as they are.
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # A progress bar per tiny Arrow write clutters the Prefect log; stages report their own progress.

@@ -11,13 +11,17 @@ from pathlib import Path
 import pytest
 
 # Before prefect is imported anywhere: an isolated home (removed when the session ends), no
-# telemetry, no hub access.
+# telemetry.
 if "PREFECT_HOME" not in os.environ:
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="atkd-test-prefect-")
     atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 from infra.settings import apply_environment_defaults  # noqa: E402
 
 apply_environment_defaults()
+# The tests make their own offline world: no test may wait on a real hub (the hub tests start
+# their own server on the loopback and point HF_ENDPOINT at it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from atkd_core.config import PipelineConfig  # noqa: E402
 from atkd_core.training.distributed import free_port  # noqa: E402, F401 (re-exported for tests)

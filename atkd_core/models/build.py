@@ -167,22 +167,22 @@ def materialize_model(spec: ModelConfig, tokenizer_dir: Path, directory: Path) -
 
 def check_model_paths(models: dict[str, ModelConfig]) -> None:
     """Before a run: every model given by ``path`` (role -> spec, e.g. "teacher") is a local
-    directory or a hub id already in the local Hugging Face cache (hubs are offline here);
-    UserError naming the field and what to do otherwise."""
+    directory or a hub id (downloaded when a stage loads it; with HF_HUB_OFFLINE set, it must
+    already be in the local Hugging Face cache); UserError naming the field and what to do otherwise."""
     from huggingface_hub import try_to_load_from_cache
+
+    from atkd_core.hub import hub_offline, looks_like_hub_id
 
     for role, spec in models.items():
         if spec.path is None or Path(spec.path).expanduser().is_dir():
             continue
-        looks_like_hub_id = (
-            spec.path.count("/") == 1 and not spec.path.startswith((".", "/", "~")) and " " not in spec.path
-        )
-        if looks_like_hub_id and isinstance(try_to_load_from_cache(spec.path, "config.json"), str):
-            continue
-        where = (
-            "is neither a local directory nor a hub id in the local Hugging Face cache (model hubs are "
-            "not reachable here: save the model elsewhere with save_pretrained and copy the directory)"
-            if looks_like_hub_id
-            else "does not exist (a directory saved with save_pretrained is expected)"
-        )
-        raise UserError(f"{role}.path: {spec.path!r} {where}")
+        if not looks_like_hub_id(spec.path):
+            raise UserError(
+                f"{role}.path: {spec.path!r} does not exist (a directory saved with save_pretrained, or a hub id "
+                "such as EleutherAI/pythia-160m, is expected)"
+            )
+        if hub_offline() and not isinstance(try_to_load_from_cache(spec.path, "config.json"), str):
+            raise UserError(
+                f"{role}.path: {spec.path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                "unset it to download the model, or point the path at a directory saved with save_pretrained"
+            )

@@ -134,7 +134,7 @@ def _bad_inputs(tmp_path):
                 "--set",
                 "student.path=org/not-cached",
             ],
-            "student.path: 'org/not-cached' is neither a local directory nor a hub id in the local",
+            "student.path: 'org/not-cached' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
         ),
         "unwritable workdir": (
             ["data", "prepare", "{config}", "--set", f"workdir={a_file}/work"],
