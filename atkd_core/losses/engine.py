@@ -18,6 +18,7 @@ one ``[chunk, V]`` block at a time (the idea of Liger-Kernel's fused-linear loss
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -110,9 +111,6 @@ def chunk_loss(
     return (terms * weights).sum(), terms
 
 
-_compiled: list[ChunkLossFn] = []
-
-
 def chunk_loss_fn(compiled: bool) -> ChunkLossFn:
     """``chunk_loss``, or the same function compiled with ``torch.compile`` (inductor: Triton
     kernels on CUDA, C++ on CPU), which fuses the float32 passes over each ``[n, V]`` block and
@@ -122,11 +120,12 @@ def chunk_loss_fn(compiled: bool) -> ChunkLossFn:
     tensors' shapes and the terms' constants (temperature, setting), so a new micro-batch's
     ``terms_fn`` reuses the graph; the first new shape compiles once more with dynamic sizes.
     """
-    if not compiled:
-        return chunk_loss
-    if not _compiled:
-        _compiled.append(torch.compile(chunk_loss))
-    return _compiled[0]
+    return _compiled_chunk_loss() if compiled else chunk_loss
+
+
+@functools.cache
+def _compiled_chunk_loss() -> ChunkLossFn:
+    return torch.compile(chunk_loss)
 
 
 def weighted_token_sum(
