@@ -159,7 +159,7 @@ def keeps_packed_examples_apart(model: torch.nn.Module, vocab_size: int) -> bool
     one row equal their logits alone. Models whose attention ignores restarting position_ids (in
     transformers 5.x, OPT among the built-in ones) would let each example see the one before it.
 
-    Runs two forwards of at most 8 tokens in eval mode.
+    Runs three forwards of at most 8 tokens in eval mode (each example alone, then both packed).
     """
     generator = torch.Generator().manual_seed(0)
     examples = [torch.randint(0, vocab_size, (length,), generator=generator).tolist() for length in (5, 3)]
