@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_config_args(
         commands.add_parser(
+            "check",
+            help="say in seconds whether a run of the config can start: models, tokenizer, data, harness "
+            "tasks, devices, disk, tracking server, Prefect API (exit 1 with one line per problem)",
+        )
+    )
+    _add_config_args(
+        commands.add_parser(
             "score", help="run prepare_data, finetune_teacher and score_teacher (reusing outputs)"
         )
     )
@@ -162,8 +169,10 @@ def _cmd_run(config: PipelineConfig, direct: bool, config_path: Path) -> int:
         _print_outputs("atkd run --direct", started, pipeline_outputs(config, _local_stages(config)))
         return 0
     from flows.distill import distill_pipeline
+    from infra.readiness import checked
 
-    result = distill_pipeline(config)
+    with checked(config):  # `_checks_before_running` made the flow's checks a moment ago
+        result = distill_pipeline(config)
     _print_outputs("atkd run", started, result.outputs)
     if result.mlflow_run_id:
         print(f"  MLflow run       {result.mlflow_run_url or result.mlflow_run_id}")
@@ -310,30 +319,41 @@ def _warn(message: str) -> None:
 
 
 def _checks_before_running(config: PipelineConfig, args: argparse.Namespace) -> None:
-    """What can be known wrong before any stage starts, each as one line (UserError)."""
+    """What can be known wrong before any stage starts: UserError with one line per problem.
+
+    ``atkd run`` makes every check of ``atkd check`` (the services only when it uses them); the
+    commands that run stages alone check the hub, the models and their devices."""
+    if args.command == "run":
+        from infra.readiness import ensure_ready
+
+        ensure_ready(config, services=not args.direct)
+        return
     from atkd_core.models.build import check_model_paths
     from infra.hub_access import prepare_hub_access
 
-    harness = None
-    if config.eval.enabled and config.eval.harness_tasks and args.command == "run":
-        from atkd_core.evaluation.harness import harness_datasets
-
-        # A misspelt task fails now, not after training; its datasets say whether it needs the hub.
-        harness = harness_datasets(config.eval.harness_tasks)
-    prepare_hub_access(config, harness)
+    prepare_hub_access(config)
     check_model_paths({"teacher": config.teacher, "student": config.student})
-    if args.command in ("run", "train"):
+    if args.command == "train":
+        from atkd_core.readiness import training_sections
         from atkd_core.training.ds_config import resolve_device, resolve_precision
 
-        trainings = {"distill.training": config.distill.training}
-        if config.finetune.enabled:
-            trainings["finetune.training"] = config.finetune.training
-        for section, training in trainings.items():  # a device this machine lacks fails now
+        for section, training in training_sections(config).items():  # a device this machine lacks fails now
             resolve_precision(training, resolve_device(training, section), section)
-    if args.command == "run" and not args.direct and config.tracking.enabled:
-        from infra.tracking import check_tracking_server
 
-        check_tracking_server(config)
+
+def _cmd_check(config: PipelineConfig) -> int:
+    """Print the readiness table; 0 when the run can start, else 1 with one line per problem."""
+    from infra.readiness import check_run, format_table
+
+    started = time.perf_counter()
+    readiness = check_run(config)
+    print(format_table(readiness))
+    if readiness.problems:
+        for problem in readiness.problems:
+            print(f"atkd: {problem}", file=sys.stderr)
+        return 1
+    print(f"\nready to run ({_since(started)} to check)")
+    return 0
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
@@ -407,6 +427,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_data_build(config, args.out)
     if args.command == "sync":
         return _cmd_sync(config)
+    if args.command == "check":
+        return _cmd_check(config)
     with workdir_lock(config.workdir, warn=_warn):
         _checks_before_running(config, args)
         if args.command == "data":

@@ -19,7 +19,7 @@ from atkd_core.config import PipelineConfig, load_config
 from atkd_core.pipeline import pipeline_outputs
 from atkd_core.reports.comparison import cell_scores
 from atkd_core.workdir import workdir_lock
-from infra.hub_access import prepare_hub_access
+from infra.readiness import ensure_ready_once, format_table
 from infra.tracking import OUTBOX_NAME, RunHandle, pipeline_run, unsent_calls
 from tasks.data import generate_teacher_data_task, prepare_data_task
 from tasks.evaluate import evaluate_task
@@ -174,9 +174,9 @@ def distill_pipeline(config: PipelineConfig = ADHOC_DEFAULT) -> PipelineResult:
     """Run every stage of the ATKD pipeline on ``config``; return the output paths and run ids."""
     logger = get_run_logger()
     # A flow started by a deployment's worker gets the checks `atkd run` makes before it.
-    needs = prepare_hub_access(config)
-    if needs:
-        logger.info("reads from the Hugging Face hub: %s", "; ".join(needs))
+    readiness = ensure_ready_once(config)
+    if readiness is not None:
+        logger.info("ready to run:\n%s", format_table(readiness))
     flow_run_id, flow_run_url = flow_run_links()
     with (
         workdir_lock(config.workdir, warn=logger.warning),

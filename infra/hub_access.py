@@ -29,8 +29,7 @@ def prepare_hub_access(
         harness_datasets = datasets_of(config.eval.harness_tasks)
     needs = hub_needs(config, harness_datasets)
     if not needs:
-        for key, value in offline_environment().items():
-            os.environ.setdefault(key, value)
+        stay_offline()
         return needs
     if not hub_offline() and (problem := hub_problem()) is not None:
         raise UserError(
@@ -38,3 +37,10 @@ def prepare_hub_access(
             "and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 with those files in the local cache (HF_HOME)"
         )
     return needs
+
+
+def stay_offline() -> None:
+    """Tell the Hugging Face libraries of this process and its children to make no network call,
+    unless the user set these variables. For runs that read nothing from the hub."""
+    for key, value in offline_environment().items():
+        os.environ.setdefault(key, value)

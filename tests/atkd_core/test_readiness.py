@@ -1,0 +1,172 @@
+"""The readiness table: each check finds what it should, and a problem is one line naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, PreTrainedTokenizerFast
+
+from atkd_core.errors import UserError
+from atkd_core.readiness import (
+    Readiness,
+    cache_bytes_per_token,
+    check_config,
+    check_devices,
+    count_rows,
+)
+from atkd_core.scoring.writer import STORAGE_DTYPES, score_batch, write_shard
+from tests.conftest import tiny_config
+
+ROWS = [
+    {"instruction": f"say {i}", "context": "", "response": f"{i} said", "category": "x"} for i in range(40)
+]
+
+
+def _tokenizer(directory: Path, vocab: int, words: list[str]) -> PreTrainedTokenizerFast:
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.train_from_iterator(
+        words,
+        trainers.BpeTrainer(
+            vocab_size=vocab, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def _model(directory: Path, tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> Path:
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _files_config(tmp_path: Path, **sections):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    data = {"source": "files", "train_files": [str(train)], "field_preset": "dolly", "max_length": 32}
+    return tiny_config(tmp_path / "work", **{"data": data, **sections})
+
+
+def _rows(readiness: Readiness) -> dict[str, tuple[bool, str]]:
+    return {check.subject: (check.ok, check.detail) for check in readiness.checks}
+
+
+def test_the_cache_estimate_is_what_the_writer_writes(tmp_path):
+    logits = torch.randn(4, 50, 300)
+    labels = torch.randint(0, 300, (4, 50))
+    for top_k, dtype in ((8, "bfloat16"), (64, "float32")):
+        record = score_batch(logits, labels, vocab_size=300, top_k=top_k, temperature=1.0)
+        tokens = record["targets"].numel()
+        write_shard(tmp_path, top_k, ["a"], [record], [tokens], STORAGE_DTYPES[dtype])
+        size = (tmp_path / f"shard-{top_k:05d}.safetensors").stat().st_size
+        estimate = tokens * cache_bytes_per_token(top_k, dtype)
+        # The shard adds only its header and the offsets to the per-token records.
+        assert estimate <= size <= estimate + 1024, (top_k, dtype, size, estimate)
+
+
+def test_rows_are_counted_without_parsing_records(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"a": 1}\n\n{"a": 2}\n')
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text('a,b\n1,"two\nlines"\n3,4\n')
+    parquet = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"a": list(range(7))}), parquet)
+    listed = tmp_path / "a.json"
+    listed.write_text(json.dumps([{"a": 1}] * 5))
+    assert [count_rows(p) for p in (jsonl, csv_file, parquet, listed)] == [2, 2, 7, 5]
+    with pytest.raises(UserError, match=r"missing.jsonl: file does not exist"):
+        count_rows(tmp_path / "missing.jsonl")
+
+
+def test_local_models_their_tokenizer_data_and_disk_make_a_clean_table(tmp_path):
+    words = [f"{row['instruction']} {row['response']}" for row in ROWS]
+    tokenizer = _tokenizer(tmp_path / "tok", 280, words)
+    teacher = _model(tmp_path / "teacher", tokenizer, 320)
+    config = _files_config(
+        tmp_path,
+        tokenizer={"source": "teacher"},
+        teacher={"path": str(teacher)},
+        student={"path": str(teacher)},
+    )
+    rows = _rows(check_config(config, needs=[]))
+    assert all(ok for ok, _ in rows.values()), rows
+    assert rows["teacher model"][1].startswith(f"local directory {teacher}; ~")
+    assert (
+        rows["tokenizer"][1]
+        == f"{teacher}: {len(tokenizer)} tokens; fits teacher 320 (pads to 320), student 320 (pads to 320)"
+    )
+    assert rows["data train"][1] == "1 file, 40 rows"
+    assert (
+        "teacher cache at most " in rows["disk"][1] and "distill checkpoints and model ~" in rows["disk"][1]
+    )
+
+
+def test_each_problem_is_one_line_naming_what_to_change(tmp_path, monkeypatch):
+    words = [f"{row['instruction']} {row['response']}" for row in ROWS]
+    tokenizer = _tokenizer(tmp_path / "tok", 280, words)
+    other = _tokenizer(tmp_path / "other", 280, [w.upper() for w in words])
+    teacher = _model(tmp_path / "teacher", tokenizer, 200)  # fewer rows than the tokenizer's tokens
+    student = _model(tmp_path / "student", other, 320)  # another vocabulary
+    config = _files_config(
+        tmp_path,
+        tokenizer={"source": "teacher"},
+        teacher={"path": str(teacher)},
+        student={"path": str(student)},
+        data={"source": "files", "train_files": [str(tmp_path / "nowhere.jsonl")], "field_preset": "dolly"},
+    )
+    problems = check_config(config, needs=[]).problems
+    assert problems[0].startswith(
+        f"tokenizer: teacher model has 200 output rows but the tokenizer ({teacher})"
+    )
+    assert problems[1] == f"data train: {tmp_path / 'nowhere.jsonl'}: file does not exist"
+    assert len(problems) == 2 and all("\n" not in line for line in problems)
+
+    fixed = _model(tmp_path / "teacher", tokenizer, 320)
+    config = _files_config(
+        tmp_path,
+        tokenizer={"source": "teacher"},
+        teacher={"path": str(fixed)},
+        student={"path": str(student)},
+    )
+    assert (
+        check_config(config, needs=[])
+        .problems[0]
+        .startswith("tokenizer: student: its tokenizer differs from the pipeline's")
+    )
+
+
+def test_too_few_gpus_and_too_little_disk_are_problems(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    config = tiny_config(
+        tmp_path, distill={"training": {"device": "cuda", "num_processes": 4, "batch_size": 32}}
+    )
+    readiness = Readiness()
+    check_devices(config, readiness)
+    assert readiness.problems == [
+        "devices distill: distill.training.num_processes is 4 but this machine has 2 CUDA devices; lower "
+        "num_processes, or run on a machine with more GPUs"
+    ]
+
+    monkeypatch.setattr(
+        "atkd_core.readiness.shutil.disk_usage", lambda path: type("Usage", (), {"free": 1000})()
+    )
+    disk = [
+        line for line in check_config(tiny_config(tmp_path), needs=[]).problems if line.startswith("disk")
+    ]
+    assert len(disk) == 1 and "1.0 KB free at" in disk[0] and "point workdir at a larger disk" in disk[0]
