@@ -30,6 +30,7 @@ from atkd_core.reports.comparison import cell_scores
 from atkd_core.reports.publishing import inline_images
 from atkd_core.workdir import workdir_lock
 from flows.distill import PrefectStages, flow_run_links, publish, run_tags
+from infra.readiness import ensure_ready_once, format_table
 from infra.tracking import attach_run, pipeline_run
 from tasks.publish import artifact_key
 from tasks.report import comparison_report_task
@@ -147,6 +148,10 @@ def compare(
     started, started_unix = time.perf_counter(), time.time()
     grid = load_grid(config_path, overrides, ablation)
     comparison = grid.comparison
+    # What every cell shares (models, data, harness tasks, devices, disk) is checked before any runs.
+    readiness = ensure_ready_once(grid.base)
+    if readiness is not None:
+        logger.info("ready to run:\n%s", format_table(readiness))
     logger.info(
         "comparison %s: %d runs (%s x %d seeds), %d teacher group(s)",
         comparison.name,

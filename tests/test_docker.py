@@ -107,7 +107,7 @@ def test_images_copy_what_the_package_needs():
 @pytest.mark.skipif(
     shutil.which("docker") is None
     or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
-    reason="the docker compose plugin is not installed here; the schema test above covers the file",
+    reason="the docker compose plugin is not installed on this machine; the schema test above covers the file",
 )
 def test_docker_compose_config_accepts_the_file():
     done = subprocess.run(
