@@ -114,3 +114,10 @@ def test_gpu_wheels_lists_what_the_check_imports_and_leaves_out_what_cuda_images
     from importlib.metadata import version
 
     assert found["transformers"] == version("transformers")
+
+
+def test_cache_memory_bench_prints_a_row_per_cache_size():
+    out = run_benchmark(
+        "cache_memory_bench.py", "--tokens", "20000", "40000", "--top-k", "8", "--vocab", "300"
+    )
+    assert "| 20,000 |" in out and "| 40,000 |" in out
