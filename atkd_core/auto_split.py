@@ -10,19 +10,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torch import Tensor
-
 from atkd_core.config import LossConfig
 from atkd_core.errors import CacheError
-from atkd_core.losses import otsu_threshold, unc_histogram
-from atkd_core.losses.uncertainty import UNC_BINS
+from atkd_core.losses import otsu_threshold
 from atkd_core.outputs import CacheManifest
 
 
-def auto_split_fields(unc: Tensor) -> dict[str, Any]:
+def auto_split_fields(histogram: list[int]) -> dict[str, Any]:
     """What ``loss.hard_fraction: auto`` splits at, for a cache manifest: the UNC histogram over
-    [0, 1] of every cached token (``unc`` [n]) and Otsu's threshold on it with its hard share."""
-    histogram = unc_histogram(unc, UNC_BINS)
+    [0, 1] of every cached token (``histogram``: UNC_BINS counts, unc_histogram summed over the
+    shards) and Otsu's threshold on it with its hard share."""
     threshold, share = otsu_threshold(histogram)
     return {"unc_histogram": histogram, "unc_auto_threshold": threshold, "unc_auto_hard_fraction": share}
 

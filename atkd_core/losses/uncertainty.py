@@ -104,6 +104,67 @@ def unc_histogram(unc: Tensor, bins: int = UNC_BINS) -> list[int]:
     return torch.bincount(index, minlength=bins).tolist()
 
 
+# Resolution of the UNC quantiles a cache's manifest and its difficulty report record: counts in 2^20 equal bins over [0, 1] (8 MiB)
+# instead of every token's UNC in memory (4 GB for a billion-token cache, 8 GB more to sort).
+QUANTILE_BINS = 2**20
+
+
+class UncStatistics:
+    """The UNC statistics of a cache, accumulated shard by shard in constant memory: token count,
+    mean, a fine histogram for the quantiles (each within 1 / QUANTILE_BINS of the exact one),
+    and the UNC_BINS histogram the automatic split reads (losses.unc_histogram's, summed)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self._sum = 0.0
+        self._counts = torch.zeros(QUANTILE_BINS, dtype=torch.int64)
+        self.histogram = [0] * UNC_BINS
+
+    def add(self, unc: Tensor) -> None:
+        """Count one shard's UNC values ([n], in [0, 1])."""
+        values = unc.detach().double().flatten()
+        self.tokens += values.numel()
+        self._sum += float(values.sum())
+        bins = (values.clamp(0, 1) * QUANTILE_BINS).long().clamp(max=QUANTILE_BINS - 1)
+        self._counts += torch.bincount(bins, minlength=QUANTILE_BINS)
+        self.histogram = [a + b for a, b in zip(self.histogram, unc_histogram(values, UNC_BINS), strict=True)]
+
+    def mean(self) -> float:
+        """The mean UNC (NaN for an empty cache)."""
+        return self._sum / self.tokens if self.tokens else float("nan")
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile as torch.quantile defines it (linear between the order statistics
+        around ``q`` x (n - 1)), each order statistic taken as its fine bin's centre: within
+        1 / QUANTILE_BINS of the exact value. NaN for an empty cache."""
+        if not self.tokens:
+            return float("nan")
+        position = q * (self.tokens - 1)
+        below = min(int(position), self.tokens - 1)
+        above = min(below + 1, self.tokens - 1)
+        cumulative = self._counts.cumsum(0)
+        # The bin of the element of sorted index r: the first whose cumulative count exceeds r.
+        low, high = (
+            (int(torch.searchsorted(cumulative, rank, right=True)) + 0.5) / QUANTILE_BINS
+            for rank in (below, above)
+        )
+        return low + (position - below) * (high - low)
+
+    def share_at_or_above(self, threshold: float) -> float:
+        """The share of the tokens with UNC >= ``threshold``, counting the fine bin that holds the
+        threshold as at or above it (exact but for that bin's tokens). NaN for an empty cache or a
+        NaN threshold (a histogram without a valley has no split)."""
+        if not self.tokens or math.isnan(threshold):
+            return float("nan")
+        first = min(max(int(threshold * QUANTILE_BINS), 0), QUANTILE_BINS)
+        return float(self._counts[first:].sum()) / self.tokens
+
+    def fine_histogram(self) -> tuple[Tensor, Tensor]:
+        """(bin centres [QUANTILE_BINS], counts [QUANTILE_BINS]) of the fine histogram, to plot."""
+        centres = (torch.arange(QUANTILE_BINS, dtype=torch.float64) + 0.5) / QUANTILE_BINS
+        return centres, self._counts.clone()
+
+
 def otsu_threshold(counts: list[int]) -> tuple[float, float]:
     """The automatic easy/hard split of a UNC histogram over [0, 1]: (threshold, hard share).
 

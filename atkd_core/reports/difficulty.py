@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from datasets import load_from_disk
 
-from atkd_core.losses.uncertainty import dataset_threshold
+from atkd_core.losses.uncertainty import UncStatistics, otsu_threshold
 from atkd_core.reports.figures import plot_token_difficulty
 from atkd_core.scoring import TeacherCache
 
@@ -21,41 +21,59 @@ def token_difficulty_report(
     """Write ``unc_histogram.png`` and ``difficulty.json`` into ``output_dir``; return the JSON's content.
 
     Easy/hard shares use the dataset-wide threshold: the UNC quantile at 1 - hard_fraction, or for
-    ``auto`` Otsu's threshold on the UNC histogram (what distillation then splits at).
+    ``auto`` Otsu's threshold on the UNC histogram (what distillation then splits at). The UNC of
+    the training tokens is counted example by example (losses.UncStatistics), in memory that does
+    not grow with the cache: quantiles and shares are exact to 1 / QUANTILE_BINS of UNC.
     """
     train = load_from_disk(str(prepared_dir / "dataset"))["train"]
-    by_family: dict[str, list[torch.Tensor]] = {}
+    overall = UncStatistics()
+    by_family: dict[str, UncStatistics] = {}
     for example_id, category in zip(train["id"], train["category"], strict=True):
-        by_family.setdefault(category or "(none)", []).append(cache.field(example_id, "unc"))
-    all_unc = torch.cat([u for parts in by_family.values() for u in parts]).double()
-    threshold = dataset_threshold(all_unc, hard_fraction)
-    families = {}
-    for family, parts in sorted(by_family.items()):
-        unc = torch.cat(parts).double()
-        families[family] = {
-            "tokens": unc.numel(),
-            "unc_mean": float(unc.mean()) if unc.numel() else float("nan"),
-            "hard_share": float((unc >= threshold).double().mean()) if unc.numel() else float("nan"),
+        unc = cache.field(example_id, "unc")
+        overall.add(unc)
+        by_family.setdefault(category or "(none)", UncStatistics()).add(unc)
+    threshold = statistics_threshold(overall, hard_fraction)
+    families = {
+        family: {
+            "tokens": statistics.tokens,
+            "unc_mean": statistics.mean(),
+            "hard_share": statistics.share_at_or_above(threshold),
         }
+        for family, statistics in sorted(by_family.items())
+    }
+    hard_share = overall.share_at_or_above(threshold)
     report = {
-        "tokens": all_unc.numel(),
+        "tokens": overall.tokens,
         "hard_fraction": hard_fraction,
         "unc_threshold": threshold,
-        "hard_share": float((all_unc >= threshold).double().mean()) if all_unc.numel() else float("nan"),
-        "easy_share": float((all_unc < threshold).double().mean()) if all_unc.numel() else float("nan"),
+        "hard_share": hard_share,
+        "easy_share": 1 - hard_share if overall.tokens else float("nan"),
         "families": families,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "difficulty.json").write_text(json.dumps(report, indent=2) + "\n")
 
+    centres, counts = overall.fine_histogram()
     plot_token_difficulty(
-        all_unc.numpy(),
+        centres.numpy(),
+        counts.numpy(),
         threshold,
         hard_fraction,
+        hard_share,
         {family: values["unc_mean"] for family, values in families.items()},
         output_dir / "unc_histogram.png",
     )
     return report
+
+
+def statistics_threshold(statistics: UncStatistics, hard_fraction: float | str) -> float:
+    """losses.dataset_threshold from accumulated statistics: the UNC quantile at 1 - k for a
+    numeric k, Otsu's threshold on the UNC histogram for ``auto``; NaN when there are no tokens."""
+    if not statistics.tokens:
+        return float("nan")
+    if hard_fraction == "auto":
+        return otsu_threshold(statistics.histogram)[0]
+    return statistics.quantile(1 - float(hard_fraction))
 
 
 def cache_unc(cache: TeacherCache, prepared_dir: Path) -> torch.Tensor:

@@ -92,17 +92,24 @@ def plot_evaluation_summary(rows: list[dict[str, Any]], models: list[str], path:
 
 
 def plot_token_difficulty(
-    unc: Any, threshold: float, hard_fraction: float | str, family_unc_means: dict[str, float], path: Path
+    unc_values: Any,
+    unc_counts: Any,
+    threshold: float,
+    hard_fraction: float | str,
+    hard_share: float,
+    family_unc_means: dict[str, float],
+    path: Path,
 ) -> None:
-    """The UNC histogram of the training tokens with the hard threshold, beside the mean UNC per family."""
+    """The UNC histogram of the training tokens (``unc_counts`` tokens at each of ``unc_values``,
+    e.g. a fine histogram's bin centres) with the hard threshold, beside the mean UNC per family."""
     plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.hist(unc, bins=50, color="#4C72B0")
+    left.hist(unc_values, bins=50, range=(0, 1), weights=unc_counts, color="#4C72B0")
     left.axvline(
         threshold,
         color="#C44E52",
         linestyle="--",
-        label=f"hard if UNC >= {threshold:.3f} (k={hard_fraction}, {float((unc >= threshold).mean()):.0%} of tokens)",
+        label=f"hard if UNC >= {threshold:.3f} (k={hard_fraction}, {hard_share:.0%} of tokens)",
     )
     left.set(
         xlabel="teacher UNC = 1 - p(target)",

@@ -19,6 +19,7 @@ from atkd_core.auto_split import auto_split_fields
 from atkd_core.data.batching import IGNORE_INDEX, collate, shift_targets
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.errors import CacheError, faults_named
+from atkd_core.losses.uncertainty import UncStatistics
 from atkd_core.manifest import (
     fingerprint,
     publish,
@@ -205,7 +206,8 @@ def finalize_cache(
     """Check every shard of the partial directory, write the manifest and publish it (rank 0)."""
     partial = _partial_dir(output_dir)
     num_shards = math.ceil(num_examples / spec.shard_size)
-    checksums, tokens, uncs = {}, 0, []
+    checksums: dict[str, str] = {}
+    statistics = UncStatistics()
     for index in range(num_shards):
         digest = _finished_shard(partial, index)
         if digest is None:
@@ -214,14 +216,9 @@ def finalize_cache(
             )
         checksums[_shard_name(index)] = digest
         with safe_open(str(partial / f"{_shard_name(index)}.safetensors"), "pt") as handle:
-            unc = handle.get_tensor("unc")
-        tokens += unc.numel()
-        uncs.append(unc)
-    unc = torch.cat(uncs) if uncs else torch.zeros(0)
-    quantiles = {
-        f"{q:g}": float(torch.quantile(unc.double(), q)) if unc.numel() else float("nan") for q in QUANTILES
-    }
-    auto_split = auto_split_fields(unc)
+            statistics.add(handle.get_tensor("unc"))
+    quantiles = {f"{q:g}": statistics.quantile(q) for q in QUANTILES}
+    auto_split = auto_split_fields(statistics.histogram)
     easy_threshold = (
         auto_split["unc_auto_threshold"]
         if hard_fraction == "auto"
@@ -239,12 +236,12 @@ def finalize_cache(
         spec=spec.__dict__,
         num_examples=num_examples,
         num_shards=num_shards,
-        tokens=tokens,
+        tokens=statistics.tokens,
         shards=checksums,
         shard_bytes=shard_bytes,
         cache_bytes=sum(shard_bytes.values()),
         unc_quantiles=quantiles,
-        unc_mean=float(unc.mean()) if unc.numel() else float("nan"),
+        unc_mean=statistics.mean(),
         hard_fraction=hard_fraction,
         unc_threshold_at_hard_fraction=easy_threshold,
         **auto_split,

@@ -276,3 +276,35 @@ def test_scoring_runs_without_autograd(setup, tmp_path):
     )
     score_teacher(model, prepared, tmp_path / "cache", spec, batch_size=8, log=lambda _: None)
     assert seen and not any(seen)
+
+
+def test_the_manifests_unc_statistics_are_accumulated_shard_by_shard():
+    from atkd_core.losses import unc_histogram
+    from atkd_core.losses.uncertainty import QUANTILE_BINS, UncStatistics
+    from atkd_core.scoring.writer import QUANTILES
+
+    generator = torch.Generator().manual_seed(0)
+    # Bimodal like a fine-tuned teacher's: most tokens near 0, the rest spread; one shard tiny.
+    shards = [
+        torch.cat([torch.rand(n, generator=generator) * 0.02, torch.rand(n // 3, generator=generator)])
+        for n in (3000, 7, 1200)
+    ]
+    everything = torch.cat(shards)
+    statistics = UncStatistics()
+    for unc in shards:
+        statistics.add(unc)
+    assert statistics.tokens == everything.numel()
+    assert statistics.mean() == pytest.approx(float(everything.double().mean()), abs=1e-12)
+    assert statistics.histogram == unc_histogram(everything)
+    for q in (0.0, *QUANTILES, 1.0):
+        exact = float(torch.quantile(everything.double(), q))
+        assert abs(statistics.quantile(q) - exact) <= 1 / QUANTILE_BINS, q
+    for threshold in (statistics.quantile(0.7), 0.5, 0.015):
+        exact = float((everything.double() >= threshold).double().mean())
+        # Only the tokens in the threshold's own fine bin may be counted on the other side.
+        same_bin = (everything.double() * QUANTILE_BINS).long() == int(threshold * QUANTILE_BINS)
+        slack = float(same_bin.double().mean())
+        assert abs(statistics.share_at_or_above(threshold) - exact) <= slack + 1e-12, threshold
+    empty = UncStatistics()
+    assert empty.tokens == 0 and torch.isnan(torch.tensor(empty.quantile(0.5)))
+    assert torch.isnan(torch.tensor(statistics.share_at_or_above(float("nan"))))
