@@ -46,11 +46,26 @@ def model_positions(spec: ModelConfig) -> tuple[int, str] | None:
     if spec.preset is not None:
         return PRESETS[spec.preset][1].max_positions, f"preset {spec.preset}"
     config = AutoConfig.from_pretrained(str(spec.path), trust_remote_code=spec.trust_remote_code)
+    return config_positions(config.to_dict(), str(spec.path))
+
+
+def config_positions(config_json: dict, where: str) -> tuple[int, str] | None:
+    """(the context length a model's config.json gives, which field of ``where`` gives it), or None."""
     for name in _POSITION_FIELDS:
-        value = getattr(config, name, None)
+        value = config_json.get(name)
         if isinstance(value, int) and value > 0:
-            return value, f"{name} in {spec.path}'s config"
+            return value, f"{name} in {where}'s config"
     return None
+
+
+def max_length_problem(max_length: int, role: str, positions: tuple[int, str] | None) -> str | None:
+    """The line refusing ``data.max_length`` over the ``role`` model's ``positions``, or None."""
+    if positions is None or max_length <= positions[0]:
+        return None
+    return (
+        f"data.max_length: {max_length} is over the {role}'s {positions[0]} positions "
+        f"({positions[1]}); set it to at most {positions[0]}"
+    )
 
 
 def audit_prepared(config: PipelineConfig, prepared_dir: Path) -> None:
@@ -59,12 +74,7 @@ def audit_prepared(config: PipelineConfig, prepared_dir: Path) -> None:
     manifest = require_manifest(prepared_dir, "prepare_data", PreparedManifest)
     problems = [top_k_problem(config.scoring.top_k, manifest.vocab_size)]
     for role, spec in (("teacher", config.teacher), ("student", config.student)):
-        positions = model_positions(spec)
-        if positions is not None and config.data.max_length > positions[0]:
-            problems.append(
-                f"data.max_length: {config.data.max_length} is over the {role}'s {positions[0]} positions "
-                f"({positions[1]}); set it to at most {positions[0]}"
-            )
+        problems.append(max_length_problem(config.data.max_length, role, model_positions(spec)))
     rows = manifest.counts["train"].rows
     trainings = [("distill", config.distill.training)]
     if config.finetune.enabled:

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from atkd_core.audit import config_positions, max_length_problem, top_k_problem
 from atkd_core.config import ModelConfig, PipelineConfig, TrainingConfig
 from atkd_core.errors import UserError
 from atkd_core.hub import hub_endpoint, hub_offline, hub_problem, looks_like_hub_id
@@ -144,8 +145,9 @@ def _weight_bytes(names_and_sizes: list[tuple[str, int]]) -> int:
     return 0
 
 
-def _describe_model(role: str, spec: ModelConfig, readiness: Readiness) -> str:
-    """The model row's detail; fills ``readiness.models[role]``. UserError when it is missing."""
+def _describe_model(role: str, spec: ModelConfig, max_length: int, readiness: Readiness) -> str:
+    """The model row's detail; fills ``readiness.models[role]``. UserError when it is missing or
+    its context is shorter than ``max_length`` (data.max_length)."""
     facts = readiness.models.setdefault(role, _Model())
     if spec.path is None:
         return f"preset {spec.preset}, built by the run with the pipeline's tokenizer"
@@ -160,6 +162,7 @@ def _describe_model(role: str, spec: ModelConfig, readiness: Readiness) -> str:
         files = [(p.name, p.stat().st_size) for p in local.iterdir() if p.is_file()]
         facts.vocab_size = _config_vocab(config_json)
         facts.parameters = _parameters(config_json, _weight_bytes(files))
+        _check_positions(config_json, spec.path, role, max_length)
         return f"local directory {local}{_size_note(facts)}"
     if not looks_like_hub_id(spec.path):
         raise UserError(
@@ -175,7 +178,9 @@ def _describe_model(role: str, spec: ModelConfig, readiness: Readiness) -> str:
                 f"{role}.path {spec.path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: unset "
                 "it to download the model, or point the path at a directory saved with save_pretrained"
             )
-        facts.vocab_size = _config_vocab(json.loads(Path(cached).read_text()))
+        config_json = json.loads(Path(cached).read_text())
+        facts.vocab_size = _config_vocab(config_json)
+        _check_positions(config_json, spec.path, role, max_length)
         return f"{spec.path} in the local Hugging Face cache{_size_note(facts)}"
     if not readiness.hub_answers:
         return f"{spec.path} on the hub (not looked up: the hub does not answer)"
@@ -189,8 +194,15 @@ def _describe_model(role: str, spec: ModelConfig, readiness: Readiness) -> str:
     config_json = json.loads(Path(hf_hub_download(spec.path, "config.json")).read_text())
     facts.vocab_size = _config_vocab(config_json)
     facts.parameters = _parameters(config_json, _weight_bytes(files))
+    _check_positions(config_json, spec.path, role, max_length)
     total = sum(size for _, size in files)
     return f"{spec.path} downloadable from {hub_endpoint()} ({len(files)} files, {human_bytes(total)}){_size_note(facts)}"
+
+
+def _check_positions(config_json: dict[str, Any], where: str, role: str, max_length: int) -> None:
+    """UserError when data.max_length is over the model's context (the line audit_prepared gives)."""
+    if (problem := max_length_problem(max_length, role, config_positions(config_json, where))) is not None:
+        raise UserError(problem)
 
 
 def _size_note(facts: _Model) -> str:
@@ -211,7 +223,11 @@ def check_models(config: PipelineConfig, readiness: Readiness) -> None:
     """A row per model (local / downloadable / missing), then the tokenizer row: its size against
     every model's vocabulary and, for a model with its own tokenizer, token by token."""
     for role, spec in (("teacher", config.teacher), ("student", config.student)):
-        _checked(readiness, f"{role} model", partial(_describe_model, role, spec, readiness))
+        _checked(
+            readiness,
+            f"{role} model",
+            partial(_describe_model, role, spec, config.data.max_length, readiness),
+        )
     _checked(readiness, "tokenizer", lambda: _check_tokenizer(config, readiness))
 
 
@@ -247,6 +263,8 @@ def _check_tokenizer(config: PipelineConfig, readiness: Readiness) -> str:
         return f"{where} (not loaded: the hub does not answer)"
     tokenizer = load_tokenizer(where)
     readiness.models.setdefault("tokenizer", _Model()).tokenizer_size = len(tokenizer)
+    if (problem := top_k_problem(config.scoring.top_k, len(tokenizer))) is not None:
+        raise UserError(problem)
     notes = []
     for role, spec in (("teacher", config.teacher), ("student", config.student)):
         facts = readiness.models.get(role)

@@ -26,6 +26,7 @@ from atkd_core.losses.divergences import (
 from atkd_core.losses.inputs import LinearHead, SparseTeacher, Teacher
 from atkd_core.losses.uncertainty import (
     UNC_BINS,
+    UncStatistics,
     dataset_threshold,
     hard_token_mask,
     otsu_threshold,
@@ -42,6 +43,7 @@ __all__ = [
     "SparseTeacher",
     "Teacher",
     "UNC_BINS",
+    "UncStatistics",
     "atkd_loss",
     "dataset_threshold",
     "decompose_kl",

@@ -42,13 +42,16 @@ def _tokenizer(directory: Path, vocab: int, words: list[str]) -> PreTrainedToken
     return tokenizer
 
 
-def _model(directory: Path, tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> Path:
+def _model(
+    directory: Path, tokenizer: PreTrainedTokenizerFast, vocab_size: int, positions: int = 2048
+) -> Path:
     config = GPTNeoXConfig(
         vocab_size=vocab_size,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
+        max_position_embeddings=positions,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -170,3 +173,25 @@ def test_too_few_gpus_and_too_little_disk_are_problems(tmp_path, monkeypatch):
         line for line in check_config(tiny_config(tmp_path), needs=[]).problems if line.startswith("disk")
     ]
     assert len(disk) == 1 and "1.0 KB free at" in disk[0] and "point workdir at a larger disk" in disk[0]
+
+
+def test_a_context_shorter_than_max_length_and_a_top_k_over_the_vocabulary_are_caught_early(tmp_path):
+    words = [f"{row['instruction']} {row['response']}" for row in ROWS]
+    tokenizer = _tokenizer(tmp_path / "tok", 280, words)
+    short = _model(tmp_path / "short", tokenizer, 320, positions=16)
+    config = _files_config(
+        tmp_path,
+        tokenizer={"source": "teacher"},
+        teacher={"path": str(short)},
+        student={"path": str(short)},
+        scoring={"top_k": 400},
+    )
+    problems = check_config(config, needs=[]).problems
+    assert problems == [
+        f"teacher model: data.max_length: 32 is over the teacher's 16 positions (max_position_embeddings in "
+        f"{short}'s config); set it to at most 16",
+        f"student model: data.max_length: 32 is over the student's 16 positions (max_position_embeddings in "
+        f"{short}'s config); set it to at most 16",
+        f"tokenizer: scoring.top_k: 400 is over the tokenizer's vocabulary of {len(tokenizer)} tokens; set it to "
+        f"at most {len(tokenizer)}",
+    ]
