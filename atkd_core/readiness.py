@@ -56,7 +56,6 @@ class _Model:
 
     vocab_size: int | None = None
     parameters: int | None = None
-    tokenizer_size: int | None = None
 
 
 @dataclass
@@ -66,6 +65,7 @@ class Readiness:
     checks: list[Check] = field(default_factory=list)
     hub_answers: bool = True
     models: dict[str, _Model] = field(default_factory=dict)
+    tokenizer: Any = None  # the pipeline's tokenizer, when the check loaded it
 
     def add(self, subject: str, ok: bool, detail: str) -> None:
         """Append one row."""
@@ -151,52 +151,44 @@ def _describe_model(role: str, spec: ModelConfig, max_length: int, readiness: Re
     facts = readiness.models.setdefault(role, _Model())
     if spec.path is None:
         return f"preset {spec.preset}, built by the run with the pipeline's tokenizer"
+    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+
+    from atkd_core.models.build import check_model_paths
+
+    # Neither a directory nor a hub id, or offline and not cached: the stages' own one line.
+    check_model_paths({role: spec})
     local = Path(spec.path).expanduser()
     if local.is_dir():
-        config_file = local / "config.json"
-        if not config_file.is_file():
+        if not (local / "config.json").is_file():
             raise UserError(
                 f"{role}.path {spec.path}: no config.json (a save_pretrained directory is expected)"
             )
-        config_json = json.loads(config_file.read_text())
+        config_json = json.loads((local / "config.json").read_text())
         files = [(p.name, p.stat().st_size) for p in local.iterdir() if p.is_file()]
-        facts.vocab_size = _config_vocab(config_json)
-        facts.parameters = _parameters(config_json, _weight_bytes(files))
-        _check_positions(config_json, spec.path, role, max_length)
-        return f"local directory {local}{_size_note(facts)}"
-    if not looks_like_hub_id(spec.path):
-        raise UserError(
-            f"{role}.path {spec.path!r} does not exist (a directory saved with save_pretrained, or a hub id "
-            "such as EleutherAI/pythia-160m, is expected)"
-        )
-    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
-
-    if hub_offline():
-        cached = try_to_load_from_cache(spec.path, "config.json")
-        if not isinstance(cached, str):
-            raise UserError(
-                f"{role}.path {spec.path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: unset "
-                "it to download the model, or point the path at a directory saved with save_pretrained"
-            )
-        config_json = json.loads(Path(cached).read_text())
-        facts.vocab_size = _config_vocab(config_json)
-        _check_positions(config_json, spec.path, role, max_length)
-        return f"{spec.path} in the local Hugging Face cache{_size_note(facts)}"
-    if not readiness.hub_answers:
+        found = f"local directory {local}"
+    elif hub_offline():
+        config_json = json.loads(Path(str(try_to_load_from_cache(spec.path, "config.json"))).read_text())
+        files = []
+        found = f"{spec.path} in the local Hugging Face cache"
+    elif not readiness.hub_answers:
         return f"{spec.path} on the hub (not looked up: the hub does not answer)"
-    try:
-        info = HfApi().model_info(spec.path, files_metadata=True)
-    except Exception as exc:  # not found, gated, private: the hub library raises a type per case
-        raise UserError(
-            f"{role}.path {spec.path!r} cannot be read from {hub_endpoint()} ({_reason(exc)})"
-        ) from None
-    files = [(sibling.rfilename, sibling.size or 0) for sibling in info.siblings or []]
-    config_json = json.loads(Path(hf_hub_download(spec.path, "config.json")).read_text())
+    else:
+        try:
+            info = HfApi().model_info(spec.path, files_metadata=True)
+        except Exception as exc:  # not found, gated, private: the hub library raises a type per case
+            raise UserError(
+                f"{role}.path {spec.path!r} cannot be read from {hub_endpoint()} ({_reason(exc)})"
+            ) from None
+        files = [(sibling.rfilename, sibling.size or 0) for sibling in info.siblings or []]
+        config_json = json.loads(Path(hf_hub_download(spec.path, "config.json")).read_text())
+        found = (
+            f"{spec.path} downloadable from {hub_endpoint()} "
+            f"({len(files)} files, {human_bytes(sum(size for _, size in files))})"
+        )
     facts.vocab_size = _config_vocab(config_json)
     facts.parameters = _parameters(config_json, _weight_bytes(files))
     _check_positions(config_json, spec.path, role, max_length)
-    total = sum(size for _, size in files)
-    return f"{spec.path} downloadable from {hub_endpoint()} ({len(files)} files, {human_bytes(total)}){_size_note(facts)}"
+    return f"{found}{_size_note(facts)}"
 
 
 def _check_positions(config_json: dict[str, Any], where: str, role: str, max_length: int) -> None:
@@ -254,15 +246,16 @@ def _check_tokenizer(config: PipelineConfig, readiness: Readiness) -> str:
         raise UserError(
             "tokenizer.source 'teacher' needs teacher.path (a preset has no tokenizer of its own)"
         )
-    field_name = "tokenizer.path" if source == "path" else "teacher.path"
     if not Path(where).expanduser().is_dir() and not looks_like_hub_id(where):
+        if source == "teacher":  # the teacher model's row says so already
+            return f"{where} (not loaded: see the teacher model's problem)"
         raise UserError(
-            f"{field_name} {where!r} does not exist (a directory saved with save_pretrained, or a hub id, is expected)"
+            f"tokenizer.path {where!r} does not exist (a directory saved with save_pretrained, or a hub id, is expected)"
         )
     if looks_like_hub_id(where) and not hub_offline() and not readiness.hub_answers:
         return f"{where} (not loaded: the hub does not answer)"
     tokenizer = load_tokenizer(where)
-    readiness.models.setdefault("tokenizer", _Model()).tokenizer_size = len(tokenizer)
+    readiness.tokenizer = tokenizer
     if (problem := top_k_problem(config.scoring.top_k, len(tokenizer))) is not None:
         raise UserError(problem)
     notes = []
@@ -458,12 +451,8 @@ def _tokens_per_row(config: PipelineConfig, readiness: Readiness) -> float:
         return float(data.max_length)
     if not texts:
         return float(data.max_length)
-    source = config.tokenizer.path if config.tokenizer.source == "path" else config.teacher.path
-    if config.tokenizer.source != "train" and source is not None and "tokenizer" in readiness.models:
-        from atkd_core.data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(source)
-        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    if readiness.tokenizer is not None:
+        lengths = [len(ids) for ids in readiness.tokenizer(texts)["input_ids"]]
     else:
         lengths = [int(len(text) / CHARACTERS_PER_TOKEN) + 1 for text in texts]
     return sum(min(length, data.max_length) for length in lengths) / len(lengths)

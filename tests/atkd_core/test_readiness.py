@@ -195,3 +195,13 @@ def test_a_context_shorter_than_max_length_and_a_top_k_over_the_vocabulary_are_c
         f"tokenizer: scoring.top_k: 400 is over the tokenizer's vocabulary of {len(tokenizer)} tokens; set it to "
         f"at most {len(tokenizer)}",
     ]
+
+
+def test_a_missing_teacher_is_one_problem_with_the_stages_own_words(tmp_path):
+    config = _files_config(
+        tmp_path, tokenizer={"source": "teacher"}, teacher={"path": str(tmp_path / "nowhere")}
+    )
+    assert check_config(config, needs=[]).problems == [
+        f"teacher model: teacher.path: {str(tmp_path / 'nowhere')!r} does not exist (a directory saved with "
+        "save_pretrained, or a hub id such as EleutherAI/pythia-160m, is expected)"
+    ]

@@ -3,8 +3,6 @@ problem; ``atkd run`` refuses on the same problems before any stage, and its flo
 
 from __future__ import annotations
 
-import time
-
 from flows.cli import main
 from infra.readiness import checked, ensure_ready_once
 from tests.conftest import free_port, tiny_config
@@ -13,9 +11,7 @@ from tests.flows.test_reliability import _write_config
 
 def test_check_prints_the_table_and_says_the_run_can_start(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    started = time.monotonic()
     assert main(["check", str(_write_config(tmp_path))]) == 0
-    assert time.monotonic() - started < 30
     out = capsys.readouterr().out
     subjects = [line.split("  ")[0] for line in out.splitlines()[1:] if line.strip() and "  " in line]
     assert subjects == [
