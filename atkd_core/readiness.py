@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from atkd_core.audit import config_positions, max_length_problem, top_k_problem
-from atkd_core.config import ModelConfig, PipelineConfig, TrainingConfig
+from atkd_core.config import ModelConfig, PipelineConfig, ScoringConfig, TrainingConfig
 from atkd_core.errors import UserError
 from atkd_core.hub import hub_endpoint, hub_offline, hub_problem, looks_like_hub_id
+from atkd_core.scoring.encoding import TopKCodec
 
 # Bytes per parameter of a DeepSpeed checkpoint: fp32 master weights and Adam's two moments
 # (12 B), plus the module's own weights (4 B at most).
@@ -86,11 +87,13 @@ def human_bytes(size: float) -> str:
     return f"{size:.1f} TB"
 
 
-def cache_bytes_per_token(top_k: int, storage_dtype: str) -> int:
-    """Bytes one scored token takes in the teacher cache (scoring.writer's record): the top-K ids
-    (int32) and log-probs (``storage_dtype``), and five 4-byte fields (target id, its log-prob,
-    UNC, entropy, tail mass)."""
-    return top_k * (4 + DTYPE_BYTES[storage_dtype]) + 5 * 4
+def cache_bytes_per_token(scoring: ScoringConfig, vocab_size: int) -> int:
+    """Bytes one scored token takes in the teacher cache (the writer's record) with the config's
+    scoring section, for a ``vocab_size`` vocabulary (compact ids take about log2(V / K) bits)."""
+    codec = TopKCodec(
+        scoring.encoding, scoring.top_k, vocab_size, scoring.storage_dtype, scoring.logprob_bits
+    )
+    return codec.bytes_per_token()
 
 
 def _checked(readiness: Readiness, subject: str, check: Callable[[], str]) -> bool:
@@ -458,9 +461,18 @@ def _tokens_per_row(config: PipelineConfig, readiness: Readiness) -> float:
     return sum(min(length, data.max_length) for length in lengths) / len(lengths)
 
 
+def _vocab_size(readiness: Readiness) -> int:
+    """The vocabulary the cache's ids index: the tokenizer's, else the teacher's, else Llama 3's
+    128,256 (a compact cache's bytes grow with log2 of it, so a guess costs a few bytes a token)."""
+    if readiness.tokenizer is not None:
+        return len(readiness.tokenizer)
+    teacher = readiness.models.get("teacher")
+    return teacher.vocab_size if teacher is not None and teacher.vocab_size else 128_256
+
+
 def check_disk(config: PipelineConfig, readiness: Readiness, rows: dict[str, int]) -> None:
     """Free space where the workdir is against the teacher cache (training tokens x bytes per
-    token for scoring.top_k and storage_dtype) and the checkpoints (kept x 16 B per parameter)
+    token for the scoring section) and the checkpoints (kept x 16 B per parameter)
     and saved models (4 B per parameter) of each training stage."""
 
     def disk() -> str:
@@ -468,7 +480,7 @@ def check_disk(config: PipelineConfig, readiness: Readiness, rows: dict[str, int
         total = 0
         if "train" in rows and config.distill.teacher_source == "offline":
             tokens = rows["train"] * _tokens_per_row(config, readiness)
-            per_token = cache_bytes_per_token(config.scoring.top_k, config.scoring.storage_dtype)
+            per_token = cache_bytes_per_token(config.scoring, _vocab_size(readiness))
             cache = tokens * per_token
             total += int(cache)
             needs.append(f"teacher cache at most {human_bytes(cache)} ({tokens:,.0f} tokens x {per_token} B)")

@@ -19,6 +19,7 @@ from atkd_core.manifest import require_manifest
 from atkd_core.models.build import load_model
 from atkd_core.outputs import PreparedManifest
 from atkd_core.scoring import finalize_cache, score_teacher, scoring_spec
+from atkd_core.scoring.encoding import ENCODINGS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--encoding", default="float", choices=list(ENCODINGS))
+    parser.add_argument("--logprob-bits", type=int, default=8, help="compact encoding: bits per log-prob")
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         temperature=args.temperature,
         storage_dtype=args.storage_dtype,
         shard_size=args.shard_size,
+        encoding=args.encoding,
+        logprob_bits=args.logprob_bits,
     )
     model = load_model(args.teacher, device=device)
     score_teacher(

@@ -45,8 +45,9 @@ def write_cache(directory: Path, tokens: int, top_k: int, vocab: int, storage_dt
     """A cache of ``tokens`` random records in examples of EXAMPLE_TOKENS, 1,024 per shard."""
     import torch
 
+    from atkd_core.scoring.encoding import TopKCodec
     from atkd_core.scoring.spec import ScoringSpec
-    from atkd_core.scoring.writer import STORAGE_DTYPES, _partial_dir, finalize_cache, write_shard
+    from atkd_core.scoring.writer import _partial_dir, finalize_cache, write_shard
 
     examples = tokens // EXAMPLE_TOKENS
     spec = ScoringSpec("synthetic", "0" * 64, "0" * 64, "0" * 64, top_k, 1.0, storage_dtype, 1024)
@@ -66,7 +67,8 @@ def write_cache(directory: Path, tokens: int, top_k: int, vocab: int, storage_dt
             "log_tail_mass": -torch.rand(n, generator=generator) * 5,
         }
         ids = [f"ex-{start + i}" for i in range(count)]
-        write_shard(partial, index, ids, [record], [EXAMPLE_TOKENS] * count, STORAGE_DTYPES[storage_dtype])
+        codec = TopKCodec("float", top_k, vocab, storage_dtype)
+        write_shard(partial, index, ids, [record], [EXAMPLE_TOKENS] * count, codec)
     finalize_cache(directory, spec, hard_fraction=0.5, num_examples=examples)
 
 

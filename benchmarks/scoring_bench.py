@@ -1,11 +1,13 @@
-"""Teacher-scoring throughput vs a bare teacher forward, and cache bytes per token vs a dense bf16 row.
+"""Teacher-scoring throughput vs a bare teacher forward, and cache bytes per token per encoding.
 
 Both runs push the same batches (random token ids, the second half of each row as response) through
 the same GPT-NeoX teacher; scoring adds the per-token record (target log-prob, UNC, entropy, top-K,
-tail mass) and writes safetensors shards, as ``score_teacher`` does.
+tail mass) and writes safetensors shards in ``--encoding``, as ``score_teacher`` does. The same
+records are then written in every encoding, and each one's shard bytes per scored token printed.
 
     .venv/bin/python benchmarks/scoring_bench.py                      # V=32000, K=64
     .venv/bin/python benchmarks/scoring_bench.py --hidden 1024 --layers 8     # a bigger teacher
+    .venv/bin/python benchmarks/scoring_bench.py --vocab 128256 --top-k 128   # Llama 3's vocabulary
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
 from atkd_core.data.batching import IGNORE_INDEX
-from atkd_core.scoring import STORAGE_DTYPES, score_batch
+from atkd_core.scoring import STORAGE_DTYPES, TopKCodec, score_batch
 from atkd_core.scoring.writer import write_shard
+
+# Every encoding a user can pick, as (name shown, encoding, storage dtype, log-prob bits).
+ENCODINGS = (
+    ("float, float32 log-probs", "float", "float32", 8),
+    ("float, bfloat16 log-probs", "float", "bfloat16", 8),
+    ("compact, 8-bit log-probs", "compact", "float32", 8),
+    ("compact, 6-bit log-probs", "compact", "float32", 6),
+    ("compact, 4-bit log-probs", "compact", "float32", 4),
+)
 
 
 def main() -> None:
@@ -34,6 +45,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--storage-dtype", default="bfloat16", choices=sorted(STORAGE_DTYPES))
+    parser.add_argument("--encoding", default="float", choices=["float", "compact"], help="for the timed run")
+    parser.add_argument("--logprob-bits", type=int, default=8, help="for the timed run, with compact")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -58,22 +71,27 @@ def main() -> None:
             for ids, _ in batches:
                 model(input_ids=ids).logits.sum()
 
-    def scored(directory: Path) -> int:
-        tokens = 0
+    def write(
+        directory: Path, records: list[dict[str, torch.Tensor]], codec: TopKCodec, first: int = 0
+    ) -> int:
+        """Write batch ``first + i``'s record as shard ``first + i``; all the directory's shard bytes."""
+        for index, record in enumerate(records, first):
+            counts = (batches[index][1][:, 1:] != IGNORE_INDEX).sum(-1).tolist()
+            write_shard(
+                directory, index, [f"ex-{index}-{r}" for r in range(len(counts))], [record], counts, codec
+            )
+        return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+    timed_codec = TopKCodec(args.encoding, args.top_k, args.vocab, args.storage_dtype, args.logprob_bits)  # type: ignore[arg-type]
+
+    def scored(directory: Path) -> list[dict[str, torch.Tensor]]:
+        directory.mkdir()
+        records = []
         with torch.no_grad():
             for index, (ids, labels) in enumerate(batches):
-                record = score_batch(model(input_ids=ids).logits, labels, args.vocab, args.top_k, 1.0)
-                counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1).tolist()
-                write_shard(
-                    directory,
-                    index,
-                    [f"ex-{index}-{r}" for r in range(len(ids))],
-                    [record],
-                    counts,
-                    STORAGE_DTYPES[args.storage_dtype],
-                )
-                tokens += int(sum(counts))
-        return tokens
+                records.append(score_batch(model(input_ids=ids).logits, labels, args.vocab, args.top_k, 1.0))
+                write(directory, records[-1:], timed_codec, first=index)
+        return records
 
     bare()  # warm-up
     start = time.perf_counter()
@@ -81,14 +99,21 @@ def main() -> None:
     bare_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        tokens = scored(Path(tmp))
+        records = scored(Path(tmp) / "timed")
         scored_seconds = time.perf_counter() - start
-        cache_bytes = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
+        tokens = sum(len(record["targets"]) for record in records)
+        encoded_bytes = {}
+        for name, encoding, dtype, bits in ENCODINGS:
+            directory = Path(tmp) / name.replace(" ", "_").replace(",", "")
+            directory.mkdir()
+            codec = TopKCodec(encoding, args.top_k, args.vocab, dtype, bits)  # type: ignore[arg-type]
+            encoded_bytes[name] = write(directory, records, codec)
     dense_bytes = args.vocab * 2
+    reference = encoded_bytes[ENCODINGS[1][0]]
     positions = args.batches * args.batch_size * args.length
     print(
         f"teacher GPT-NeoX h{args.hidden} L{args.layers}, V={args.vocab}, K={args.top_k}, {args.batches} batches x {args.batch_size} x "
-        f"{args.length} tokens, storage {args.storage_dtype}, {torch.get_num_threads()} threads"
+        f"{args.length} tokens, timed with {args.encoding}, {torch.get_num_threads()} threads"
     )
     print("| measure | value | ratio |")
     print("|---|---|---|")
@@ -97,10 +122,15 @@ def main() -> None:
         f"| scoring (forward + record + shards) | {positions / scored_seconds:,.0f} positions/s | "
         f"{bare_seconds / scored_seconds:.2f} of bare |"
     )
+    print()
     print(
-        f"| cache bytes per scored token | {cache_bytes / tokens:,.0f} B | "
-        f"{cache_bytes / tokens / dense_bytes:.2%} of a dense bf16 row ({dense_bytes:,} B) |"
+        f"| cache encoding | bytes per scored token | vs float, bfloat16 | vs a dense bf16 row ({dense_bytes:,} B) |"
     )
+    print("|---|---|---|---|")
+    for name, size in encoded_bytes.items():
+        print(
+            f"| {name} | {size / tokens:,.0f} B | {size / reference:.2f} | {size / tokens / dense_bytes:.2%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def score_teacher_task(
                 "top_k": scoring.top_k,
                 "temperature": config.loss.temperature,
                 "storage_dtype": scoring.storage_dtype,
+                "encoding": scoring.encoding,
+                "logprob_bits": scoring.logprob_bits,
                 "shard_size": scoring.shard_size,
             }
         )

@@ -276,7 +276,20 @@ class ScoringConfig(StrictModel):
         64, ge=1, le=4096, description="Teacher top-K token ids and log-probs kept per token. Range: 1..4096."
     )
     storage_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of cached log-probs."
+        "float32", description="dtype of cached log-probs with encoding float."
+    )
+    encoding: Literal["float", "compact"] = Field(
+        "float",
+        description=(
+            "How shards store each token's top-K: float (int32 ids, storage_dtype log-probs) or compact "
+            "(Elias-Fano ids, log-probs on a per-token grid of logprob_bits; about half the bytes)."
+        ),
+    )
+    logprob_bits: int = Field(
+        8,
+        ge=2,
+        le=16,
+        description="Bits per cached top-K log-prob with encoding compact. Range: 2..16.",
     )
     batch_size: int = Field(16, ge=1, le=4096, description="Sequences per teacher forward. Range: 1..4096.")
     shard_size: int = Field(1024, ge=1, description="Examples per shard. Range: >= 1.")

@@ -2,7 +2,8 @@
 
 Per valid target token (prompt and padding excluded) the cache holds the target id, the target
 log-prob, UNC = 1 - p_g, the entropy, the top-K ids and log-probs and the log of the tail mass,
-all at the loss temperature: the sparse teacher of :mod:`atkd_core.losses`, so training needs no
+all at the loss temperature. ``encoding`` says how a shard stores the top-K: exactly (``float``)
+or in about half the bytes (``compact``: Elias-Fano ids, quantised log-probs): the sparse teacher of :mod:`atkd_core.losses`, so training needs no
 teacher in memory and the ATKD split is exact offline.
 
 Layout of the output directory::
@@ -16,11 +17,13 @@ Scoring writes into ``<output>.partial`` and renames it when every shard is ther
 resumes from the shards it finished and nothing half-written is ever read as a cache.
 
 - ``spec``: ``ScoringSpec``, the identity of a cache (teacher weights, data, tokenizer, K, T, dtype).
+- ``encoding``: ``TopKCodec``, a shard's top-K encoding (named in the shard's metadata).
 - ``writer``: ``score_teacher`` (one rank's shards) and ``finalize_cache`` (check, manifest, publish).
 - ``reader``: ``TeacherCache``, a verified cache handing out ``SparseTeacher`` batches.
 - ``stage``: ``run_scoring_stage`` / ``score_from_config``, the stage with reuse.
 """
 
+from atkd_core.scoring.encoding import ENCODINGS, STORAGE_DTYPES, TopKCodec
 from atkd_core.scoring.reader import TeacherCache, cache_problem
 from atkd_core.scoring.spec import (
     ScoringSpec,
@@ -30,13 +33,15 @@ from atkd_core.scoring.spec import (
     weights_sha256,
 )
 from atkd_core.scoring.stage import run_scoring_stage, score_from_config
-from atkd_core.scoring.writer import QUANTILES, STORAGE_DTYPES, finalize_cache, score_batch, score_teacher
+from atkd_core.scoring.writer import QUANTILES, finalize_cache, score_batch, score_teacher
 
 __all__ = [
+    "ENCODINGS",
     "QUANTILES",
     "STORAGE_DTYPES",
     "ScoringSpec",
     "TeacherCache",
+    "TopKCodec",
     "cache_problem",
     "config_scoring_spec",
     "finalize_cache",

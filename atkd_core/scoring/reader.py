@@ -18,6 +18,7 @@ from atkd_core.manifest import (
     sha256_file,
 )
 from atkd_core.outputs import CacheManifest
+from atkd_core.scoring.encoding import TopKCodec
 from atkd_core.scoring.spec import ScoringSpec
 
 
@@ -59,15 +60,22 @@ class TeacherCache:
         self.spec = manifest.spec
         self._rows: dict[str, tuple[int, int, int]] = {}
         self._shards: list[dict[str, Tensor]] = []
+        self._codecs: list[TopKCodec] = []
         problem = cache_problem(directory, manifest, check_hashes=True)
         if problem is not None:
             raise CacheError(f"{directory}: {problem}; `atkd score CONFIG` scores it again")
         for shard_index, name in enumerate(sorted(manifest.shards)):
             path = directory / f"{name}.safetensors"
             with safe_open(str(path), "pt") as handle:
-                ids = json.loads(handle.metadata()["example_ids"])
+                metadata = handle.metadata()
+                ids = json.loads(metadata["example_ids"])
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            try:
+                codec = TopKCodec.from_metadata(metadata, self.spec["top_k"], self.spec["storage_dtype"])
+            except CacheError as error:
+                raise CacheError(f"{path}: {error}") from None
             self._shards.append(tensors)
+            self._codecs.append(codec)
             offsets = tensors["offsets"].tolist()
             for row, example_id in enumerate(ids):
                 self._rows[example_id] = (shard_index, offsets[row], offsets[row + 1])
@@ -76,8 +84,13 @@ class TeacherCache:
         return len(self._rows)
 
     def field(self, example_id: str, name: str) -> Tensor:
-        """One cached field of one example, over its valid tokens in order."""
+        """One cached field of one example, over its valid tokens in order: a scalar field
+        (targets, target_logprob, unc, log_tail_mass, entropy) [n], or topk_ids / topk_logprobs
+        [n, K] decoded (int32 / float32)."""
         shard, start, end = self._row(example_id)
+        if name in ("topk_ids", "topk_logprobs"):
+            ids, logprobs = self._codecs[shard].decode(self._shards[shard], start, end)
+            return ids if name == "topk_ids" else logprobs
         return self._shards[shard][name][start:end]
 
     def _row(self, example_id: str) -> tuple[int, int, int]:
@@ -120,8 +133,9 @@ class TeacherCache:
             target_logprob[row, positions] = tensors["target_logprob"][start:end]
             unc[row, positions] = tensors["unc"][start:end]
             log_tail[row, positions] = tensors["log_tail_mass"][start:end]
-            topk_ids[row, positions] = tensors["topk_ids"][start:end]
-            topk_logprobs[row, positions] = tensors["topk_logprobs"][start:end].float()
+            topk_ids[row, positions], topk_logprobs[row, positions] = self._codecs[shard].decode(
+                tensors, start, end
+            )
         device = targets.device
         return SparseTeacher(
             target_logprob.to(device),

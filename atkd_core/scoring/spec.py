@@ -14,6 +14,7 @@ from atkd_core.manifest import (
     weight_files_sha256,
 )
 from atkd_core.outputs import PreparedManifest
+from atkd_core.scoring.encoding import TopKCodec
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,24 @@ class ScoringSpec:
     temperature: float
     storage_dtype: str
     shard_size: int
+    encoding: str = "float"
+    logprob_bits: int = 8
 
     def fingerprint(self) -> str:
-        """A hex digest of every field except the teacher's location."""
-        fields = {k: v for k, v in self.__dict__.items() if k != "teacher_dir"}
-        return fingerprint(fields)
+        """A hex digest of every field that shapes the cache's contents (not the teacher's location).
+
+        A float cache leaves out the encoding fields, so caches written before encodings existed
+        keep their identity; a compact one leaves out the storage dtype, which it does not use.
+        """
+        unused = {
+            "teacher_dir",
+            *(("encoding", "logprob_bits") if self.encoding == "float" else ("storage_dtype",)),
+        }
+        return fingerprint({k: v for k, v in self.__dict__.items() if k not in unused})
+
+    def codec(self, vocab_size: int) -> TopKCodec:
+        """How this cache's shards store the top-K of a ``vocab_size`` vocabulary."""
+        return TopKCodec(self.encoding, self.top_k, vocab_size, self.storage_dtype, self.logprob_bits)  # type: ignore[arg-type]
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -51,6 +65,8 @@ def scoring_spec(
     temperature: float,
     storage_dtype: str,
     shard_size: int,
+    encoding: str = "float",
+    logprob_bits: int = 8,
 ) -> ScoringSpec:
     """The spec of a cache of ``teacher_dir`` over ``prepared_dir`` (identity by content)."""
     manifest = require_manifest(prepared_dir, "prepare_data", PreparedManifest)
@@ -65,6 +81,8 @@ def scoring_spec(
         temperature=temperature,
         storage_dtype=storage_dtype,
         shard_size=shard_size,
+        encoding=encoding,
+        logprob_bits=logprob_bits,
     )
 
 
@@ -77,6 +95,8 @@ def config_scoring_spec(config: PipelineConfig, teacher_dir: Path, prepared_dir:
         temperature=config.loss.temperature,
         storage_dtype=config.scoring.storage_dtype,
         shard_size=config.scoring.shard_size,
+        encoding=config.scoring.encoding,
+        logprob_bits=config.scoring.logprob_bits,
     )
 
 

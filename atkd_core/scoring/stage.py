@@ -27,6 +27,8 @@ def run_scoring_stage(
     storage_dtype: str,
     shard_size: int,
     batch_size: int,
+    encoding: str = "float",
+    logprob_bits: int = 8,
     hard_fraction: float | str,
     device: str = "cpu",
     verify_hashes: bool = True,
@@ -45,6 +47,8 @@ def run_scoring_stage(
         temperature=temperature,
         storage_dtype=storage_dtype,
         shard_size=shard_size,
+        encoding=encoding,
+        logprob_bits=logprob_bits,
     )
     existing = up_to_date_manifest(output_dir, CacheManifest, spec.fingerprint())
     if existing is not None:
@@ -74,6 +78,8 @@ def score_from_config(
         storage_dtype=config.scoring.storage_dtype,
         shard_size=config.scoring.shard_size,
         batch_size=config.scoring.batch_size,
+        encoding=config.scoring.encoding,
+        logprob_bits=config.scoring.logprob_bits,
         hard_fraction=config.loss.hard_fraction,
         device=default_device(),
         # Hashing reads the whole cache: worth it when distillation is about to read it anyway.

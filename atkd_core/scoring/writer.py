@@ -29,9 +29,9 @@ from atkd_core.manifest import (
 )
 from atkd_core.outputs import CacheManifest, PreparedManifest
 from atkd_core.progress import Progress
+from atkd_core.scoring.encoding import METADATA_KEY, TopKCodec
 from atkd_core.scoring.spec import ScoringSpec
 
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTILES = (0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9)
 
 
@@ -89,19 +89,23 @@ def write_shard(
     ids: list[str],
     parts: list[dict[str, Tensor]],
     counts: list[int],
-    dtype: torch.dtype,
+    codec: TopKCodec,
 ) -> str:
+    """Write one shard: the examples ``ids`` whose ``counts`` scored tokens are the concatenated
+    records ``parts`` (score_batch's fields), the top-K stored by ``codec``; return its sha256."""
     tensors = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    tensors["topk_logprobs"] = tensors["topk_logprobs"].to(dtype)
+    tensors.update(
+        codec.encode(tensors.pop("topk_ids"), tensors.pop("topk_logprobs"), tensors.pop("entropy"))
+    )
     tensors["offsets"] = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     path = directory / f"{_shard_name(index)}.safetensors"
     staging = path.with_suffix(".tmp")
+    metadata = {"example_ids": json.dumps(ids)}
+    if codec.encoding != "float":
+        # Format 1 shards carry no entry, so a float cache is byte for byte what it always was.
+        metadata[METADATA_KEY] = codec.metadata()
     with faults_named(staging):
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(staging),
-            metadata={"example_ids": json.dumps(ids)},
-        )
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging), metadata=metadata)
     staging.rename(path)
     digest = sha256_file(path)
     # The checksum file is written last: its presence marks a finished shard.
@@ -149,7 +153,7 @@ def score_teacher(
     todo = [i for i in mine if _finished_shard(partial, i) is None]
     if len(todo) < len(mine):
         log(f"score_teacher: rank {rank} resumes, {len(mine) - len(todo)} of {len(mine)} shards already done")
-    dtype = STORAGE_DTYPES[spec.storage_dtype]
+    codec = spec.codec(tokenizer_vocab)
     device = next(model.parameters()).device
     progress = Progress(
         sum(min(spec.shard_size, len(dataset) - i * spec.shard_size) for i in todo), log, "score_teacher"
@@ -172,7 +176,7 @@ def score_teacher(
             per_row = (shift_targets(labels) != IGNORE_INDEX).sum(-1).tolist()
             counts.extend(per_row)
             progress.update(len(rows), int(sum(per_row)))
-        write_shard(partial, shard, list(dataset["id"][start:end]), parts, counts, dtype)
+        write_shard(partial, shard, list(dataset["id"][start:end]), parts, counts, codec)
     progress.close()
 
 

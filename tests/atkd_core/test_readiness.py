@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, PreTrainedTokenizerFast
 
+from atkd_core.config import ScoringConfig
 from atkd_core.errors import UserError
 from atkd_core.readiness import (
     Readiness,
@@ -20,7 +21,8 @@ from atkd_core.readiness import (
     check_devices,
     count_rows,
 )
-from atkd_core.scoring.writer import STORAGE_DTYPES, score_batch, write_shard
+from atkd_core.scoring.encoding import TopKCodec
+from atkd_core.scoring.writer import score_batch, write_shard
 from tests.conftest import tiny_config
 
 ROWS = [
@@ -69,17 +71,28 @@ def _rows(readiness: Readiness) -> dict[str, tuple[bool, str]]:
     return {check.subject: (check.ok, check.detail) for check in readiness.checks}
 
 
-def test_the_cache_estimate_is_what_the_writer_writes(tmp_path):
-    logits = torch.randn(4, 50, 300)
-    labels = torch.randint(0, 300, (4, 50))
-    for top_k, dtype in ((8, "bfloat16"), (64, "float32")):
-        record = score_batch(logits, labels, vocab_size=300, top_k=top_k, temperature=1.0)
-        tokens = record["targets"].numel()
-        write_shard(tmp_path, top_k, ["a"], [record], [tokens], STORAGE_DTYPES[dtype])
-        size = (tmp_path / f"shard-{top_k:05d}.safetensors").stat().st_size
-        estimate = tokens * cache_bytes_per_token(top_k, dtype)
-        # The shard adds only its header and the offsets to the per-token records.
-        assert estimate <= size <= estimate + 1024, (top_k, dtype, size, estimate)
+@pytest.mark.parametrize(
+    ("vocab", "settings"),
+    [
+        (300, {"top_k": 8, "storage_dtype": "bfloat16"}),
+        (300, {"top_k": 64, "storage_dtype": "float32"}),
+        (300, {"top_k": 8, "encoding": "compact"}),
+        (5000, {"top_k": 64, "encoding": "compact", "logprob_bits": 5}),
+        (5000, {"top_k": 64, "encoding": "compact", "logprob_bits": 16}),
+    ],
+)
+def test_the_cache_estimate_is_what_the_writer_writes(tmp_path, vocab, settings):
+    scoring = ScoringConfig(**settings)
+    logits = torch.randn(4, 50, vocab)
+    labels = torch.randint(0, vocab, (4, 50))
+    record = score_batch(logits, labels, vocab_size=vocab, top_k=scoring.top_k, temperature=1.0)
+    tokens = record["targets"].numel()
+    codec = TopKCodec(scoring.encoding, scoring.top_k, vocab, scoring.storage_dtype, scoring.logprob_bits)
+    write_shard(tmp_path, 0, ["a"], [record], [tokens], codec)
+    size = (tmp_path / "shard-00000.safetensors").stat().st_size
+    estimate = tokens * cache_bytes_per_token(scoring, vocab)
+    # The shard adds only its header (with the encoding's metadata) and the offsets.
+    assert estimate <= size <= estimate + 1024, (settings, size, estimate)
 
 
 def test_rows_are_counted_without_parsing_records(tmp_path):
