@@ -4,11 +4,17 @@
 log-probs in the storage dtype. 4 + 2 or 4 bytes per entry.
 
 ``compact`` (format 2): per token, the ids sorted by id and Elias-Fano coded, and the log-probs
-in the same order quantised to ``logprob_bits`` on an affine grid between the row's largest and
-smallest top-K log-prob. Elias-Fano stores K ids below V in K * (2 + floor(log2(V / K))) bits at
-most, whatever the ids are, so every token takes the same bytes and a row is sliced, not searched:
-at V = 128k and K = 64 that is 104 bytes against 256 for int32. The grid keeps the row's top
-log-prob exact and errs by at most half a step, (max - min) / (2^bits - 1) / 2, on the others.
+in the same order quantised to ``logprob_bits``. Elias-Fano stores K ids below V in
+K * (2 + floor(log2(V / K))) bits at most, whatever the ids are, so every token takes the same
+bytes and a row is sliced, not searched: at V = 128k and K = 64 that is 104 bytes against 256 for
+int32. The row's top log-prob is kept exactly (float32, its code the largest, 2^bits - 1). Each
+other log-prob is coded by its depth d below the largest of them on a square-root scale,
+code = round(L * sqrt(d / D)) with D the deepest d and L = 2^bits - 2, so the grid is finest
+where the probability is; then those entries are shifted together so that their decoded mass is
+the exact one (the losses weigh a token's terms by the top-K mass, and ATKD's DKD renormalises
+the mass off the target, which is usually the top). Each of them errs by at most
+2 * (D / L + D / (4 L^2)) (its own rounding plus the shift), and by much less near the top.
+``benchmarks/cache_fidelity.py`` measures what that does to each loss and its gradient.
 
 The scalar fields (target id, its log-prob, UNC, tail mass) are float32 in both: the ATKD split
 compares UNC with a threshold, and a coarser UNC would move tokens across it.
@@ -97,8 +103,8 @@ class TopKCodec:
         if self.encoding == "float":
             return self.top_k * (4 + DTYPE_BYTES[self.storage_dtype])
         ids = math.ceil(self.top_k * self.low_bits / 8) + math.ceil(self.high_bitmap_bits / 8)
-        # The row's top log-prob and grid step (float32 each) and the K codes.
-        return ids + 8 + math.ceil(self.top_k * self.logprob_bits / 8)
+        # The row's top log-prob, the rest's shifted top and deepest depth (float32 each), the K codes.
+        return ids + 12 + math.ceil(self.top_k * self.logprob_bits / 8)
 
     def bytes_per_token(self) -> int:
         """Bytes one scored token takes in a shard, its top-K and scalar fields together."""
@@ -141,17 +147,32 @@ class TopKCodec:
         low_mask = (1 << self.low_bits) - 1
         bitmap = torch.zeros(ids.shape[0], self.high_bitmap_bits, dtype=torch.int64)
         bitmap.scatter_(1, (ids >> self.low_bits) + torch.arange(self.top_k), 1)
-        top = logprobs.max(-1).values
+        top, top_index = logprobs.max(-1)
         logprobs = torch.maximum(logprobs, top[:, None] - LOGPROB_FLOOR_BELOW_TOP)
-        levels = (1 << self.logprob_bits) - 1
-        step = (top - logprobs.min(-1).values) / levels
-        codes = ((top[:, None] - logprobs) / step.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round()
+        # The rest: every entry but the top, which is kept exactly under the code TOP_CODE.
+        is_top = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(1, top_index[:, None], True)
+        rest = logprobs.masked_fill(is_top, -math.inf)
+        rest_top = rest.max(-1).values if self.top_k > 1 else top
+        depth = (rest_top[:, None] - logprobs).masked_fill(is_top, 0.0)
+        spread = depth.max(-1).values
+        rest_levels = (1 << self.logprob_bits) - 2
+        # Codes on a square-root scale of the depth below the rest's top: finest where its mass is.
+        codes = (depth / spread.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).sqrt() * rest_levels
+        codes = codes.round()
+        decoded = rest_top[:, None] - (codes / rest_levels).square() * spread[:, None]
+        # Shift the rest so that its decoded mass is the exact one: a loss weighs each token's
+        # terms by the top-K mass, and ATKD's DKD renormalises the mass off the target.
+        shift = rest.logsumexp(-1) - decoded.masked_fill(is_top, -math.inf).logsumexp(-1)
+        shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
         return {
             "topk_ids_low": pack_bits(ids & low_mask, self.low_bits),
             "topk_ids_high": pack_bits(bitmap, 1),
             "topk_logprob_top": top,
-            "topk_logprob_step": step,
-            "topk_logprob_codes": pack_bits(codes.clamp(0, levels).long(), self.logprob_bits),
+            "topk_logprob_rest_top": rest_top + shift,
+            "topk_logprob_spread": spread,
+            "topk_logprob_codes": pack_bits(
+                codes.long().masked_fill(is_top, rest_levels + 1), self.logprob_bits
+            ),
             "entropy": entropy.half(),
         }
 
@@ -171,6 +192,8 @@ class TopKCodec:
         low = unpack_bits(tensors["topk_ids_low"][start:end], self.low_bits, self.top_k)
         ids = (high << self.low_bits) | low
         codes = unpack_bits(tensors["topk_logprob_codes"][start:end], self.logprob_bits, self.top_k)
-        top = tensors["topk_logprob_top"][start:end, None]
-        step = tensors["topk_logprob_step"][start:end, None]
-        return ids.int(), top - codes.float() * step
+        rest_levels = (1 << self.logprob_bits) - 2
+        rest_top = tensors["topk_logprob_rest_top"][start:end, None]
+        spread = tensors["topk_logprob_spread"][start:end, None]
+        rest = rest_top - (codes.float() / rest_levels).square() * spread
+        return ids.int(), torch.where(codes > rest_levels, tensors["topk_logprob_top"][start:end, None], rest)
