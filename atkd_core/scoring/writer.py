@@ -35,6 +35,11 @@ from atkd_core.scoring.spec import ScoringSpec
 QUANTILES = (0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9)
 
 
+# Rows of logits scored together: 2^21 float32 values (8 MiB) stay in a CPU's cache between the
+# record's passes, and a GPU never holds more than that beyond the logits themselves.
+RECORD_CHUNK_VALUES = 1 << 21
+
+
 def score_batch(
     logits: Tensor, labels: Tensor, vocab_size: int, top_k: int, temperature: float
 ) -> dict[str, Tensor]:
@@ -44,37 +49,67 @@ def score_batch(
     the n valid targets: targets [n] int32, target_logprob / unc / entropy / log_tail_mass [n]
     float32, topk_ids [n, K] int32, topk_logprobs [n, K] float32.
 
-    Memory-bound over [n, V], so it makes as few vocabulary-sized passes as it can: one copy, one
-    fused log-softmax, one exp, top-K and one masked sum.
+    Memory-bound over [n, V], so it works on chunks of rows small enough to stay in cache and
+    makes as few vocabulary-sized passes per chunk as it can (see :func:`_record_rows`).
     """
     targets = shift_targets(labels)
     rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     target = targets[rows, columns]
     # Rows of the contiguous logits picked by flat index: slicing first would copy all of them.
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    chosen = flat_logits.index_select(0, rows * logits.shape[1] + columns)[:, :vocab_size].float()
+    flat_index = rows * logits.shape[1] + columns
+    step = max(1, RECORD_CHUNK_VALUES // vocab_size)
+    parts = [
+        _record_rows(
+            flat_logits.index_select(0, flat_index[start : start + step])[:, :vocab_size].float(),
+            target[start : start + step],
+            min(top_k, vocab_size),
+            temperature,
+        )
+        for start in range(0, len(target), step)
+    ]
+    if not parts:
+        parts = [
+            _record_rows(
+                flat_logits.new_zeros(0, vocab_size).float(), target, min(top_k, vocab_size), temperature
+            )
+        ]
+    record = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    record["targets"] = target.int()
+    return record
+
+
+def _record_rows(chosen: Tensor, target: Tensor, top_k: int, temperature: float) -> dict[str, Tensor]:
+    """The record of m rows: chosen [m, V] float32 logits (overwritten), target [m] ids.
+
+    Passes over [m, V]: one top-K (whose first value is the row's maximum), one in-place shift by
+    it, one exp (the only one), one sum, one dot product for the entropy and one masked sum for
+    the tail. With Z = sum(exp(x - max)): log p = x - max - log Z, H = log Z - sum(e (x - max)) / Z.
+    """
     if temperature != 1.0:
         chosen.div_(temperature)
-    log_p = torch.log_softmax(chosen, -1)
-    del chosen
-    target_logprob = log_p.gather(-1, target[:, None]).squeeze(-1)
-    probs = log_p.exp()
-    entropy = -(probs * log_p).sum(-1)
-    top = log_p.topk(min(top_k, vocab_size), -1)
+    top = chosen.topk(top_k, -1)
+    shifted = chosen.sub_(top.values[:, :1])
+    exps = shifted.exp()
+    normalizer = exps.sum(-1)
+    log_normalizer = normalizer.log()
+    # A batched dot product: several times faster on a CPU than vecdot or (a * b).sum(-1).
+    entropy = log_normalizer - torch.einsum("nv,nv->n", exps, shifted) / normalizer
+    target_logprob = shifted.gather(-1, target[:, None]).squeeze(-1) - log_normalizer
+    topk_logprobs = top.values - top.values[:, :1] - log_normalizer[:, None]
     # The tail as a sum of the probabilities outside the top-K (never 1 - sum(top-K), which cancels).
-    log_tail = probs.scatter_(-1, top.indices, 0.0).sum(-1).log()
+    log_tail = exps.scatter_(-1, top.indices, 0.0).sum(-1).log() - log_normalizer
     # UNC = 1 - p_g. When g is in the top-K, sum the other buckets (exact even when p_g rounds to
     # 1); otherwise p_g is at most the K-th probability and 1 - exp(log p_g) loses nothing.
     is_target = top.indices == target[:, None]
-    rest_buckets = torch.cat([top.values.masked_fill(is_target, -math.inf), log_tail[:, None]], -1)
+    rest_buckets = torch.cat([topk_logprobs.masked_fill(is_target, -math.inf), log_tail[:, None]], -1)
     unc = torch.where(is_target.any(-1), rest_buckets.logsumexp(-1).exp(), -torch.expm1(target_logprob))
     return {
-        "targets": target.int(),
         "target_logprob": target_logprob,
         "unc": unc,
         "entropy": entropy,
         "topk_ids": top.indices.int(),
-        "topk_logprobs": top.values,
+        "topk_logprobs": topk_logprobs,
         "log_tail_mass": log_tail,
     }
 

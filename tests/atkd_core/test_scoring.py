@@ -308,3 +308,44 @@ def test_the_manifests_unc_statistics_are_accumulated_shard_by_shard():
     empty = UncStatistics()
     assert empty.tokens == 0 and torch.isnan(torch.tensor(empty.quantile(0.5)))
     assert torch.isnan(torch.tensor(statistics.share_at_or_above(float("nan"))))
+
+
+@pytest.mark.parametrize("chunk_values", [150, 1 << 21])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_score_batch_matches_a_float64_reference(monkeypatch, chunk_values, temperature):
+    """Every field against float64 math from the definitions, over chunks of 3 rows or one, with
+    a padded vocabulary (50 of 53 columns), peaked rows (p_g within 1e-12 of 1) and a target
+    outside the top-K."""
+    import atkd_core.scoring.writer as writer
+
+    monkeypatch.setattr(writer, "RECORD_CHUNK_VALUES", chunk_values)
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 9, 53, generator=generator) * 3
+    labels = torch.randint(0, 50, (3, 9), generator=generator)
+    labels[:, :2] = -100
+    labels[2, 7:] = -100
+    logits[0, 3, labels[0, 4]] = 50.0 * temperature  # p_g = 1 - ~1e-18: UNC from the other buckets
+    logits[1, 2, :50] = torch.arange(50.0)
+    labels[1, 3] = 0  # the least likely token: outside the top-K
+    record = writer.score_batch(logits, labels, 50, 8, temperature)
+
+    targets = shift_targets(labels)
+    valid = targets != -100
+    log_p = torch.log_softmax(logits[:, :-1][valid][:, :50].double() / temperature, -1)
+    target = targets[valid]
+    p = log_p.exp()
+    top = log_p.topk(8, -1)
+    outside = p.scatter(-1, top.indices, 0.0).sum(-1)
+    unc = p.scatter(-1, target[:, None], 0.0).sum(-1)
+    assert torch.equal(record["targets"], target.int())
+    assert torch.equal(record["topk_ids"].long(), top.indices)
+    expected = {
+        "target_logprob": log_p.gather(-1, target[:, None]).squeeze(-1),
+        "topk_logprobs": top.values,
+        "entropy": -(p * log_p).sum(-1),
+        "log_tail_mass": outside.log(),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(record[name].double(), value, atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(record["unc"].double(), unc, atol=1e-7, rtol=1e-4)
+    assert record["unc"][unc < 1e-12].min() > 0  # not rounded to zero where p_g rounds to 1
