@@ -57,6 +57,9 @@ class CacheManifest(StageManifest):
     """``score_teacher``: the sparse teacher cache's identity, shards and UNC statistics."""
 
     spec: dict[str, Any]
+    # 1: float shards (every cache before encodings existed, whose manifests lack the field);
+    # 2: compact shards. Each shard also names its own format in its metadata.
+    format_version: int = 1
     num_examples: int
     num_shards: int
     tokens: int

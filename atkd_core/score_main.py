@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--encoding", default="float", choices=list(ENCODINGS))
+    parser.add_argument("--encoding", default="compact", choices=list(ENCODINGS))
     parser.add_argument("--logprob-bits", type=int, default=8, help="compact encoding: bits per log-prob")
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -279,10 +279,11 @@ class ScoringConfig(StrictModel):
         "float32", description="dtype of cached log-probs with encoding float."
     )
     encoding: Literal["float", "compact"] = Field(
-        "float",
+        "compact",
         description=(
             "How shards store each token's top-K: float (int32 ids, storage_dtype log-probs) or compact "
-            "(Elias-Fano ids, log-probs on a per-token grid of logprob_bits; about half the bytes)."
+            "(Elias-Fano ids, log-probs on a per-token grid of logprob_bits; about half the bytes of float "
+            "with bfloat16, and closer to float32 than bfloat16 is)."
         ),
     )
     logprob_bits: int = Field(

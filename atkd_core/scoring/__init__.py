@@ -17,7 +17,7 @@ Scoring writes into ``<output>.partial`` and renames it when every shard is ther
 resumes from the shards it finished and nothing half-written is ever read as a cache.
 
 - ``spec``: ``ScoringSpec``, the identity of a cache (teacher weights, data, tokenizer, K, T, dtype).
-- ``encoding``: ``TopKCodec``, a shard's top-K encoding (named in the shard's metadata).
+- ``encoding``: ``TopKCodec``, a shard's top-K encoding (named in each shard).
 - ``writer``: ``score_teacher`` (one rank's shards) and ``finalize_cache`` (check, manifest, publish).
 - ``reader``: ``TeacherCache``, a verified cache handing out ``SparseTeacher`` batches.
 - ``stage``: ``run_scoring_stage`` / ``score_from_config``, the stage with reuse.

@@ -19,7 +19,9 @@ the mass off the target, which is usually the top). Each of them errs by at most
 The scalar fields (target id, its log-prob, UNC, tail mass) are float32 in both: the ATKD split
 compares UNC with a threshold, and a coarser UNC would move tokens across it.
 
-Each shard names its encoding in its metadata, so a reader needs nothing but the shard.
+Each shard names its encoding in a small tensor (its JSON as bytes), so a reader needs nothing but
+the shard. Not in the safetensors metadata: a second metadata entry is written in hash-map order,
+so the same cache would not hash the same twice.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Per token beside the top-K: target id, target log-prob, UNC, tail mass (4 B each); entropy,
 # which nothing trains on, is float32 in format 1 and float16 in format 2.
 SCALAR_BYTES = {"float": 5 * 4, "compact": 4 * 4 + 2}
-METADATA_KEY = "topk_encoding"
+ENCODING_TENSOR = "topk_encoding"
 # Log-probs this far below the row's top carry no probability a loss can see (e^-64 < 1e-27);
 # clamping them keeps an exact zero (-inf) from stretching the quantisation grid to infinity.
 LOGPROB_FLOOR_BELOW_TOP = 64.0
@@ -110,17 +112,18 @@ class TopKCodec:
         """Bytes one scored token takes in a shard, its top-K and scalar fields together."""
         return self.topk_bytes_per_token() + SCALAR_BYTES[self.encoding]
 
-    def metadata(self) -> str:
-        """The shard metadata entry that names this encoding."""
-        return json.dumps({"format_version": self.format_version, **asdict(self)})
+    def as_tensor(self) -> Tensor:
+        """The shard tensor that names this encoding: its JSON, sorted, as uint8 bytes."""
+        text = json.dumps({"format_version": self.format_version, **asdict(self)}, sort_keys=True)
+        return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str], top_k: int, storage_dtype: str) -> TopKCodec:
-        """The codec a shard was written with. A shard without the entry is format 1 (``float``),
+    def from_shard(cls, tensors: Mapping[str, Tensor], top_k: int, storage_dtype: str) -> TopKCodec:
+        """The codec a shard was written with. A shard without the tensor is format 1 (``float``),
         the only one there was; ``top_k`` and ``storage_dtype`` then come from its cache's spec."""
-        if METADATA_KEY not in metadata:
+        if ENCODING_TENSOR not in tensors:
             return cls("float", top_k, 0, storage_dtype)
-        fields = json.loads(metadata[METADATA_KEY])
+        fields = json.loads(bytes(tensors[ENCODING_TENSOR].tolist()).decode())
         version = fields.pop("format_version")
         codec = cls(**fields)
         if version != codec.format_version:

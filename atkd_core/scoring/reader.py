@@ -67,11 +67,10 @@ class TeacherCache:
         for shard_index, name in enumerate(sorted(manifest.shards)):
             path = directory / f"{name}.safetensors"
             with safe_open(str(path), "pt") as handle:
-                metadata = handle.metadata()
-                ids = json.loads(metadata["example_ids"])
+                ids = json.loads(handle.metadata()["example_ids"])
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
             try:
-                codec = TopKCodec.from_metadata(metadata, self.spec["top_k"], self.spec["storage_dtype"])
+                codec = TopKCodec.from_shard(tensors, self.spec["top_k"], self.spec["storage_dtype"])
             except CacheError as error:
                 raise CacheError(f"{path}: {error}") from None
             self._shards.append(tensors)

@@ -65,7 +65,7 @@ def scoring_spec(
     temperature: float,
     storage_dtype: str,
     shard_size: int,
-    encoding: str = "float",
+    encoding: str = "compact",
     logprob_bits: int = 8,
 ) -> ScoringSpec:
     """The spec of a cache of ``teacher_dir`` over ``prepared_dir`` (identity by content)."""

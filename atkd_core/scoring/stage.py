@@ -27,7 +27,7 @@ def run_scoring_stage(
     storage_dtype: str,
     shard_size: int,
     batch_size: int,
-    encoding: str = "float",
+    encoding: str = "compact",
     logprob_bits: int = 8,
     hard_fraction: float | str,
     device: str = "cpu",

@@ -29,7 +29,7 @@ from atkd_core.manifest import (
 )
 from atkd_core.outputs import CacheManifest, PreparedManifest
 from atkd_core.progress import Progress
-from atkd_core.scoring.encoding import METADATA_KEY, TopKCodec
+from atkd_core.scoring.encoding import ENCODING_TENSOR, FORMAT_VERSION, TopKCodec
 from atkd_core.scoring.spec import ScoringSpec
 
 QUANTILES = (0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9)
@@ -135,12 +135,15 @@ def write_shard(
     tensors["offsets"] = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     path = directory / f"{_shard_name(index)}.safetensors"
     staging = path.with_suffix(".tmp")
-    metadata = {"example_ids": json.dumps(ids)}
     if codec.encoding != "float":
-        # Format 1 shards carry no entry, so a float cache is byte for byte what it always was.
-        metadata[METADATA_KEY] = codec.metadata()
+        # Format 1 shards carry no such tensor, so a float cache is byte for byte what it always was.
+        tensors[ENCODING_TENSOR] = codec.as_tensor()
     with faults_named(staging):
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging), metadata=metadata)
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(staging),
+            metadata={"example_ids": json.dumps(ids)},
+        )
     staging.rename(path)
     digest = sha256_file(path)
     # The checksum file is written last: its presence marks a finished shard.
@@ -273,6 +276,7 @@ def finalize_cache(
         # The shards' checksums are their contents: what is made from the cache depends on these.
         content_sha256=fingerprint(checksums),
         spec=spec.__dict__,
+        format_version=FORMAT_VERSION[spec.encoding],
         num_examples=num_examples,
         num_shards=num_shards,
         tokens=statistics.tokens,

@@ -16,7 +16,7 @@ from atkd_core.errors import CacheError
 from atkd_core.losses import atkd_loss, forward_kl
 from atkd_core.manifest import fingerprint, sha256_file
 from atkd_core.scoring import ScoringSpec, TeacherCache, TopKCodec
-from atkd_core.scoring.encoding import METADATA_KEY, pack_bits, unpack_bits
+from atkd_core.scoring.encoding import ENCODING_TENSOR, pack_bits, unpack_bits
 from atkd_core.scoring.writer import _partial_dir, finalize_cache, score_batch, write_shard
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -160,7 +160,7 @@ def test_a_format_1_cache_still_reads():
     cache = TeacherCache(directory)
     assert cache.manifest.input_fingerprint == expected["fingerprint"]
     with safe_open(str(directory / "shard-00000.safetensors"), "pt") as handle:
-        assert METADATA_KEY not in handle.metadata()
+        assert ENCODING_TENSOR not in handle.keys()  # noqa: SIM118
     targets = torch.tensor(expected["labels"])[:, 1:]
     teacher = cache.sparse_teacher(["ex-0", "ex-1"], targets)
     valid = targets != -100
@@ -180,8 +180,9 @@ def test_a_shard_of_an_unknown_format_is_refused_with_what_to_do(tmp_path):
     with safe_open(str(shard), "pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    fields = json.loads(metadata[METADATA_KEY])
-    metadata[METADATA_KEY] = json.dumps({**fields, "format_version": 9})
+    fields = json.loads(bytes(tensors[ENCODING_TENSOR].tolist()).decode())
+    text = json.dumps({**fields, "format_version": 9})
+    tensors[ENCODING_TENSOR] = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
     save_file(tensors, str(shard), metadata=metadata)
     with pytest.raises(CacheError, match="shard format 9 .* score the cache again"):
         _open_rewritten(tmp_path / "cache")

@@ -91,8 +91,8 @@ def test_the_cache_estimate_is_what_the_writer_writes(tmp_path, vocab, settings)
     write_shard(tmp_path, 0, ["a"], [record], [tokens], codec)
     size = (tmp_path / "shard-00000.safetensors").stat().st_size
     estimate = tokens * cache_bytes_per_token(scoring, vocab)
-    # The shard adds only its header (with the encoding's metadata) and the offsets.
-    assert estimate <= size <= estimate + 1024, (settings, size, estimate)
+    # The shard adds only its header (a line per tensor), the offsets and the encoding's name.
+    assert estimate <= size <= estimate + 1536, (settings, size, estimate)
 
 
 def test_rows_are_counted_without_parsing_records(tmp_path):

@@ -59,10 +59,14 @@ def live_batch(prepared, teacher_dir, rows):
     return list(train["id"]), next_token_logits(logits, len(tokenizer)), shift_targets(batch["labels"])
 
 
-def test_cache_equals_a_fresh_teacher_forward(setup, tmp_path):
+@pytest.mark.parametrize("encoding", ["float", "compact"])
+def test_cache_equals_a_fresh_teacher_forward(setup, tmp_path, encoding):
+    """float: every field exactly; compact: the same, but the top-K in id order and its log-probs
+    within the encoding's bound (tests/atkd_core/test_cache_encoding.py states it)."""
     _, _, prepared, teacher_dir, _ = setup
-    manifest, reused = score(prepared, teacher_dir, tmp_path / "cache")
+    manifest, reused = score(prepared, teacher_dir, tmp_path / "cache", encoding=encoding)
     assert not reused and manifest.num_examples == 64
+    assert manifest.format_version == (1 if encoding == "float" else 2)
     cache = TeacherCache(tmp_path / "cache")
     ids, logits, targets = live_batch(prepared, teacher_dir, range(5, 13))
     log_p = torch.log_softmax(logits, -1)
@@ -74,8 +78,15 @@ def test_cache_equals_a_fresh_teacher_forward(setup, tmp_path):
             cache.field(example_id, "target_logprob"), expected.gather(-1, target[:, None]).squeeze(-1)
         )
         top = expected.topk(8, -1)
-        torch.testing.assert_close(cache.field(example_id, "topk_logprobs"), top.values)
-        assert torch.equal(cache.field(example_id, "topk_ids").long(), top.indices)
+        ids, logprobs = top.indices, top.values
+        if encoding == "compact":
+            ids, order = ids.sort(-1)
+            logprobs = logprobs.gather(-1, order)
+        tolerance = 0.0 if encoding == "float" else 0.05
+        torch.testing.assert_close(
+            cache.field(example_id, "topk_logprobs"), logprobs, atol=tolerance, rtol=1e-6
+        )
+        assert torch.equal(cache.field(example_id, "topk_ids").long(), ids)
         torch.testing.assert_close(
             cache.field(example_id, "unc"), 1 - expected.gather(-1, target[:, None]).squeeze(-1).exp()
         )
@@ -86,7 +97,8 @@ def test_cache_equals_a_fresh_teacher_forward(setup, tmp_path):
 def test_sparse_atkd_from_cache_equals_dense_with_live_teacher_when_k_is_v(setup, tmp_path):
     _, _, prepared, teacher_dir, _ = setup
     vocab = read_manifest(prepared, PreparedManifest).vocab_size
-    score(prepared, teacher_dir, tmp_path / "cache", top_k=vocab)
+    # float: this is a parity test with the dense teacher, to float32 rounding.
+    score(prepared, teacher_dir, tmp_path / "cache", top_k=vocab, encoding="float")
     cache = TeacherCache(tmp_path / "cache")
     ids, teacher_logits, targets = live_batch(prepared, teacher_dir, range(0, 6))
     student = torch.randn(
@@ -117,6 +129,7 @@ def test_second_run_reuses_and_interrupted_run_resumes(setup, tmp_path):
         1.0,
         "float32",
         24,
+        encoding="compact",
     )
     score_teacher(
         load_model(teacher_dir),

@@ -48,6 +48,8 @@ def inputs(tmp_path_factory):
         root / "cache",
         top_k=vocab,
         temperature=1.0,
+        # float32: the offline teacher must equal the online one to rounding (top-K = V).
+        encoding="float",
         storage_dtype="float32",
         shard_size=64,
         batch_size=16,
