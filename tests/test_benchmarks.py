@@ -121,3 +121,35 @@ def test_cache_memory_bench_prints_a_row_per_cache_size():
         "cache_memory_bench.py", "--tokens", "20000", "40000", "--top-k", "8", "--vocab", "300"
     )
     assert "| 20,000 |" in out and "| 40,000 |" in out
+
+
+def test_cache_fidelity_bench_compares_every_encoding_with_float32(tmp_path):
+    """On a workdir laid out as a pipeline leaves it: prepared data and random-init models."""
+    from atkd_core.data.prepare import prepare_data
+    from atkd_core.models.build import materialize_model
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path / "work")
+    prepared = tmp_path / "work" / "prepared"
+    prepare_data(config, prepared, log=lambda _: None)
+    for name, model in (
+        ("teacher", config.teacher),
+        ("student-init", config.student),
+        ("student", config.student),
+    ):
+        materialize_model(model, prepared / "tokenizer", tmp_path / "work" / "models" / name)
+    out = run_benchmark(
+        "cache_fidelity.py",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--top-k",
+        "8",
+        "--examples",
+        "16",
+        "--batch-size",
+        "8",
+    )
+    for student in ("student-init", "student"):
+        assert f"student {student}: against the float32 record" in out
+    for encoding in ("float, bfloat16", "compact, 8-bit", "compact, 4-bit"):
+        assert f"| {encoding} | atkd k=0.5 |" in out

@@ -137,7 +137,8 @@ def _cli(argv: list[str], preexec=None) -> subprocess.CompletedProcess:
 def test_a_file_size_limit_while_scoring_is_one_line_naming_the_shard(tmp_path):
     import resource
 
-    path = _config(tmp_path)
+    # float32 shards: the largest, so that the shard is the one file over the limit below.
+    path = _config(tmp_path, scoring={"encoding": "float"})
     assert _cli(["data", "prepare", str(path)]).returncode == 0
     # The teacher is made first without a limit; then only the cache's shard is over it.
     from atkd_core.config import load_config
