@@ -7,6 +7,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -197,24 +198,34 @@ def score_teacher(
         sum(min(spec.shard_size, len(dataset) - i * spec.shard_size) for i in todo), log, "score_teacher"
     )
     model.eval()
-    for written, shard in enumerate(todo):
-        if stop_after_shards is not None and written >= stop_after_shards:
-            break
-        start, end = shard * spec.shard_size, min((shard + 1) * spec.shard_size, len(dataset))
-        parts, counts = [], []
-        for batch_start in range(start, end, batch_size):
-            rows = dataset.select(range(batch_start, min(batch_start + batch_size, end)))
-            batch = collate(list(rows), pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            labels = batch["labels"].to(device)
-            record = score_batch(logits, labels, tokenizer_vocab, spec.top_k, spec.temperature)
-            parts.append({k: v.cpu() for k, v in record.items()})
-            per_row = (shift_targets(labels) != IGNORE_INDEX).sum(-1).tolist()
-            counts.extend(per_row)
-            progress.update(len(rows), int(sum(per_row)))
-        write_shard(partial, shard, list(dataset["id"][start:end]), parts, counts, codec)
+    # Shards are encoded and written on a second thread while the teacher scores the next one, so
+    # the forward never waits on the disk; at most one shard is in flight (two shards' records in
+    # memory), and a write's error surfaces here, before the next shard is handed over.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        in_flight: Future[str] | None = None
+        for written, shard in enumerate(todo):
+            if stop_after_shards is not None and written >= stop_after_shards:
+                break
+            start, end = shard * spec.shard_size, min((shard + 1) * spec.shard_size, len(dataset))
+            parts, counts = [], []
+            for batch_start in range(start, end, batch_size):
+                rows = dataset.select(range(batch_start, min(batch_start + batch_size, end)))
+                batch = collate(list(rows), pad_id)
+                logits = model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).logits
+                labels = batch["labels"].to(device)
+                record = score_batch(logits, labels, tokenizer_vocab, spec.top_k, spec.temperature)
+                parts.append({k: v.cpu() for k, v in record.items()})
+                per_row = (shift_targets(labels) != IGNORE_INDEX).sum(-1).tolist()
+                counts.extend(per_row)
+                progress.update(len(rows), int(sum(per_row)))
+            if in_flight is not None:
+                in_flight.result()
+            ids = list(dataset["id"][start:end])
+            in_flight = writer.submit(write_shard, partial, shard, ids, parts, counts, codec)
+        if in_flight is not None:
+            in_flight.result()
     progress.close()
 
 
