@@ -58,7 +58,7 @@ class CacheManifest(StageManifest):
 
     spec: dict[str, Any]
     # 1: float shards (every cache before encodings existed, whose manifests lack the field);
-    # 2: compact shards. Each shard also names its own format in its metadata.
+    # 2: compact shards. Each compact shard also names its format (its topk_encoding tensor).
     format_version: int = 1
     num_examples: int
     num_shards: int

@@ -2,9 +2,10 @@
 
 Per valid target token (prompt and padding excluded) the cache holds the target id, the target
 log-prob, UNC = 1 - p_g, the entropy, the top-K ids and log-probs and the log of the tail mass,
-all at the loss temperature. ``encoding`` says how a shard stores the top-K: exactly (``float``)
-or in about half the bytes (``compact``: Elias-Fano ids, quantised log-probs): the sparse teacher of :mod:`atkd_core.losses`, so training needs no
-teacher in memory and the ATKD split is exact offline.
+all at the loss temperature: the sparse teacher of :mod:`atkd_core.losses`, so training needs no
+teacher in memory and the ATKD split is exact offline. ``encoding`` says how a shard stores the
+top-K: exactly (``float``) or in about half the bytes (``compact``: Elias-Fano ids, quantised
+log-probs).
 
 Layout of the output directory::
 

@@ -152,7 +152,7 @@ class TopKCodec:
         bitmap.scatter_(1, (ids >> self.low_bits) + torch.arange(self.top_k), 1)
         top, top_index = logprobs.max(-1)
         logprobs = torch.maximum(logprobs, top[:, None] - LOGPROB_FLOOR_BELOW_TOP)
-        # The rest: every entry but the top, which is kept exactly under the code TOP_CODE.
+        # The rest: every entry but the top, which is kept exactly under the largest code.
         is_top = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(1, top_index[:, None], True)
         rest = logprobs.masked_fill(is_top, -math.inf)
         rest_top = rest.max(-1).values if self.top_k > 1 else top

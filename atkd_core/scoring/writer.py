@@ -36,9 +36,11 @@ from atkd_core.scoring.spec import ScoringSpec
 QUANTILES = (0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9)
 
 
-# Rows of logits scored together: 2^21 float32 values (8 MiB) stay in a CPU's cache between the
-# record's passes, and a GPU never holds more than that beyond the logits themselves.
-RECORD_CHUNK_VALUES = 1 << 21
+# Logits scored together, by device type. On a CPU, 2^21 float32 values (8 MiB) stay in cache
+# between the record's passes. On a GPU, smaller chunks would cost a dozen kernel launches each;
+# 2^26 values (256 MiB per temporary) bound the memory the record adds to the logits'.
+RECORD_CHUNK_VALUES = {"cpu": 1 << 21}
+GPU_RECORD_CHUNK_VALUES = 1 << 26
 
 
 def score_batch(
@@ -59,7 +61,8 @@ def score_batch(
     # Rows of the contiguous logits picked by flat index: slicing first would copy all of them.
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_index = rows * logits.shape[1] + columns
-    step = max(1, RECORD_CHUNK_VALUES // vocab_size)
+    step = max(1, RECORD_CHUNK_VALUES.get(logits.device.type, GPU_RECORD_CHUNK_VALUES) // vocab_size)
+    # One empty chunk when no target is valid, so that the record still has every field.
     parts = [
         _record_rows(
             flat_logits.index_select(0, flat_index[start : start + step])[:, :vocab_size].float(),
@@ -67,14 +70,8 @@ def score_batch(
             min(top_k, vocab_size),
             temperature,
         )
-        for start in range(0, len(target), step)
+        for start in range(0, max(len(target), 1), step)
     ]
-    if not parts:
-        parts = [
-            _record_rows(
-                flat_logits.new_zeros(0, vocab_size).float(), target, min(top_k, vocab_size), temperature
-            )
-        ]
     record = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     record["targets"] = target.int()
     return record

@@ -331,7 +331,7 @@ def test_score_batch_matches_a_float64_reference(monkeypatch, chunk_values, temp
     outside the top-K."""
     import atkd_core.scoring.writer as writer
 
-    monkeypatch.setattr(writer, "RECORD_CHUNK_VALUES", chunk_values)
+    monkeypatch.setattr(writer, "RECORD_CHUNK_VALUES", {"cpu": chunk_values})
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(3, 9, 53, generator=generator) * 3
     labels = torch.randint(0, 50, (3, 9), generator=generator)
