@@ -283,7 +283,7 @@ class ScoringConfig(StrictModel):
         description=(
             "How shards store each token's top-K: float (int32 ids, storage_dtype log-probs) or compact "
             "(Elias-Fano ids, log-probs on a per-token grid of logprob_bits; about half the bytes of float "
-            "with bfloat16, and closer to float32 than bfloat16 is)."
+            "with bfloat16)."
         ),
     )
     logprob_bits: int = Field(
