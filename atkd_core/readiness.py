@@ -461,11 +461,14 @@ def _tokens_per_row(config: PipelineConfig, readiness: Readiness) -> float:
     return sum(min(length, data.max_length) for length in lengths) / len(lengths)
 
 
-def _vocab_size(readiness: Readiness) -> int:
-    """The vocabulary the cache's ids index: the tokenizer's, else the teacher's, else Llama 3's
-    128,256 (a compact cache's bytes grow with log2 of it, so a guess costs a few bytes a token)."""
+def _vocab_size(config: PipelineConfig, readiness: Readiness) -> int:
+    """The vocabulary the cache's ids index: the loaded tokenizer's, the size a tokenizer still to
+    be trained is given, else the teacher's, else Llama 3's 128,256 (a compact cache's bytes grow
+    with log2 of it, so a guess costs a few bytes a token)."""
     if readiness.tokenizer is not None:
         return len(readiness.tokenizer)
+    if config.tokenizer.source == "train":
+        return config.tokenizer.vocab_size
     teacher = readiness.models.get("teacher")
     return teacher.vocab_size if teacher is not None and teacher.vocab_size else 128_256
 
@@ -480,7 +483,7 @@ def check_disk(config: PipelineConfig, readiness: Readiness, rows: dict[str, int
         total = 0
         if "train" in rows and config.distill.teacher_source == "offline":
             tokens = rows["train"] * _tokens_per_row(config, readiness)
-            per_token = cache_bytes_per_token(config.scoring, _vocab_size(readiness))
+            per_token = cache_bytes_per_token(config.scoring, _vocab_size(config, readiness))
             cache = tokens * per_token
             total += int(cache)
             needs.append(f"teacher cache at most {human_bytes(cache)} ({tokens:,.0f} tokens x {per_token} B)")

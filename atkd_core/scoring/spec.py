@@ -29,6 +29,8 @@ class ScoringSpec:
     temperature: float
     storage_dtype: str
     shard_size: int
+    # A spec without these (as every spec was before encodings existed) is a float cache's;
+    # scoring_spec() and the config default to compact.
     encoding: str = "float"
     logprob_bits: int = 8
 

@@ -186,6 +186,11 @@ def test_too_few_gpus_and_too_little_disk_are_problems(tmp_path, monkeypatch):
         line for line in check_config(tiny_config(tmp_path), needs=[]).problems if line.startswith("disk")
     ]
     assert len(disk) == 1 and "1.0 KB free at" in disk[0] and "point workdir at a larger disk" in disk[0]
+    # A tokenizer still to be trained: the cache's ids index the size it is given.
+    config = tiny_config(tmp_path)
+    assert config.tokenizer.source == "train"
+    per_token = cache_bytes_per_token(config.scoring, config.tokenizer.vocab_size)
+    assert f"tokens x {per_token} B)" in disk[0]
 
 
 def test_a_context_shorter_than_max_length_and_a_top_k_over_the_vocabulary_are_caught_early(tmp_path):
