@@ -40,7 +40,6 @@ from atkd_core.errors import CacheError
 ENCODINGS = ("float", "compact")
 FORMAT_VERSION = {"float": 1, "compact": 2}
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Per token beside the top-K: target id, target log-prob, UNC, tail mass (4 B each); entropy,
 # which nothing trains on, is float32 in format 1 and float16 in format 2.
 SCALAR_BYTES = {"float": 5 * 4, "compact": 4 * 4 + 2}
@@ -103,7 +102,7 @@ class TopKCodec:
     def topk_bytes_per_token(self) -> int:
         """Bytes one token's top-K ids and log-probs take in a shard."""
         if self.encoding == "float":
-            return self.top_k * (4 + DTYPE_BYTES[self.storage_dtype])
+            return self.top_k * (4 + STORAGE_DTYPES[self.storage_dtype].itemsize)
         ids = math.ceil(self.top_k * self.low_bits / 8) + math.ceil(self.high_bitmap_bits / 8)
         # The row's top log-prob, the rest's shifted top and deepest depth (float32 each), the K codes.
         return ids + 12 + math.ceil(self.top_k * self.logprob_bits / 8)
