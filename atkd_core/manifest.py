@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from atkd_core.errors import UserError
+from atkd_core.storage import Location, RemoteDirectory, is_url
 from atkd_core.workdir import process_alive
 
 MANIFEST_NAME = "manifest.json"
@@ -70,13 +71,19 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_manifest(directory: Path, kind: type[Manifest] = StageManifest) -> Manifest | None:  # type: ignore[assignment]
-    """The manifest of a stage output as ``kind``, or None when there is none, it is unreadable, or
-    it is not a ``kind`` (a manifest of an older format reads as absent: the output is rebuilt).
-    ``StageManifest`` reads the fields every manifest has, whatever its stage."""
-    path = directory / MANIFEST_NAME
+def read_manifest(directory: Location, kind: type[Manifest] = StageManifest) -> Manifest | None:  # type: ignore[assignment]
+    """The manifest of a stage output (a local directory, or a URL: a cache in object storage) as
+    ``kind``, or None when there is none, it is unreadable, or it is not a ``kind`` (a manifest of
+    an older format reads as absent: the output is rebuilt). ``StageManifest`` reads the fields
+    every manifest has, whatever its stage."""
     try:
-        data = json.loads(path.read_text())
+        if is_url(directory):
+            text = RemoteDirectory(str(directory)).read_text(MANIFEST_NAME)
+            if text is None:
+                return None
+        else:
+            text = (Path(directory) / MANIFEST_NAME).read_text()
+        data = json.loads(text)
         if kind is StageManifest and isinstance(data, dict):
             data = {name: data[name] for name in StageManifest.model_fields if name in data}
         return kind.model_validate(data)
@@ -90,12 +97,16 @@ def weight_files_sha256(model_dir: Path) -> str | None:
     return fingerprint({p.name: sha256_file(p) for p in files}) if files else None
 
 
-def content_identity(location: Path | str) -> str:
+def content_identity(location: Location) -> str:
     """What an input *is*, for the fingerprints of what is made from it (never where it is).
 
-    A stage output: its manifest's content hash. A model directory made elsewhere: the hash of its
-    weights and config. Any other directory: the hash of its files. A hub id: itself.
+    A stage output: its manifest's content hash (a cache at a URL: the remote manifest's). A model
+    directory made elsewhere: the hash of its weights and config. Any other directory: the hash of
+    its files. A hub id: itself.
     """
+    if is_url(location):
+        remote = read_manifest(location)
+        return str(location) if remote is None else remote.content_sha256
     path = Path(location)
     if not path.is_dir():
         return str(location)
@@ -117,7 +128,7 @@ def require_manifest(directory: Path, stage: str, kind: type[Manifest]) -> Manif
     return manifest
 
 
-def up_to_date_manifest(directory: Path, kind: type[Manifest], input_fingerprint: str) -> Manifest | None:
+def up_to_date_manifest(directory: Location, kind: type[Manifest], input_fingerprint: str) -> Manifest | None:
     """The manifest (as ``kind``) of a finished output in ``directory`` made from inputs with this
     fingerprint, or None: the one reuse check every stage makes."""
     manifest = read_manifest(directory, kind)

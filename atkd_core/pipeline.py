@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from atkd_core.config import PipelineConfig
 from atkd_core.errors import UserError
 from atkd_core.outputs import TrainedModelManifest
+from atkd_core.storage import Location, as_location
 
 if TYPE_CHECKING:
     from atkd_core.training.job import TrainJob
@@ -51,7 +52,9 @@ class StageArguments(BaseModel):
     teacher_init: Path | None = Field(None, description="The teacher's initial weights (finetune_teacher).")
     teacher_dir: Path | None = Field(None, description="The teacher model (generate, score, distill).")
     student_init: Path | None = Field(None, description="The student's initial weights (distill_student).")
-    cache_dir: Path | None = Field(None, description="The teacher cache (distill_student).")
+    cache_dir: str | None = Field(
+        None, description="The teacher cache, a directory or a URL (distill_student)."
+    )
     models: dict[str, Path] | None = Field(None, description="Name -> model directory (evaluate).")
 
     def needed(self, name: str, stage: str) -> Path:
@@ -60,6 +63,12 @@ class StageArguments(BaseModel):
         if value is None:
             raise UserError(f"{stage}: needs its input {name}")
         return Path(value)
+
+    def needed_cache(self, stage: str) -> Location:
+        """The teacher cache (a directory or a URL), or a UserError saying ``stage`` needs it."""
+        if self.cache_dir is None:
+            raise UserError(f"{stage}: needs its input cache_dir")
+        return as_location(self.cache_dir)
 
 
 @dataclass(frozen=True)
@@ -123,9 +132,8 @@ def stage_target(stage: str, config: PipelineConfig, inputs: StageArguments) -> 
             is_up_to_date(layout.teacher_cache, cache_fingerprint) and report_current,
         )
     if stage == "distill_student":
-        student_init, cache, teacher = (
-            inputs.needed(name, stage) for name in ("student_init", "cache_dir", "teacher_dir")
-        )
+        student_init, teacher = (inputs.needed(name, stage) for name in ("student_init", "teacher_dir"))
+        cache = inputs.needed_cache(stage)
         job = distill_job(config, prepared, student_init, cache, teacher)
         return target(job.output_dir, job.fingerprint())
     if stage == "evaluate":
@@ -272,8 +280,10 @@ class LocalStages:
         """See StageRunner."""
         from atkd_core import stages
 
-        paths = (Path(train_data), Path(student_init), Path(cache), Path(teacher))
-        return self._train(stages.distill_plan(self.config, *paths, self.log))
+        job = stages.distill_plan(
+            self.config, Path(train_data), Path(student_init), as_location(cache), Path(teacher), self.log
+        )
+        return self._train(job)
 
     def evaluate(self, prepared: str, models: dict[str, str]) -> str:
         """See StageRunner."""

@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 
 class Progress:
-    """A progress line (units done, tokens/s, ETA): a tqdm bar on a terminal, periodic log lines otherwise."""
+    """A progress line (units done, tokens/s, ETA): a tqdm bar on a terminal, periodic log lines
+    otherwise. ``unit`` names what is counted, ``rate_unit`` what the rate is of (tokens; bytes
+    for an upload)."""
 
     def __init__(
         self,
@@ -19,8 +21,10 @@ class Progress:
         label: str,
         every_seconds: float = 10.0,
         unit: str = "examples",
+        rate_unit: str = "tokens",
     ):
         self.total, self.log, self.label, self.every, self.unit = total, log, label, every_seconds, unit
+        self.rate_unit = rate_unit
         self.done = self.tokens = 0
         self.start = self.last = time.perf_counter()
         self.bar = None
@@ -36,11 +40,12 @@ class Progress:
         rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
         if self.bar is not None:
             self.bar.update(units)
-            self.bar.set_postfix_str(f"{rate:,.0f} tok/s {extra}")
+            self.bar.set_postfix_str(f"{rate:,.0f} {self.rate_unit}/s {extra}")
         elif time.perf_counter() - self.last >= self.every or self.done >= self.total:
             remaining = (self.total - self.done) * (time.perf_counter() - self.start) / max(self.done, 1)
             self.log(
-                f"{self.label}: {self.done}/{self.total} {self.unit}, {rate:,.0f} tokens/s, ETA {remaining:,.0f} s {extra}"
+                f"{self.label}: {self.done}/{self.total} {self.unit}, {rate:,.0f} {self.rate_unit}/s, "
+                f"ETA {remaining:,.0f} s {extra}"
             )
             self.last = time.perf_counter()
 

@@ -24,6 +24,7 @@ from atkd_core.manifest import Manifest
 from atkd_core.outputs import CacheManifest, PreparedManifest
 from atkd_core.reports.difficulty import token_difficulty_report
 from atkd_core.scoring import TeacherCache, score_from_config
+from atkd_core.storage import Location
 from atkd_core.training.job import TrainJob, auto_split_line, distill_job
 
 Log = Callable[[str], None]
@@ -31,9 +32,10 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class StageOutput(Generic[Manifest]):
-    """What a stage made: its output directory, its manifest, and whether it was reused as it was."""
+    """What a stage made: its output directory (for a teacher cache kept in object storage, its
+    URL), its manifest, and whether it was reused as it was."""
 
-    directory: Path
+    directory: Location
     manifest: Manifest
     reused: bool
 
@@ -68,8 +70,9 @@ def generate(
 def score(
     config: PipelineConfig, train_data: Path, teacher: Path, log: Log
 ) -> tuple[StageOutput[CacheManifest], dict[str, Any]]:
-    """score_teacher into ``<workdir>/teacher_cache`` and the teacher's token-difficulty report into
-    ``<workdir>/reports/teacher``; returns (the cache, the report)."""
+    """score_teacher into ``<workdir>/teacher_cache`` (and ``scoring.location``, when set) and the
+    teacher's token-difficulty report into ``<workdir>/reports/teacher``; returns (the cache, read
+    from where distillation will read it, and the report)."""
     output, manifest, reused = score_from_config(config, teacher, train_data, log)
     made = StageOutput(output, manifest, reused)
     report = token_difficulty_report(
@@ -83,7 +86,7 @@ def score(
 
 
 def distill_plan(
-    config: PipelineConfig, train_data: Path, student_init: Path, cache: Path, teacher: Path, log: Log
+    config: PipelineConfig, train_data: Path, student_init: Path, cache: Location, teacher: Path, log: Log
 ) -> TrainJob:
     """The distillation job (``loss.hard_fraction: auto`` made concrete from the cache, and said)."""
     job = distill_job(config, train_data, student_init, cache, teacher)

@@ -44,7 +44,7 @@ def generate_teacher_data_task(
     logger = get_run_logger()
     with stage_run(config, parent_run_id, "generate_teacher_data") as run:
         made = stages.generate(config, Path(prepared_dir), Path(teacher_dir), logger.info)
-        output, manifest = made.directory, made.manifest
+        output, manifest = config.layout.teacher_generated, made.manifest
         run.log_params(
             {
                 "teacher": teacher_dir,

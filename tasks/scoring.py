@@ -36,6 +36,7 @@ def score_teacher_task(
                 "encoding": scoring.encoding,
                 "logprob_bits": scoring.logprob_bits,
                 "shard_size": scoring.shard_size,
+                "location": scoring.location or str(config.layout.teacher_cache),
             }
         )
         made, report = stages.score(config, Path(prepared_dir), Path(teacher_dir), logger.info)
@@ -50,6 +51,6 @@ def score_teacher_task(
                 **{f"unc_q{q}": v for q, v in manifest.unc_quantiles.items()},
             }
         )
-        run.log_artifact(output / "manifest.json")
+        run.log_text(manifest.model_dump_json(indent=2) + "\n", "manifest.json")
         run.log_artifact(config.layout.teacher_report, "difficulty")
     return str(output)

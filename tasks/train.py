@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 from atkd_core import stages
 from atkd_core.config import PipelineConfig
 from atkd_core.models.build import materialize_model
+from atkd_core.storage import as_location
 from atkd_core.training.job import TrainJob, finetune_job
 from infra.launcher import launch_training
 from infra.tracking import MetricsBuffer, RunHandle, flatten, stage_run
@@ -70,7 +71,7 @@ def distill_student_task(
 ) -> str:
     """Distil the student from the teacher (cache offline, or live online); return the student's directory."""
     logger = get_run_logger()
-    paths = (Path(prepared_dir), Path(student_init), Path(cache_dir), Path(teacher_dir))
+    paths = (Path(prepared_dir), Path(student_init), as_location(cache_dir), Path(teacher_dir))
     job = stages.distill_plan(config, *paths, logger.info)
     with stage_run(config, parent_run_id, "distill_student") as run:
         run.log_params(flatten(config.loss.model_dump(mode="json"), "loss."))

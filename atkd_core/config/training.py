@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from atkd_core.config.base import StrictModel, cross_field_rules, when
+from atkd_core.storage import is_url, known_protocol
 
 
 class ModelConfig(StrictModel):
@@ -294,6 +295,28 @@ class ScoringConfig(StrictModel):
     )
     batch_size: int = Field(16, ge=1, le=4096, description="Sequences per teacher forward. Range: 1..4096.")
     shard_size: int = Field(1024, ge=1, description="Examples per shard. Range: >= 1.")
+    location: str | None = Field(
+        None,
+        description=(
+            "Where the cache is kept: null for <workdir>/teacher_cache, or a URL that fsspec opens "
+            "(s3://bucket/prefix, gs://, az://, file:///shared/cache). With a URL the cache is scored "
+            "into <workdir>/teacher_cache, uploaded, and read from the URL by byte ranges (reused there "
+            "when it holds one made from the same inputs). Range: null or scheme://path."
+        ),
+    )
+
+    @field_validator("location")
+    @classmethod
+    def _check_location(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not is_url(value):
+            raise ValueError(
+                "must be a URL (scheme://path, e.g. s3://bucket/cache) or null for the workdir's"
+            )
+        if not known_protocol(value):
+            raise ValueError(f"{value.split('://', 1)[0]}:// is not a scheme fsspec knows")
+        return value.rstrip("/")
 
 
 class DistillConfig(StrictModel):

@@ -16,6 +16,7 @@ from atkd_core.reports.publishing import write_html
 from atkd_core.reports.statistics import paired_differences, summarize
 from atkd_core.reports.tables import pairs_markdown, pivot_markdown, teachers_markdown
 from atkd_core.scoring import TeacherCache
+from atkd_core.storage import as_location
 
 
 def cell_scores(eval_dir: Path, metric: str) -> dict[str, float]:
@@ -56,7 +57,7 @@ def teacher_analysis(
     for key, config in grid.teacher_configs.items():
         upstream = teachers[key]
         name = teacher_label(config)
-        cache = TeacherCache(Path(upstream.cache))
+        cache = TeacherCache(as_location(upstream.cache))
         unc = cache_unc(cache, Path(upstream.train_data))
         unc_by_teacher[name] = unc.numpy()
         row: dict[str, Any] = {

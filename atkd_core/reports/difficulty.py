@@ -28,8 +28,7 @@ def token_difficulty_report(
     train = load_from_disk(str(prepared_dir / "dataset"))["train"]
     overall = UncStatistics()
     by_family: dict[str, UncStatistics] = {}
-    for example_id, category in zip(train["id"], train["category"], strict=True):
-        unc = cache.field(example_id, "unc")
+    for category, unc in zip(train["category"], cache.fields(train["id"], "unc"), strict=True):
         overall.add(unc)
         by_family.setdefault(category or "(none)", UncStatistics()).add(unc)
     threshold = statistics_threshold(overall, hard_fraction)
@@ -79,7 +78,7 @@ def statistics_threshold(statistics: UncStatistics, hard_fraction: float | str) 
 def cache_unc(cache: TeacherCache, prepared_dir: Path) -> torch.Tensor:
     """Every training token's teacher UNC from a cache, in dataset order. [num_tokens] float64."""
     train = load_from_disk(str(prepared_dir / "dataset"))["train"]
-    return torch.cat([cache.field(example_id, "unc") for example_id in train["id"]]).double()
+    return torch.cat(list(cache.fields(train["id"], "unc"))).double()
 
 
 @torch.no_grad()

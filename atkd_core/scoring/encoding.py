@@ -132,6 +132,19 @@ class TopKCodec:
             )
         return codec
 
+    def stored_fields(self) -> tuple[str, ...]:
+        """The shard tensors that hold the top-K (what ``decode`` reads), each with a row per token."""
+        if self.encoding == "float":
+            return ("topk_ids", "topk_logprobs")
+        return (
+            "topk_ids_low",
+            "topk_ids_high",
+            "topk_logprob_top",
+            "topk_logprob_rest_top",
+            "topk_logprob_spread",
+            "topk_logprob_codes",
+        )
+
     def encode(self, topk_ids: Tensor, topk_logprobs: Tensor, entropy: Tensor) -> dict[str, Tensor]:
         """A shard's top-K tensors and its entropy field.
 

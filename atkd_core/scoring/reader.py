@@ -1,9 +1,17 @@
-"""Reading a cache: verified against its manifest, handing out SparseTeacher batches."""
+"""Reading a cache: verified against its manifest, handing out SparseTeacher batches.
+
+A cache is read where it lives. In a local directory its shards are memory-mapped (safetensors)
+and each batch slices its rows; at a URL (object storage through fsspec) only the shards' headers
+and row offsets are read at open, and each batch fetches its rows' byte ranges in one call. Either
+way a distillation process holds the index from example to row, not the cache.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,8 +26,29 @@ from atkd_core.manifest import (
     sha256_file,
 )
 from atkd_core.outputs import CacheManifest
-from atkd_core.scoring.encoding import TopKCodec
+from atkd_core.scoring.encoding import ENCODING_TENSOR, TopKCodec
 from atkd_core.scoring.spec import ScoringSpec
+from atkd_core.storage import Location, RemoteDirectory, is_url
+
+# What sparse_teacher needs of a row beside its top-K (every tensor named topk_*, by encoding).
+SCALAR_FIELDS = ("targets", "target_logprob", "unc", "log_tail_mass")
+# Rows fetched per call when a field of many examples is read from a URL: a bound on one call's
+# requests, so that a pass over a large cache (the difficulty report) streams.
+REMOTE_ROWS_PER_CALL = 4096
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+Row = tuple[int, int, int]  # shard index, first token, end token
 
 
 def cache_problem(directory: Path, manifest: CacheManifest, *, check_hashes: bool) -> str | None:
@@ -36,14 +65,105 @@ def cache_problem(directory: Path, manifest: CacheManifest, *, check_hashes: boo
     return None
 
 
-class TeacherCache:
-    """A verified, loaded teacher cache; hands out SparseTeacher batches aligned with targets."""
+@dataclass(frozen=True)
+class _TensorLocation:
+    """Where one tensor of a shard file lies: dtype, shape, and its bytes' offset in the file."""
 
-    def __init__(self, directory: Path, *, expected: ScoringSpec | None = None):
-        """Open ``directory``; with ``expected``, refuse a cache made from anything else."""
-        manifest = read_manifest(directory, CacheManifest)
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+
+    def row_range(self, first: int, end: int) -> tuple[int, int]:
+        """The file's bytes holding rows ``first:end`` (rows along the first dimension)."""
+        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        return self.start + first * row_bytes, self.start + end * row_bytes
+
+    def decode(self, block: bytes, rows: int) -> Tensor:
+        """``rows`` rows of this tensor from their bytes."""
+        return torch.frombuffer(bytearray(block), dtype=self.dtype).reshape(rows, *self.shape[1:])
+
+
+def remote_cache_problem(remote: RemoteDirectory, manifest: CacheManifest) -> str | None:
+    """What is wrong with a finished cache's shards at a URL (missing, another size), or None.
+    Their sha256 is not read: that would download the whole cache (the object store checks what
+    it stores; ``atkd score`` checks every shard's sha256 before it uploads)."""
+    sizes = remote.sizes()
+    for name in sorted(manifest.shards):
+        file = f"{name}.safetensors"
+        if file not in sizes:
+            return f"{name} is missing"
+        if name in manifest.shard_bytes and sizes[file] != manifest.shard_bytes[name]:
+            return f"{name} has {sizes[file]} bytes, the manifest says {manifest.shard_bytes[name]}"
+    return None
+
+
+class _RemoteShards:
+    """A cache's shards at a URL, read by byte ranges: headers and offsets at open, rows on demand."""
+
+    def __init__(self, remote: RemoteDirectory, names: list[str]) -> None:
+        self.remote = remote
+        self.files = [f"{name}.safetensors" for name in names]
+        lengths = remote.read_ranges([(file, 0, 8) for file in self.files])
+        header_sizes = [int.from_bytes(block, "little") for block in lengths]
+        headers = remote.read_ranges(
+            [(file, 8, 8 + n) for file, n in zip(self.files, header_sizes, strict=True)]
+        )
+        self.layouts: list[dict[str, _TensorLocation]] = []
+        self.example_ids: list[list[str]] = []
+        for file, size, header in zip(self.files, header_sizes, headers, strict=True):
+            fields = json.loads(header)
+            self.example_ids.append(json.loads(fields.pop("__metadata__")["example_ids"]))
+            try:
+                self.layouts.append(
+                    {
+                        key: _TensorLocation(
+                            SAFETENSORS_DTYPES[value["dtype"]],
+                            tuple(value["shape"]),
+                            8 + size + value["data_offsets"][0],
+                        )
+                        for key, value in fields.items()
+                    }
+                )
+            except KeyError as error:
+                raise CacheError(
+                    f"{remote.url}/{file}: a tensor of dtype {error} is not one a cache holds"
+                ) from None
+        whole = ["offsets", ENCODING_TENSOR]
+        requests, owners = [], []
+        for index, layout in enumerate(self.layouts):
+            for key in whole:
+                if key in layout:
+                    requests.append((self.files[index], *layout[key].row_range(0, layout[key].shape[0])))
+                    owners.append((index, key))
+        self.small: list[dict[str, Tensor]] = [{} for _ in self.files]
+        for (index, key), block in zip(owners, remote.read_ranges(requests), strict=True):
+            location = self.layouts[index][key]
+            self.small[index][key] = location.decode(block, location.shape[0])
+
+    def rows(self, wanted: Sequence[Row], names: Sequence[str]) -> list[dict[str, Tensor]]:
+        """For each (shard, first, end): the tensors ``names`` over those rows, in one call."""
+        requests = [
+            (self.files[shard], *self.layouts[shard][name].row_range(first, end))
+            for shard, first, end in wanted
+            for name in names
+        ]
+        blocks = iter(self.remote.read_ranges(requests))
+        return [
+            {name: self.layouts[shard][name].decode(next(blocks), end - first) for name in names}
+            for shard, first, end in wanted
+        ]
+
+
+class TeacherCache:
+    """A verified teacher cache, local or at a URL; hands out SparseTeacher batches aligned with
+    targets. Locally every shard's sha256 is checked at open; at a URL their sizes (see
+    remote_cache_problem)."""
+
+    def __init__(self, location: Location, *, expected: ScoringSpec | None = None):
+        """Open the cache at ``location``; with ``expected``, refuse a cache made from anything else."""
+        manifest = read_manifest(location, CacheManifest)
         if manifest is None or manifest.stage != "score_teacher":
-            raise CacheError(f"{directory}: not a teacher cache (no score_teacher manifest.json)")
+            raise CacheError(f"{location}: not a teacher cache (no score_teacher manifest.json)")
         if expected is not None and manifest.input_fingerprint != expected.fingerprint():
             differs = [
                 f"{key}: cache has {manifest.spec.get(key)!r}, expected {value!r}"
@@ -51,30 +171,44 @@ class TeacherCache:
                 if key != "teacher_dir" and manifest.spec.get(key) != value
             ]
             raise CacheError(
-                f"{directory}: made for different inputs; "
+                f"{location}: made for different inputs; "
                 + "; ".join(differs)
                 + "; score it again for these inputs (`atkd score CONFIG`)"
             )
-        self.directory = directory
+        self.location = location
         self.manifest = manifest
         self.spec = manifest.spec
-        self._rows: dict[str, tuple[int, int, int]] = {}
+        self._rows: dict[str, Row] = {}
         self._shards: list[dict[str, Tensor]] = []
+        self._remote: _RemoteShards | None = None
+        names = sorted(manifest.shards)
+        if is_url(location):
+            remote = RemoteDirectory(str(location))
+            problem = remote_cache_problem(remote, manifest)
+            if problem is not None:
+                raise CacheError(f"{location}: {problem}; `atkd score CONFIG` scores it again")
+            self._remote = _RemoteShards(remote, names)
+            shard_ids, small = self._remote.example_ids, self._remote.small
+        else:
+            directory = Path(location)
+            problem = cache_problem(directory, manifest, check_hashes=True)
+            if problem is not None:
+                raise CacheError(f"{location}: {problem}; `atkd score CONFIG` scores it again")
+            shard_ids = []
+            for name in names:
+                with safe_open(str(directory / f"{name}.safetensors"), "pt") as handle:
+                    shard_ids.append(json.loads(handle.metadata()["example_ids"]))
+                    self._shards.append({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
+            small = self._shards
         self._codecs: list[TopKCodec] = []
-        problem = cache_problem(directory, manifest, check_hashes=True)
-        if problem is not None:
-            raise CacheError(f"{directory}: {problem}; `atkd score CONFIG` scores it again")
-        for shard_index, name in enumerate(sorted(manifest.shards)):
-            path = directory / f"{name}.safetensors"
-            with safe_open(str(path), "pt") as handle:
-                ids = json.loads(handle.metadata()["example_ids"])
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        for name, tensors in zip(names, small, strict=True):
             try:
-                codec = TopKCodec.from_shard(tensors, self.spec["top_k"], self.spec["storage_dtype"])
+                self._codecs.append(
+                    TopKCodec.from_shard(tensors, self.spec["top_k"], self.spec["storage_dtype"])
+                )
             except CacheError as error:
-                raise CacheError(f"{path}: {error}") from None
-            self._shards.append(tensors)
-            self._codecs.append(codec)
+                raise CacheError(f"{location}/{name}.safetensors: {error}") from None
+        for shard_index, (ids, tensors) in enumerate(zip(shard_ids, small, strict=True)):
             offsets = tensors["offsets"].tolist()
             for row, example_id in enumerate(ids):
                 self._rows[example_id] = (shard_index, offsets[row], offsets[row + 1])
@@ -86,15 +220,44 @@ class TeacherCache:
         """One cached field of one example, over its valid tokens in order: a scalar field
         (targets, target_logprob, unc, log_tail_mass, entropy) [n], or topk_ids / topk_logprobs
         [n, K] decoded (int32 / float32)."""
-        shard, start, end = self._row(example_id)
-        if name in ("topk_ids", "topk_logprobs"):
-            ids, logprobs = self._codecs[shard].decode(self._shards[shard], start, end)
-            return ids if name == "topk_ids" else logprobs
-        return self._shards[shard][name][start:end]
+        return next(self.fields([example_id], name))
 
-    def _row(self, example_id: str) -> tuple[int, int, int]:
+    def fields(self, example_ids: Sequence[str], name: str) -> Iterator[Tensor]:
+        """``field`` of each example in turn; from a URL, fetched REMOTE_ROWS_PER_CALL rows a call."""
+        topk = name in ("topk_ids", "topk_logprobs")
+        for start in range(0, len(example_ids), REMOTE_ROWS_PER_CALL):
+            chunk = example_ids[start : start + REMOTE_ROWS_PER_CALL]
+            for shard, tokens, tensors in self._fetch(chunk, topk, () if topk else (name,)):
+                if not topk:
+                    yield tensors[name]
+                    continue
+                ids, logprobs = self._codecs[shard].decode(tensors, 0, tokens)
+                yield ids if name == "topk_ids" else logprobs
+
+    def _fetch(
+        self, example_ids: Sequence[str], topk: bool, names: Sequence[str]
+    ) -> list[tuple[int, int, dict[str, Tensor]]]:
+        """Each example's shard index, its token count and its rows of the tensors ``names`` (and,
+        with ``topk``, of the tensors its shard stores the top-K in)."""
+        wanted = [self._row(example_id) for example_id in example_ids]
+        stored = {
+            name for shard, _, _ in wanted for name in (self._codecs[shard].stored_fields() if topk else ())
+        }
+        fields = [*names, *sorted(stored - set(names))]
+        if self._remote is not None:
+            rows = self._remote.rows(wanted, fields)
+        else:
+            rows = [
+                {name: self._shards[shard][name][first:end] for name in fields}
+                for shard, first, end in wanted
+            ]
+        return [
+            (shard, end - first, tensors) for (shard, first, end), tensors in zip(wanted, rows, strict=True)
+        ]
+
+    def _row(self, example_id: str) -> Row:
         if example_id not in self._rows:
-            raise CacheError(f"{self.directory}: example {example_id!r} is not in the cache")
+            raise CacheError(f"{self.location}: example {example_id!r} is not in the cache")
         return self._rows[example_id]
 
     def sparse_teacher(
@@ -116,24 +279,25 @@ class TeacherCache:
         log_tail = torch.zeros(batch, length)
         topk_ids = torch.zeros(batch, length, k, dtype=torch.int32)
         topk_logprobs = torch.zeros(batch, length, k)
-        for example_id, placement in zip(example_ids, placements, strict=True):
-            shard, start, end = self._row(example_id)
-            tensors = self._shards[shard]
+        fetched = self._fetch(example_ids, True, SCALAR_FIELDS)
+        for example_id, placement, (shard, tokens, tensors) in zip(
+            example_ids, placements, fetched, strict=True
+        ):
             row, columns = placement.row, target_columns(placement)
             positions = (targets[row, columns] != IGNORE_INDEX).nonzero().squeeze(-1).cpu() + columns.start
-            cached_targets = tensors["targets"][start:end]
-            if positions.numel() != cached_targets.numel() or not torch.equal(
+            cached_targets = tensors["targets"]
+            if positions.numel() != tokens or not torch.equal(
                 targets[row, positions].cpu().int(), cached_targets
             ):
                 raise CacheError(
-                    f"{self.directory}: example {example_id!r}: the batch's targets differ from the cached ones "
-                    f"({positions.numel()} vs {cached_targets.numel()} tokens); the cache was made from other data"
+                    f"{self.location}: example {example_id!r}: the batch's targets differ from the cached ones "
+                    f"({positions.numel()} vs {tokens} tokens); the cache was made from other data"
                 )
-            target_logprob[row, positions] = tensors["target_logprob"][start:end]
-            unc[row, positions] = tensors["unc"][start:end]
-            log_tail[row, positions] = tensors["log_tail_mass"][start:end]
+            target_logprob[row, positions] = tensors["target_logprob"]
+            unc[row, positions] = tensors["unc"]
+            log_tail[row, positions] = tensors["log_tail_mass"]
             topk_ids[row, positions], topk_logprobs[row, positions] = self._codecs[shard].decode(
-                tensors, start, end
+                tensors, 0, tokens
             )
         device = targets.device
         return SparseTeacher(

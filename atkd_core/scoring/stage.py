@@ -8,13 +8,16 @@ from pathlib import Path
 from atkd_core.config import PipelineConfig
 from atkd_core.devices import default_device
 from atkd_core.manifest import (
+    MANIFEST_NAME,
     require_manifest,
     up_to_date_manifest,
 )
 from atkd_core.outputs import CacheManifest, PreparedManifest
-from atkd_core.scoring.reader import cache_problem
-from atkd_core.scoring.spec import scoring_spec
+from atkd_core.progress import Progress
+from atkd_core.scoring.reader import cache_problem, remote_cache_problem
+from atkd_core.scoring.spec import config_scoring_spec, scoring_spec
 from atkd_core.scoring.writer import finalize_cache, score_teacher
+from atkd_core.storage import Location, RemoteDirectory
 
 
 def run_scoring_stage(
@@ -65,9 +68,19 @@ def run_scoring_stage(
 
 def score_from_config(
     config: PipelineConfig, teacher_dir: Path, prepared_dir: Path, log: Callable[[str], None] = print
-) -> tuple[Path, CacheManifest, bool]:
-    """The score_teacher stage with the pipeline config's settings into ``<workdir>/teacher_cache``;
-    returns (cache directory, manifest, reused)."""
+) -> tuple[Location, CacheManifest, bool]:
+    """The score_teacher stage with the pipeline config's settings into ``<workdir>/teacher_cache``
+    and, with ``scoring.location``, uploaded there; returns (where the cache is read from, its
+    manifest, reused). A cache at the location made from the same inputs is reused as it is."""
+    location = config.scoring.location
+    if location is not None:
+        spec = config_scoring_spec(config, teacher_dir, prepared_dir)
+        remote = up_to_date_manifest(location, CacheManifest, spec.fingerprint())
+        if remote is not None:
+            problem = remote_cache_problem(RemoteDirectory(location), remote)
+            if problem is None:
+                return location, remote, True
+            log(f"score_teacher: the cache at {location} is damaged ({problem}); it is uploaded again")
     output = config.layout.teacher_cache
     manifest, reused = run_scoring_stage(
         teacher_dir,
@@ -86,4 +99,26 @@ def score_from_config(
         verify_hashes=config.distill.teacher_source == "offline",
         log=log,
     )
-    return output, manifest, reused
+    if location is None:
+        return output, manifest, reused
+    upload_cache(output, manifest, location, log)
+    return location, manifest, False
+
+
+def upload_cache(
+    directory: Path, manifest: CacheManifest, url: str, log: Callable[[str], None] = print
+) -> None:
+    """Copy the finished cache in ``directory`` to ``url``: any manifest there removed first and
+    the manifest uploaded last, so that the URL never holds a finished-looking cache whose shards
+    are not all there (a reader takes a cache without a manifest for none)."""
+    remote = RemoteDirectory(url)
+    remote.remove(MANIFEST_NAME)
+    progress = Progress(manifest.num_shards, log, "score_teacher: upload", unit="shards", rate_unit="bytes")
+    for name in sorted(manifest.shards):
+        remote.upload(directory / f"{name}.safetensors", f"{name}.safetensors")
+        progress.update(1, manifest.shard_bytes.get(name, 0))
+    remote.upload(directory / MANIFEST_NAME, MANIFEST_NAME)
+    progress.close()
+    log(
+        f"score_teacher: uploaded {directory} to {url} ({manifest.num_shards} shards, {manifest.cache_bytes / 2**20:.1f} MiB)"
+    )

@@ -21,6 +21,7 @@ from atkd_core.errors import CacheError
 from atkd_core.losses.objective import CrossEntropy, Objective, build_objective
 from atkd_core.manifest import content_identity, fingerprint, read_manifest
 from atkd_core.outputs import CacheManifest
+from atkd_core.storage import Location, as_location
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -40,7 +41,7 @@ class TrainJob:
     """What one training stage reads and writes.
 
     stage: ``finetune`` (teacher SFT) or ``distill`` (student). init_dir: the model to start from.
-    cache_dir: the teacher cache (offline distillation). teacher_dir: the teacher (online).
+    cache_dir: the teacher cache (offline distillation; a directory or a URL). teacher_dir: the teacher (online).
     output_dir: the final Hugging Face model; checkpoint_dir: DeepSpeed checkpoints (resume).
     """
 
@@ -50,7 +51,7 @@ class TrainJob:
     init_dir: Path
     output_dir: Path
     checkpoint_dir: Path
-    cache_dir: Path | None = None
+    cache_dir: Location | None = None
     teacher_dir: Path | None = None
 
     @property
@@ -117,7 +118,7 @@ class TrainJob:
             init_dir=Path(payload["init_dir"]),
             output_dir=Path(payload["output_dir"]),
             checkpoint_dir=Path(payload["checkpoint_dir"]),
-            cache_dir=optional("cache_dir"),
+            cache_dir=None if payload["cache_dir"] is None else as_location(payload["cache_dir"]),
             teacher_dir=optional("teacher_dir"),
         )
 
@@ -135,7 +136,7 @@ def finetune_job(config: PipelineConfig, prepared_dir: Path, teacher_init: Path)
 
 
 def distill_job(
-    config: PipelineConfig, prepared_dir: Path, student_init: Path, cache_dir: Path, teacher_dir: Path
+    config: PipelineConfig, prepared_dir: Path, student_init: Path, cache_dir: Location, teacher_dir: Path
 ) -> TrainJob:
     """The distillation stage in the run's standard layout; the cache offline, the teacher online.
 

@@ -24,6 +24,7 @@ from atkd_core.data.batching import next_token_logits
 from atkd_core.errors import UserError
 from atkd_core.losses import Teacher
 from atkd_core.scoring import TeacherCache
+from atkd_core.storage import Location
 from atkd_core.training.batches import Batch, Example, keeps_packed_examples_apart, model_inputs
 from atkd_core.training.ds_config import resolve_precision
 from atkd_core.training.heads import OutputLayer
@@ -49,7 +50,7 @@ class TeacherSource(ABC):
 class CachedTeacher(TeacherSource):
     """The teacher of the scoring cache (offline distillation)."""
 
-    def __init__(self, cache_dir: Path, loss: LossConfig) -> None:
+    def __init__(self, cache_dir: Location, loss: LossConfig) -> None:
         self.cache = TeacherCache(cache_dir)
         scored_at = self.cache.spec["temperature"]
         if not math.isclose(scored_at, loss.temperature):
@@ -64,7 +65,8 @@ class CachedTeacher(TeacherSource):
 
     def hard_counts(self, examples: list[Example], threshold: float) -> list[int]:
         """Per example, the tokens whose cached teacher UNC is at or above ``threshold``."""
-        return [int((self.cache.field(example["id"], "unc") >= threshold).sum()) for example in examples]
+        ids = [example["id"] for example in examples]
+        return [int((unc >= threshold).sum()) for unc in self.cache.fields(ids, "unc")]
 
 
 class LiveTeacher(TeacherSource):
