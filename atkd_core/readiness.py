@@ -27,7 +27,10 @@ from atkd_core.audit import config_positions, max_length_problem, top_k_problem
 from atkd_core.config import ModelConfig, PipelineConfig, ScoringConfig, TrainingConfig
 from atkd_core.errors import UserError
 from atkd_core.hub import hub_endpoint, hub_offline, hub_problem, looks_like_hub_id
+from atkd_core.manifest import read_manifest
+from atkd_core.outputs import CacheManifest
 from atkd_core.scoring.encoding import TopKCodec
+from atkd_core.storage import RemoteDirectory
 
 # Bytes per parameter of a DeepSpeed checkpoint: fp32 master weights and Adam's two moments
 # (12 B), plus the module's own weights (4 B at most).
@@ -515,6 +518,34 @@ def check_disk(config: PipelineConfig, readiness: Readiness, rows: dict[str, int
     _checked(readiness, "disk", disk)
 
 
+def check_cache_location(config: PipelineConfig, readiness: Readiness) -> None:
+    """With ``scoring.location``: its filesystem installed, the URL listed with the user's
+    credentials, and what it holds (a finished cache, or nothing yet)."""
+    location = config.scoring.location
+    if location is None:
+        return
+
+    def reachable() -> str:
+        remote = RemoteDirectory(location)
+        try:
+            files = remote.sizes()
+        except Exception as exc:  # an unreachable store or refused credentials: say which
+            raise UserError(
+                f"{location}: cannot be listed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "check the store's credentials and endpoint (for S3: the AWS environment variables)"
+            ) from None
+        manifest = read_manifest(location, CacheManifest)
+        if manifest is None:
+            held = f"{len(files)} files, no finished cache" if files else "empty"
+            return f"{location}: reachable, {held}; score_teacher uploads the cache there"
+        return (
+            f"{location}: reachable, holds a cache of {manifest.tokens:,} tokens "
+            f"({human_bytes(manifest.cache_bytes)}); reused when made from the same inputs"
+        )
+
+    _checked(readiness, "cache location", reachable)
+
+
 def check_config(
     config: PipelineConfig,
     needs: list[str],
@@ -531,4 +562,5 @@ def check_config(
     check_harness(config, readiness, harness)
     check_devices(config, readiness)
     check_disk(config, readiness, rows)
+    check_cache_location(config, readiness)
     return readiness

@@ -17,12 +17,17 @@ from atkd_core.errors import UserError
 from atkd_core.readiness import (
     Readiness,
     cache_bytes_per_token,
+    check_cache_location,
     check_config,
     check_devices,
     count_rows,
 )
+from atkd_core.scoring import TeacherCache
 from atkd_core.scoring.encoding import TopKCodec
+from atkd_core.scoring.stage import upload_cache
 from atkd_core.scoring.writer import score_batch, write_shard
+from atkd_core.storage import RemoteDirectory
+from tests.atkd_core.test_cache_storage import _write_cache
 from tests.conftest import tiny_config
 
 ROWS = [
@@ -223,3 +228,32 @@ def test_a_missing_teacher_is_one_problem_with_the_stages_own_words(tmp_path):
         f"teacher model: teacher.path: {str(tmp_path / 'nowhere')!r} does not exist (a directory saved with "
         "save_pretrained, or a hub id such as EleutherAI/pythia-160m, is expected)"
     ]
+
+
+def test_the_cache_location_row_says_what_the_url_holds_or_why_it_cannot_be_reached(tmp_path, monkeypatch):
+    def row(location: str) -> tuple[bool, str]:
+        readiness = Readiness()
+        check_cache_location(tiny_config(tmp_path / "work", scoring={"location": location}), readiness)
+        return _rows(readiness)["cache location"]
+
+    url = f"file://{tmp_path}/bucket/cache"
+    assert row(url) == (True, f"{url}: reachable, empty; score_teacher uploads the cache there")
+    _write_cache(tmp_path / "local", "compact")
+    cache = TeacherCache(tmp_path / "local")
+    upload_cache(tmp_path / "local", cache.manifest, url, log=lambda _: None)
+    ok, detail = row(url)
+    assert ok and detail.startswith(f"{url}: reachable, holds a cache of {cache.manifest.tokens:,} tokens")
+
+    def refused(self) -> dict[str, int]:
+        raise PermissionError("Access Denied\nmore")
+
+    monkeypatch.setattr(RemoteDirectory, "sizes", refused)
+    assert row(url) == (
+        False,
+        f"{url}: cannot be listed (PermissionError: Access Denied); check the store's credentials and "
+        "endpoint (for S3: the AWS environment variables)",
+    )
+    assert row("gs://bucket/cache") == (
+        False,
+        "gs://bucket/cache: reading gs:// needs gcsfs (pip install gcsfs)",
+    )
