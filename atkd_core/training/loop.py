@@ -252,10 +252,17 @@ def train(
         if state.rank == 0
         else None
     )
+    upcoming: list[Batch] | None = None
     for step in range(state.start_step, state.total_steps):
         started = time.perf_counter()
         indices = state.plan.step_indices(step)
-        batches = _step_batches(job, state, step, indices)
+        batches = upcoming if upcoming is not None else _step_batches(job, state, step, indices)
+        upcoming = None
+        if state.teacher is not None and state.teacher.reads_ahead and step + 1 < state.total_steps:
+            # Only a cache reads ahead, and a cache means offline distillation, whose batches never
+            # hold the student's own answers: the next step's batches are known now.
+            upcoming = _step_batches(job, state, step + 1, state.plan.step_indices(step + 1))
+            state.teacher.prefetch(upcoming)
         tokens = _step_tokens(job, state, indices, batches)
         counts = _step_counts(tokens, state.plan.hard_tokens(indices), micro_per_step)
         objective = state.warmup_objective if step < state.warmup_steps else state.objective

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,11 @@ import torch
 from torch import Tensor
 
 from atkd_core.config import LossConfig, TrainingConfig
-from atkd_core.data.batching import next_token_logits
+from atkd_core.data.batching import next_token_logits, shift_targets
 from atkd_core.errors import UserError
-from atkd_core.losses import Teacher
+from atkd_core.losses import SparseTeacher, Teacher
 from atkd_core.scoring import TeacherCache
-from atkd_core.storage import Location
+from atkd_core.storage import Location, is_url
 from atkd_core.training.batches import Batch, Example, keeps_packed_examples_apart, model_inputs
 from atkd_core.training.ds_config import resolve_precision
 from atkd_core.training.heads import OutputLayer
@@ -46,12 +47,24 @@ class TeacherSource(ABC):
         for a partitioned teacher whose output layer the loss applies (LiveTeacher)."""
         return nullcontext()
 
+    # Whether the loop should hand over each step's batches a step early (prefetch).
+    reads_ahead = False
+
+    def prefetch(self, batches: list[Batch]) -> None:
+        """Start on the teachers of ``batches``, the next step's, while this step computes; a
+        source that gains nothing from it ignores the call."""
+        return None
+
 
 class CachedTeacher(TeacherSource):
-    """The teacher of the scoring cache (offline distillation)."""
+    """The teacher of the scoring cache (offline distillation). A cache at a URL is read a step
+    ahead on a background thread, so its round trips overlap the step that is computing."""
 
     def __init__(self, cache_dir: Location, loss: LossConfig) -> None:
         self.cache = TeacherCache(cache_dir)
+        self.reads_ahead = is_url(cache_dir)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="cache-reader") if self.reads_ahead else None
+        self._ahead: list[tuple[Batch, Future[SparseTeacher]]] = []
         scored_at = self.cache.spec["temperature"]
         if not math.isclose(scored_at, loss.temperature):
             raise UserError(
@@ -61,7 +74,21 @@ class CachedTeacher(TeacherSource):
 
     def __call__(self, batch: Batch, targets: Tensor) -> Teacher:
         """See TeacherSource."""
+        for index, (pending, future) in enumerate(self._ahead):
+            if pending is batch:
+                del self._ahead[index]
+                return future.result()
         return self.cache.sparse_teacher(batch["ids"], targets, batch["placements"])
+
+    def prefetch(self, batches: list[Batch]) -> None:
+        """See TeacherSource: read on the background thread, when the cache is at a URL."""
+        if self._reader is None:
+            return
+        for batch in batches:
+            future = self._reader.submit(
+                self.cache.sparse_teacher, batch["ids"], shift_targets(batch["labels"]), batch["placements"]
+            )
+            self._ahead.append((batch, future))
 
     def hard_counts(self, examples: list[Example], threshold: float) -> list[int]:
         """Per example, the tokens whose cached teacher UNC is at or above ``threshold``."""

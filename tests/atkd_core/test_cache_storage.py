@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from atkd_core.config import PipelineConfig
+from atkd_core.config import LossConfig, PipelineConfig
+from atkd_core.data.batching import Placement
 from atkd_core.errors import CacheError, UserError
 from atkd_core.manifest import MANIFEST_NAME, read_manifest
 from atkd_core.outputs import CacheManifest
@@ -20,6 +22,7 @@ from atkd_core.scoring import ScoringSpec, TeacherCache
 from atkd_core.scoring.stage import upload_cache
 from atkd_core.scoring.writer import _partial_dir, finalize_cache, score_batch, write_shard
 from atkd_core.storage import RemoteDirectory, as_location, is_url
+from atkd_core.training.teacher import CachedTeacher
 from infra.launcher import launch_training
 from tests.conftest import free_port, tiny_config
 
@@ -193,6 +196,21 @@ def test_the_pipeline_uploads_its_cache_and_distils_from_the_url(tmp_path):
         json.loads((tmp_path / "bucket" / "teacher" / MANIFEST_NAME).read_text())["tokens"] == remote.tokens
     )
 
+    # The same student as from the local cache: the read-ahead hands every step its own teachers.
+    local_config = config.model_copy(
+        update={
+            "workdir": tmp_path / "work-local",
+            "scoring": config.scoring.model_copy(update={"location": None}),
+        }
+    )
+    local_stages = LocalStages(
+        local_config, train=lambda job: launch_training(job, lambda m, s: None), log=print
+    )
+    local_outputs = pipeline_outputs(local_config, local_stages)
+    student = load_file(Path(outputs["distill_student"]) / "model.safetensors")
+    local_student = load_file(Path(local_outputs["distill_student"]) / "model.safetensors")
+    assert all(torch.equal(student[name], local_student[name]) for name in student)
+
     shutil.rmtree(config.layout.teacher_cache)
     lines.clear()
     again = LocalStages(
@@ -202,3 +220,29 @@ def test_the_pipeline_uploads_its_cache_and_distils_from_the_url(tmp_path):
     assert any(line.startswith(f"score_teacher: reused {url}") for line in lines), lines
     assert not config.layout.teacher_cache.exists()
     assert isinstance(PipelineConfig.model_validate(config.model_dump()).scoring.location, str)
+
+
+def test_a_cache_at_a_url_is_read_a_step_ahead_and_hands_over_the_same_teacher(tmp_path):
+    ids, labels = _write_cache(tmp_path / "local", "compact")
+    url = f"file://{tmp_path}/remote"
+    upload_cache(
+        tmp_path / "local", read_manifest(tmp_path / "local", CacheManifest), url, log=lambda _: None
+    )
+    local, remote = CachedTeacher(tmp_path / "local", LossConfig()), CachedTeacher(url, LossConfig())
+    assert not local.reads_ahead and remote.reads_ahead
+    rows = [[4, 1], [6, 0, 2]]
+    batches = [
+        {
+            "ids": [ids[r] for r in row],
+            "labels": labels[row],
+            "placements": [Placement(i, 0, 20) for i in range(len(row))],
+        }
+        for row in rows
+    ]
+    remote.prefetch(batches)
+    assert len(remote._ahead) == 2
+    for batch in reversed(batches):  # handed over by batch, whatever the order
+        expected = local(batch, batch["labels"][:, 1:])
+        got = remote(batch, batch["labels"][:, 1:])
+        assert torch.equal(got.topk_logprobs, expected.topk_logprobs) and torch.equal(got.unc, expected.unc)
+    assert remote._ahead == []
