@@ -6,6 +6,7 @@ scripts exist to print them. The GPU check is only parsed here (no GPU on these 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -116,11 +117,24 @@ def test_gpu_wheels_lists_what_the_check_imports_and_leaves_out_what_cuda_images
     assert found["transformers"] == version("transformers")
 
 
-def test_cache_memory_bench_prints_a_row_per_cache_size():
+def test_cache_memory_bench_prints_a_row_per_cache_size_and_store():
     out = run_benchmark(
-        "cache_memory_bench.py", "--tokens", "20000", "40000", "--top-k", "8", "--vocab", "300"
+        "cache_memory_bench.py",
+        "--tokens",
+        "20000",
+        "40000",
+        "--top-k",
+        "8",
+        "--vocab",
+        "300",
+        "--store",
+        "local",
+        "file",
+        "s3",
     )
-    assert "| 20,000 |" in out and "| 40,000 |" in out
+    for tokens in ("20,000", "40,000"):
+        for store in ("local", "file", "s3"):
+            assert re.search(rf"\| {tokens} \| [\d,]+ \| {store} \|", out), out
 
 
 def test_cache_fidelity_bench_compares_every_encoding_with_float32(tmp_path):
