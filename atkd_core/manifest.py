@@ -135,7 +135,7 @@ def up_to_date_manifest(directory: Location, kind: type[Manifest], input_fingerp
     return manifest if manifest is not None and manifest.input_fingerprint == input_fingerprint else None
 
 
-def is_up_to_date(directory: Path, input_fingerprint: str) -> bool:
+def is_up_to_date(directory: Location, input_fingerprint: str) -> bool:
     """True when ``directory`` holds a finished output made from inputs with this fingerprint."""
     return up_to_date_manifest(directory, StageManifest, input_fingerprint) is not None
 

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -126,10 +126,15 @@ def stage_target(stage: str, config: PipelineConfig, inputs: StageArguments) -> 
         report_current = (
             report.is_file() and json.loads(report.read_text()).get("hard_fraction") == hard_fraction
         )
+        identity: dict[str, Any] = {"cache": cache_fingerprint, "report_hard_fraction": hard_fraction}
+        location = config.scoring.location
+        if location is not None:
+            # The stage hands on where the cache is read from: another location is another output.
+            identity["location"] = location
         return StageTarget(
             layout.teacher_cache,
-            fingerprint({"cache": cache_fingerprint, "report_hard_fraction": hard_fraction}),
-            is_up_to_date(layout.teacher_cache, cache_fingerprint) and report_current,
+            fingerprint(identity),
+            is_up_to_date(location or layout.teacher_cache, cache_fingerprint) and report_current,
         )
     if stage == "distill_student":
         student_init, teacher = (inputs.needed(name, stage) for name in ("student_init", "teacher_dir"))

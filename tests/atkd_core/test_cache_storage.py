@@ -17,7 +17,7 @@ from atkd_core.data.batching import Placement
 from atkd_core.errors import CacheError, UserError
 from atkd_core.manifest import MANIFEST_NAME, read_manifest
 from atkd_core.outputs import CacheManifest
-from atkd_core.pipeline import LocalStages, pipeline_outputs
+from atkd_core.pipeline import LocalStages, StageArguments, pipeline_outputs, stage_target
 from atkd_core.scoring import ScoringSpec, TeacherCache
 from atkd_core.scoring.stage import upload_cache
 from atkd_core.scoring.writer import _partial_dir, finalize_cache, score_batch, write_shard
@@ -220,6 +220,15 @@ def test_the_pipeline_uploads_its_cache_and_distils_from_the_url(tmp_path):
     assert any(line.startswith(f"score_teacher: reused {url}") for line in lines), lines
     assert not config.layout.teacher_cache.exists()
     assert isinstance(PipelineConfig.model_validate(config.model_dump()).scoring.location, str)
+
+    # The stage's reuse key follows the location: a cache at another URL is not this one.
+    inputs = StageArguments(prepared_dir=outputs["prepare_data"], teacher_dir=outputs["finetune_teacher"])
+    here = stage_target("score_teacher", config, inputs)
+    moved = config.model_copy(
+        update={"scoring": config.scoring.model_copy(update={"location": f"file://{tmp_path}/elsewhere"})}
+    )
+    there = stage_target("score_teacher", moved, inputs)
+    assert here.current and not there.current and here.fingerprint != there.fingerprint
 
 
 def test_a_cache_at_a_url_is_read_a_step_ahead_and_hands_over_the_same_teacher(tmp_path):
