@@ -1,0 +1,131 @@
+"""Aligning two tokenizations of one text, for distillation across tokenizers.
+
+A teacher and a student that tokenize differently still read the same characters. Two token
+sequences over the same text align at every character where a token ends on both sides: between
+two such characters lies one *span*, a run of teacher tokens and a run of student tokens that
+spell the same text (the longest common segmentation). A span of one token on each side is
+*matched*: there the two models predict the same piece of text from the same prefix, and their
+next-token distributions can be compared over the tokens both vocabularies spell the same way
+(``shared_vocabulary``). A longer span can still be compared as a whole: the probability of its
+text is the product of its tokens' probabilities (chain rule).
+
+Tokens are given by their character offsets in the text (a tokenizer's offset mapping,
+``(start, end)`` per token). A token ends at a boundary where its end is a character position the
+next token does not also end at: byte-level tokenizers split a multi-byte character into pieces
+that all carry the character's offsets, and only the last piece finishes it. Tokens that cover
+no character (``start == end``: BOS, EOS, other special tokens) are boundaries of their own,
+ordered after the text token that ends where they sit: an EOS on both sides is a matched span
+after the last word's; an EOS on one side only joins the last span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from atkd_core.errors import UserError
+
+
+@dataclass(frozen=True)
+class AlignedSpan:
+    """Teacher tokens [teacher_start, teacher_end) and student tokens [student_start, student_end)
+    that spell the same characters [text_start, text_end)."""
+
+    teacher_start: int
+    teacher_end: int
+    student_start: int
+    student_end: int
+    text_start: int
+    text_end: int
+
+    @property
+    def matched(self) -> bool:
+        """One token on each side: the same text predicted as one token by both."""
+        return self.teacher_end - self.teacher_start == 1 and self.student_end - self.student_start == 1
+
+
+Boundary = tuple[int, int]  # (character, rank among the zero-width tokens at it; 0 for a text token)
+
+
+def _boundaries(offsets: Sequence[tuple[int, int]], side: str) -> list[Boundary | None]:
+    """Each token's boundary, or None for a piece of a character that the next token finishes."""
+    boundaries: list[Boundary | None] = []
+    zero_width_rank: dict[int, int] = {}
+    previous_end = 0
+    for index, (start, end) in enumerate(offsets):
+        if end < previous_end or start > end:
+            raise UserError(
+                f"{side} token {index} has offsets ({start}, {end}) after a token ending at {previous_end}: "
+                "offsets must be in order, each start at or before its end (a tokenizer's offset mapping)"
+            )
+        previous_end = end
+        if start == end:
+            zero_width_rank[end] = zero_width_rank.get(end, 0) + 1
+            boundaries.append((end, zero_width_rank[end]))
+            continue
+        following = offsets[index + 1] if index + 1 < len(offsets) else None
+        continued = following is not None and following[1] == end and following[0] < following[1]
+        boundaries.append(None if continued else (end, 0))
+    return boundaries
+
+
+def aligned_spans(
+    teacher_offsets: Sequence[tuple[int, int]], student_offsets: Sequence[tuple[int, int]]
+) -> list[AlignedSpan]:
+    """The spans of two tokenizations of one text, in order, covering every token of both.
+
+    ``teacher_offsets`` [Nt, 2], ``student_offsets`` [Ns, 2]: each token's (start, end) in the
+    text, in order. Both must end at the same character (the same text); a UserError says where
+    they differ. Tokens after the last boundary both share join the last span.
+    """
+    teacher, student = _boundaries(teacher_offsets, "teacher"), _boundaries(student_offsets, "student")
+    teacher_last = teacher_offsets[-1][1] if teacher_offsets else 0
+    student_last = student_offsets[-1][1] if student_offsets else 0
+    if teacher_last != student_last:
+        raise UserError(
+            f"the teacher's tokens end at character {teacher_last} and the student's at {student_last}: "
+            "two tokenizations of different texts cannot be aligned"
+        )
+    spans: list[AlignedSpan] = []
+    t = s = t_start = s_start = text_start = 0
+    while t < len(teacher) and s < len(student):
+        at_teacher, at_student = teacher[t], student[s]
+        if at_teacher is None or (at_student is not None and at_teacher < at_student):
+            t += 1
+        elif at_student is None or at_student < at_teacher:
+            s += 1
+        else:
+            t, s = t + 1, s + 1
+            spans.append(AlignedSpan(t_start, t, s_start, s, text_start, at_teacher[0]))
+            t_start, s_start, text_start = t, s, at_teacher[0]
+    if t_start < len(teacher) or s_start < len(student):
+        if spans:
+            last = spans.pop()
+            t_start, s_start, text_start = last.teacher_start, last.student_start, last.text_start
+        spans.append(AlignedSpan(t_start, len(teacher), s_start, len(student), text_start, teacher_last))
+    return spans
+
+
+def matched_share(spans: Sequence[AlignedSpan]) -> float:
+    """The share of student tokens that sit in matched (one-to-one) spans; NaN without tokens."""
+    tokens = sum(span.student_end - span.student_start for span in spans)
+    if tokens == 0:
+        return float("nan")
+    return sum(1 for span in spans if span.matched) / tokens
+
+
+def shared_vocabulary(
+    teacher_vocab: Mapping[str, int], student_vocab: Mapping[str, int]
+) -> list[tuple[int, int]]:
+    """(teacher id, student id) for every token string both vocabularies hold, by teacher id.
+
+    The vocabularies map each token's string, as the tokenizer stores it (``get_vocab()``), to
+    its id. Two byte-level BPE vocabularies store the same bytes the same way, so equal strings
+    are equal text; vocabularies of different kinds (byte-level against SentencePiece's ``▁``)
+    share fewer strings than they share text, which shows up as a low share here.
+    """
+    return sorted(
+        (teacher_id, student_vocab[token])
+        for token, teacher_id in teacher_vocab.items()
+        if token in student_vocab
+    )
