@@ -85,6 +85,18 @@ def launcher_command(
     return command + ["--job", str(job_path)]
 
 
+def remove_shared_memory_buffers(master_port: int, shm_dir: Path = Path("/dev/shm")) -> int:
+    """Remove the allreduce buffers that DeepSpeed's CPU communication left in ``shm_dir`` for the
+    ranks of this machine that rendezvoused on ``master_port``; return how many. DeepSpeed creates
+    one per rank (66 MiB, named after the user, address, port and rank) and never unlinks it, so
+    without this every multi-process CPU run would hold that memory until the machine reboots."""
+    removed = 0
+    for path in shm_dir.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def launch_training(
     job: TrainJob,
     log_metrics: MetricsFn,
@@ -120,14 +132,18 @@ def launch_training(
     where = "" if node is None else f" as node {node.rank} of {job.training.num_nodes}"
     log(f"{job.stage}: launching {job.training.num_processes} processes{where}: {' '.join(command)}")
     tail: deque[str] = deque(maxlen=40)
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    ) as process:
-        for line in process.stdout or ():
-            line = line.rstrip()
-            tail.append(line)
-            if line and not line.startswith("[") or "error" in line.lower():
-                log(line)
+    try:
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        ) as process:
+            for line in process.stdout or ():
+                line = line.rstrip()
+                tail.append(line)
+                if line and not line.startswith("[") or "error" in line.lower():
+                    log(line)
+    finally:
+        # The ranks are gone (or never started): their shared memory is no one's now.
+        remove_shared_memory_buffers(int(command[command.index("--master_port") + 1]))
     if process.returncode != 0:
         raise LaunchError(
             f"{job.stage}: the DeepSpeed launcher exited with {process.returncode}; last lines:\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from atkd_core.training.distributed import child_environment, free_port, process
 from atkd_core.training.job import TrainJob, auto_split_line, distill_job
 from atkd_core.training.loop import cleanup, setup
 from atkd_core.training.main import run_training
-from infra.launcher import launch_training
+from infra.launcher import launch_training, remove_shared_memory_buffers
 from tests.conftest import REPO_ROOT, tiny_config
 
 
@@ -133,7 +134,9 @@ def test_gradient_is_the_same_however_the_batch_is_split(inputs, tmp_path, loss)
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("zero", "teacher_source"), [(2, "offline"), (3, "offline"), (3, "online")])
-def test_two_processes_under_the_deepspeed_launcher_match_one(inputs, tmp_path, zero, teacher_source):
+def test_two_processes_under_the_deepspeed_launcher_match_one(
+    inputs, tmp_path, zero, teacher_source, monkeypatch
+):
     """Online under ZeRO-3, both output layers are partitioned across the two processes and applied
     inside the loss (the student's by its module's hooks, the teacher's gathered for the loss)."""
     loss = {"objective": "atkd", "split_scope": "threshold", "unc_threshold": 0.9}
@@ -155,9 +158,26 @@ def test_two_processes_under_the_deepspeed_launcher_match_one(inputs, tmp_path, 
     )
     run_training(one, lambda m, s: None, quiet)
     seen = []
+    ports = []
+
+    def recorded_port() -> int:
+        ports.append(free_port())
+        return ports[-1]
+
+    monkeypatch.setattr("infra.launcher.free_port", recorded_port)
     manifest = launch_training(two, lambda m, s: seen.append(s), quiet)
     assert manifest.world_size == 2 and seen == [1, 2, 3, 4]
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-7)
+    # DeepSpeed's CPU allreduce leaves a shared-memory buffer per rank; the launcher removes them.
+    assert ports and not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{ports[0]}_*"))
+
+
+def test_the_launcher_removes_only_its_own_ranks_shared_memory(tmp_path):
+    uid = os.getuid()
+    for name in (f"{uid}_127.0.0.1_4242_0", f"{uid}_127.0.0.1_4242_1", f"{uid}_127.0.0.1_4243_0"):
+        (tmp_path / f"deepspeed_allreduce_buffer_{name}").write_bytes(b"x")
+    assert remove_shared_memory_buffers(4242, tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_4243_0"]
 
 
 @pytest.mark.slow
