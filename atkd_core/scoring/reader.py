@@ -51,15 +51,22 @@ SAFETENSORS_DTYPES = {
 Row = tuple[int, int, int]  # shard index, first token, end token
 
 
+def _shard_size_problem(name: str, size: int | None, manifest: CacheManifest) -> str | None:
+    """What is wrong with shard ``name`` of ``size`` bytes (None: absent) for ``manifest``, or None."""
+    if size is None:
+        return f"{name} is missing"
+    if name in manifest.shard_bytes and size != manifest.shard_bytes[name]:
+        return f"{name} has {size} bytes, the manifest says {manifest.shard_bytes[name]}"
+    return None
+
+
 def cache_problem(directory: Path, manifest: CacheManifest, *, check_hashes: bool) -> str | None:
     """What is wrong with a finished cache's shards (missing, another size, another sha256), or None."""
-    sizes = manifest.shard_bytes
     for name, digest in sorted(manifest.shards.items()):
         path = directory / f"{name}.safetensors"
-        if not path.is_file():
-            return f"{name} is missing"
-        if name in sizes and path.stat().st_size != sizes[name]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {sizes[name]}"
+        problem = _shard_size_problem(name, path.stat().st_size if path.is_file() else None, manifest)
+        if problem is not None:
+            return problem
         if check_hashes and sha256_file(path) != digest:
             return f"{name} is corrupt (its sha256 differs from the manifest)"
     return None
@@ -89,11 +96,9 @@ def remote_cache_problem(remote: RemoteDirectory, manifest: CacheManifest) -> st
     it stores; ``atkd score`` checks every shard's sha256 before it uploads)."""
     sizes = remote.sizes()
     for name in sorted(manifest.shards):
-        file = f"{name}.safetensors"
-        if file not in sizes:
-            return f"{name} is missing"
-        if name in manifest.shard_bytes and sizes[file] != manifest.shard_bytes[name]:
-            return f"{name} has {sizes[file]} bytes, the manifest says {manifest.shard_bytes[name]}"
+        problem = _shard_size_problem(name, sizes.get(f"{name}.safetensors"), manifest)
+        if problem is not None:
+            return problem
     return None
 
 
