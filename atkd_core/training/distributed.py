@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+
+from atkd_core.training.ops import build_ops
 
 # What a process group's rendezvous reads from the environment (torchrun / DeepSpeed conventions).
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -34,8 +36,13 @@ def child_environment() -> dict[str, str]:
 
 
 @contextmanager
-def process_group(device: str) -> Iterator[tuple[int, int]]:
+def process_group(
+    device: str, ops: Sequence[str] = (), log: Callable[[str], None] = print
+) -> Iterator[tuple[int, int]]:
     """Join the launcher's process group, or create a one-process group; yield (rank, world_size).
+
+    The DeepSpeed ops named in ``ops`` (builders, see ``training.ops.needed_op_builders``) are
+    built or loaded first, safely against a build an earlier run was killed in (``training.ops``).
 
     Under a launcher the rendezvous variables are already set. In-process, they are set for the
     group's creation and put back as they were on exit, together with ``DS_ACCELERATOR``, so
@@ -57,6 +64,7 @@ def process_group(device: str) -> Iterator[tuple[int, int]]:
         # Imported only now: DeepSpeed picks its accelerator from DS_ACCELERATOR on first use.
         import deepspeed
 
+        build_ops(ops, log)
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
         yield dist.get_rank(), dist.get_world_size()
     finally:

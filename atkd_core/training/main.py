@@ -31,6 +31,7 @@ from atkd_core.training.distributed import process_group
 from atkd_core.training.ds_config import render_ds_config, resolve_device
 from atkd_core.training.job import MetricsFn, TrainJob
 from atkd_core.training.loop import cleanup, setup, train
+from atkd_core.training.ops import needed_op_builders
 
 
 def model_card(job: TrainJob, history: list[dict[str, float]]) -> str:
@@ -68,7 +69,7 @@ def run_training(
         log(f"{job.stage}: reused {job.output_dir}")
         return finished
     device = resolve_device(job.training, f"{job.stage}.training")
-    with process_group(device) as (rank, world_size):
+    with process_group(device, needed_op_builders(job.training, device), log) as (rank, world_size):
         state = setup(job, rank, world_size, device, log)
         try:
             history = train(job, state, log_metrics, log)

@@ -25,6 +25,7 @@ from atkd_core.training.distributed import child_environment, free_port, process
 from atkd_core.training.job import TrainJob, auto_split_line, distill_job
 from atkd_core.training.loop import cleanup, setup
 from atkd_core.training.main import run_training
+from atkd_core.training.ops import extension_build_directory, needed_op_builders
 from infra.launcher import launch_training, remove_shared_memory_buffers
 from tests.conftest import REPO_ROOT, tiny_config
 
@@ -406,12 +407,25 @@ def test_wrong_process_count_is_refused(inputs, tmp_path):
     ],
 )
 def test_optimizer_choices_and_offload_match_torch_adamw(inputs, tmp_path, settings):
-    # DeepSpeed's CPU-Adam is compiled on first use (about 85 s on these machines, once).
+    """Also: a lock file that a killed build of an op left behind (as an OOM kill during the
+    first compile does) is removed, where torch's loader would wait on it for ever."""
     reference = make_job(inputs, tmp_path, stage="finetune", name="reference")
     other = make_job(inputs, tmp_path, stage="finetune", training=settings, name="other")
     run_training(reference, lambda m, s: None, quiet)
-    run_training(other, lambda m, s: None, quiet)
+    from deepspeed.accelerator import get_accelerator
+
+    left_behind = []
+    for builder in needed_op_builders(other.training, "cpu"):
+        lock = extension_build_directory(get_accelerator().create_op_builder(builder).name) / "lock"
+        lock.touch()
+        os.utime(lock, (0, 0))
+        left_behind.append(lock)
+    messages = []
+    # DeepSpeed's CPU-Adam and FusedAdam are compiled on first use (about 85 s on these machines, once).
+    run_training(other, lambda m, s: None, messages.append)
     assert losses(other) == pytest.approx(losses(reference), rel=1e-4)
+    assert not any(lock.exists() for lock in left_behind)
+    assert sum("an earlier build of this op was stopped" in m for m in messages) == len(left_behind)
 
 
 def test_sft_warmup_trains_cross_entropy_first_then_distils(inputs, tmp_path):
