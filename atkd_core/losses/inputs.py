@@ -55,6 +55,16 @@ class SparseTeacher:
             unc=None if self.unc is None else self.unc[start:end],
         )
 
+    def rows_at(self, index: Tensor) -> SparseTeacher:
+        """The rows ``index`` [S] (long) of a flat record, in that order."""
+        return SparseTeacher(
+            target_logprob=self.target_logprob[index],
+            topk_ids=self.topk_ids[index],
+            topk_logprobs=self.topk_logprobs[index],
+            log_tail_mass=None if self.log_tail_mass is None else self.log_tail_mass[index],
+            unc=None if self.unc is None else self.unc[index],
+        )
+
     @property
     def num_tokens(self) -> int:
         """N, the number of token positions."""

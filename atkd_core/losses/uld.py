@@ -27,9 +27,28 @@ from torch.nn import functional
 from atkd_core.losses.inputs import SparseTeacher
 
 
-def _pad_columns(values: Tensor, width: int) -> Tensor:
-    """``values`` [N, w] with zero columns appended up to ``width`` (w <= width)."""
-    return functional.pad(values, (0, width - values.shape[-1]))
+def sorted_l1(student: Tensor, teacher: Tensor) -> Tensor:
+    """[N]: sum_i |student_(i) - teacher_(i)| over probabilities [N, Vs] and [N, Vt], each sorted
+    descending, the narrower zero-padded."""
+    width = max(student.shape[-1], teacher.shape[-1])
+    student_sorted = functional.pad(
+        student.sort(dim=-1, descending=True).values, (0, width - student.shape[-1])
+    )
+    teacher_sorted = functional.pad(
+        teacher.sort(dim=-1, descending=True).values, (0, width - teacher.shape[-1])
+    )
+    return (student_sorted - teacher_sorted).abs().sum(-1)
+
+
+def sorted_l1_with_tail(student: Tensor, teacher_top: Tensor, teacher_tail: Tensor) -> Tensor:
+    """[N]: the sorted L1 between ``student`` [N, V] and a teacher known by K values [N, K] and the
+    mass of the rest [N]: ranks K and beyond are one bucket on each side."""
+    k = teacher_top.shape[-1]
+    student_top = student.topk(min(k, student.shape[-1]), dim=-1).values
+    student_top = functional.pad(student_top, (0, k - student_top.shape[-1]))
+    teacher_sorted = teacher_top.sort(dim=-1, descending=True).values
+    student_rest = (student.sum(-1) - student_top.sum(-1)).clamp(min=0)
+    return (teacher_sorted - student_top).abs().sum(-1) + (teacher_tail - student_rest).abs()
 
 
 def uld_terms(student_logits: Tensor, teacher: SparseTeacher | Tensor, temperature: float = 1.0) -> Tensor:
@@ -42,18 +61,12 @@ def uld_terms(student_logits: Tensor, teacher: SparseTeacher | Tensor, temperatu
     if isinstance(teacher, Tensor):
         with torch.no_grad():
             teacher_probs = torch.softmax(teacher.float() / temperature, dim=-1)
-        width = max(student.shape[-1], teacher_probs.shape[-1])
-        teacher_sorted = _pad_columns(teacher_probs.sort(dim=-1, descending=True).values, width)
-        student_sorted = _pad_columns(student.sort(dim=-1, descending=True).values, width)
-        return (teacher_sorted - student_sorted).abs().sum(-1)
-    k = teacher.topk_logprobs.shape[-1]
+        return sorted_l1(student, teacher_probs)
     with torch.no_grad():
-        teacher_top = teacher.topk_logprobs.float().exp().sort(dim=-1, descending=True).values
+        teacher_top = teacher.topk_logprobs.float().exp()
         tail = (
             teacher.log_tail_mass.float().exp()
             if teacher.log_tail_mass is not None
             else (1 - teacher_top.sum(-1)).clamp(min=0)
         )
-    student_top = _pad_columns(student.topk(min(k, student.shape[-1]), dim=-1).values, k)
-    student_rest = (1 - student_top.sum(-1)).clamp(min=0)
-    return (teacher_top - student_top).abs().sum(-1) + (tail - student_rest).abs()
+    return sorted_l1_with_tail(student, teacher_top, tail)
