@@ -167,3 +167,11 @@ def test_cache_fidelity_bench_compares_every_encoding_with_float32(tmp_path):
         assert f"student {student}: against the float32 record" in out
     for encoding in ("float, bfloat16", "compact, 8-bit", "compact, 4-bit"):
         assert f"| {encoding} | atkd k=0.5 |" in out
+
+
+def test_alignment_share_prints_a_share_per_pair_and_category():
+    out = run_benchmark("alignment_share.py", "--pairs", "512:512", "512:300")
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert len(rows) == 2 and all(len(row) == 3 + 4 for row in rows), out
+    assert all(float(share) == 1.0 for share in rows[0][2:]), "one tokenizer: every span matched"
+    assert 0 < float(rows[1][2]) < 1, out

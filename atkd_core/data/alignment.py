@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from transformers import PreTrainedTokenizerBase
+
 from atkd_core.errors import UserError
 
 
@@ -128,4 +130,57 @@ def shared_vocabulary(
         (teacher_id, student_vocab[token])
         for token, teacher_id in teacher_vocab.items()
         if token in student_vocab
+    )
+
+
+def label_offsets(
+    prompt: str, response: str, label_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[int, int]]:
+    """The character offsets, in ``prompt + response``, of an example's label tokens ``label_ids``
+    (the response's tokens and EOS, as ``encoding.encode_example`` made them, possibly cut short).
+
+    The labels are the tokens of the whole text after those of the prompt without its trailing
+    whitespace; the EOS covers no character and sits at the text's end. A tokenizer with no offset
+    mapping (a slow tokenizer) or ids that the whole text does not reproduce are refused.
+    """
+    if not tokenizer.is_fast:
+        raise UserError(
+            f"{type(tokenizer).__name__} gives no character offsets; aligning two tokenizations needs a "
+            "fast tokenizer (save it with tokenizers installed, or load it with use_fast=True)"
+        )
+    context_length = len(tokenizer(prompt.rstrip(), add_special_tokens=False)["input_ids"])
+    whole = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
+    ids = whole["input_ids"][context_length:] + [tokenizer.eos_token_id]
+    offsets = [tuple(pair) for pair in whole["offset_mapping"][context_length:]]
+    offsets.append((len(prompt + response), len(prompt + response)))
+    if list(label_ids) != ids[: len(label_ids)]:
+        raise UserError(
+            "the example's label ids are not the tokens its prompt and response encode to; "
+            "the prepared data was made with another tokenizer"
+        )
+    return [(int(start), int(end)) for start, end in offsets[: len(label_ids)]]
+
+
+def response_spans(
+    teacher_offsets: Sequence[tuple[int, int]], student_offsets: Sequence[tuple[int, int]]
+) -> list[AlignedSpan]:
+    """``aligned_spans`` of two label token runs over one text, each cut to the text both cover:
+    where one side was cut short (an over-long example), the other side's tokens past the last
+    character both reach are left out of every span. Offsets are shifted so the spans' text
+    positions count from the earlier first token."""
+    if not teacher_offsets or not student_offsets:
+        return []
+    teacher, student = list(teacher_offsets), list(student_offsets)
+    # Cutting one side at the other's end can end it earlier still (a token across that end goes),
+    # so cut until both end on the same character.
+    while teacher and student and teacher[-1][1] != student[-1][1]:
+        common_end = min(teacher[-1][1], student[-1][1])
+        teacher = [pair for pair in teacher if pair[1] <= common_end]
+        student = [pair for pair in student if pair[1] <= common_end]
+    if not teacher or not student:
+        return []
+    origin = min(teacher[0][0], student[0][0])
+    return aligned_spans(
+        [(start - origin, end - origin) for start, end in teacher],
+        [(start - origin, end - origin) for start, end in student],
     )

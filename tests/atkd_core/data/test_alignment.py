@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from atkd_core.data.alignment import AlignedSpan, aligned_spans, matched_share, shared_vocabulary
+from atkd_core.data.alignment import (
+    AlignedSpan,
+    aligned_spans,
+    label_offsets,
+    matched_share,
+    response_spans,
+    shared_vocabulary,
+)
+from atkd_core.data.batching import IGNORE_INDEX
+from atkd_core.data.encoding import encode_example, format_prompt
+from atkd_core.data.suite import generate_split
+from atkd_core.data.tokenizer import train_tokenizer
 from atkd_core.errors import UserError
+from tests.conftest import tiny_config
 
 
 def _offsets(pieces: list[str]) -> list[tuple[int, int]]:
@@ -124,3 +137,70 @@ def test_real_tokenizers_of_two_sizes_align_through_their_offsets():
     pairs = shared_vocabulary(big.get_vocab(), small.get_vocab())
     assert all(big.id_to_token(t) == small.id_to_token(s) for t, s in pairs)
     assert len(pairs) == len(set(big.get_vocab()) & set(small.get_vocab()))
+
+
+@pytest.fixture(scope="module")
+def suite_pair():
+    """The embedded suite's training rows, prompts, and two tokenizers trained on them: a teacher's
+    of up to 1024 tokens and a student's of 300, so that many words split differently (on 64 rows
+    a BPE stops merging near 512 tokens, where the two would split almost every response alike)."""
+    config = tiny_config(Path("unused"))
+    rows = list(generate_split(config.data.embedded, "train"))
+    prompts = [format_prompt(config.data, row["instruction"], row["context"]) for row in rows]
+    texts = [prompt + row["response"] for prompt, row in zip(prompts, rows, strict=True)]
+    return config, rows, prompts, train_tokenizer(texts, 1024), train_tokenizer(texts, 300)
+
+
+def test_label_offsets_cover_the_response_tokens_exactly(suite_pair):
+    config, rows, prompts, teacher, _ = suite_pair
+    for prompt, row in list(zip(prompts, rows, strict=True))[:50]:
+        encoded = encode_example(prompt, row["response"], teacher, config.data.max_length)
+        label_ids = [t for t in encoded.labels if t != IGNORE_INDEX]
+        offsets = label_offsets(prompt, row["response"], label_ids, teacher)
+        text = prompt + row["response"]
+        assert len(offsets) == len(label_ids)
+        assert offsets[-1] == (len(text), len(text)), "the EOS sits at the end and covers nothing"
+        covered = text[offsets[0][0] : offsets[-1][1]]
+        assert teacher.decode(label_ids[:-1]) == covered
+        assert covered.endswith(row["response"])
+    with pytest.raises(UserError, match="made with another tokenizer"):
+        label_offsets(prompts[0], rows[0]["response"], [teacher.eos_token_id, 5], teacher)
+
+
+def test_the_suite_under_two_tokenizers_aligns_with_many_unmatched_spans(suite_pair):
+    config, rows, prompts, teacher, student = suite_pair
+    student_tokens = matched = 0
+    for prompt, row in zip(prompts, rows, strict=True):
+        text = prompt + row["response"]
+        sides = []
+        for tokenizer in (teacher, student):
+            encoded = encode_example(prompt, row["response"], tokenizer, config.data.max_length)
+            label_ids = [t for t in encoded.labels if t != IGNORE_INDEX]
+            sides.append(label_offsets(prompt, row["response"], label_ids, tokenizer))
+        spans = response_spans(*sides)
+        origin = min(sides[0][0][0], sides[1][0][0])
+        for span in spans[1:]:
+            # After the first span (where the two sides' first tokens may start apart), each span's
+            # tokens on both sides spell exactly the span's text.
+            piece = text[origin + span.text_start : origin + span.text_end]
+            for offsets, start, end in (
+                (sides[0], span.teacher_start, span.teacher_end),
+                (sides[1], span.student_start, span.student_end),
+            ):
+                assert text[offsets[start][0] : offsets[end - 1][1]] == piece
+        assert spans[-1].matched, "both EOS tokens: one matched span"
+        student_tokens += len(sides[1])
+        matched += sum(span.matched for span in spans)
+    share = matched / student_tokens
+    assert 0.3 < share < 0.8, f"share of student tokens in matched spans: {share:.2f}"
+
+
+def test_a_response_cut_short_on_one_side_aligns_over_the_text_both_cover():
+    teacher = [(0, 3), (3, 7), (7, 12), (12, 12)]  # the whole response and its EOS
+    student = [(0, 2), (2, 3), (3, 7), (7, 9)]  # cut inside the last word, no EOS
+    spans = response_spans(teacher, student)
+    assert [(s.teacher_start, s.teacher_end, s.student_start, s.student_end) for s in spans] == [
+        (0, 1, 0, 2),
+        (1, 2, 2, 3),
+    ]
+    assert response_spans(teacher, []) == []
