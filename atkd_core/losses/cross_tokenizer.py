@@ -43,7 +43,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from atkd_core.data.alignment import AlignedSpan
 from atkd_core.losses.decomposition import Setting, check_setting
 from atkd_core.losses.inputs import SparseTeacher
 from atkd_core.losses.kernels import MASK_LOGIT
@@ -76,31 +75,38 @@ class SpanBatch:
     @classmethod
     def from_examples(
         cls,
-        spans: Sequence[Sequence[AlignedSpan]],
+        span_ends: Sequence[tuple[Sequence[int], Sequence[int]]],
         student_starts: Sequence[int],
         teacher_starts: Sequence[int],
         num_student_rows: int,
         num_teacher_rows: int,
     ) -> SpanBatch:
-        """Spans of every example, whose token indices count from the example's first response row
-        (``student_starts[e]`` / ``teacher_starts[e]`` in the flat rows). Spans with no token on
-        one side (a special token only one tokenizer emits, alone) cannot be compared and are left
-        out; their rows get -1."""
+        """Spans of every example, given as the teacher's and the student's token index where each
+        span ends (``alignment.span_ends``: cumulative, counted from the example's first label
+        row, at ``student_starts[e]`` / ``teacher_starts[e]`` in the flat rows). Spans with no token
+        on one side (a special token only one tokenizer emits, alone) cannot be compared and are
+        left out; their rows get -1."""
         student_span = torch.full((num_student_rows,), -1, dtype=torch.long)
         teacher_span = torch.full((num_teacher_rows,), -1, dtype=torch.long)
         student_first: list[int] = []
         teacher_first: list[int] = []
         matched: list[bool] = []
-        for example, student_start, teacher_start in zip(spans, student_starts, teacher_starts, strict=True):
-            for span in example:
-                if span.student_end == span.student_start or span.teacher_end == span.teacher_start:
+        for (teacher_ends, student_ends), student_start, teacher_start in zip(
+            span_ends, student_starts, teacher_starts, strict=True
+        ):
+            teacher_begin = student_begin = 0
+            for teacher_end, student_end in zip(teacher_ends, student_ends, strict=True):
+                t0, t1 = teacher_start + teacher_begin, teacher_start + teacher_end
+                s0, s1 = student_start + student_begin, student_start + student_end
+                teacher_begin, student_begin = teacher_end, student_end
+                if t1 == t0 or s1 == s0:
                     continue
                 index = len(student_first)
-                student_span[student_start + span.student_start : student_start + span.student_end] = index
-                teacher_span[teacher_start + span.teacher_start : teacher_start + span.teacher_end] = index
-                student_first.append(student_start + span.student_start)
-                teacher_first.append(teacher_start + span.teacher_start)
-                matched.append(span.matched)
+                student_span[s0:s1] = index
+                teacher_span[t0:t1] = index
+                student_first.append(s0)
+                teacher_first.append(t0)
+                matched.append(t1 - t0 == 1 and s1 - s0 == 1)
         return cls(
             student_span=student_span,
             teacher_span=teacher_span,

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from atkd_core.data.alignment import (
     AlignedSpan,
     aligned_spans,
+    encode_pair,
     label_offsets,
     matched_share,
     response_spans,
@@ -204,3 +205,27 @@ def test_a_response_cut_short_on_one_side_aligns_over_the_text_both_cover():
         (1, 2, 2, 3),
     ]
     assert response_spans(teacher, []) == []
+
+
+def test_an_example_encoded_for_both_sides_carries_its_spans(suite_pair):
+    config, rows, prompts, teacher, student = suite_pair
+    for prompt, row in list(zip(prompts, rows, strict=True))[:40]:
+        pair = encode_pair(prompt, row["response"], student, teacher, config.data.max_length)
+        assert pair.student == encode_example(prompt, row["response"], student, config.data.max_length)
+        assert pair.teacher == encode_example(prompt, row["response"], teacher, config.data.max_length)
+        student_labels = sum(t != IGNORE_INDEX for t in pair.student.labels)
+        teacher_labels = sum(t != IGNORE_INDEX for t in pair.teacher.labels)
+        assert pair.student_span_ends[-1] == student_labels and pair.teacher_span_ends[-1] == teacher_labels
+        assert pair.student_span_ends == sorted(set(pair.student_span_ends))
+        assert 1 <= pair.matched_tokens <= student_labels
+
+
+def test_a_pair_cut_short_on_the_student_side_spans_only_the_text_both_keep(suite_pair):
+    _, rows, prompts, teacher, student = suite_pair
+    prompt, response = prompts[0], "lion tiger eagle shark " * 6
+    whole = len(student(prompt.rstrip(), add_special_tokens=False)["input_ids"]) + 30
+    pair = encode_pair(prompt, response, student, teacher, whole, min_prompt_tokens=1000)
+    assert pair.student.fit == "response_truncated"
+    student_labels = sum(t != IGNORE_INDEX for t in pair.student.labels)
+    assert pair.student_span_ends[-1] <= student_labels
+    assert pair.teacher_span_ends[-1] < sum(t != IGNORE_INDEX for t in pair.teacher.labels)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from atkd_core.data.alignment import AlignedSpan
+from atkd_core.data.alignment import AlignedSpan, span_ends
 from atkd_core.losses import SparseTeacher
 from atkd_core.losses.cross_tokenizer import (
     SpanBatch,
@@ -51,7 +51,9 @@ def make_case(seed: int):
                 teacher_id, student_id = SHARED[number % len(SHARED)]
                 teacher_targets[teacher_start + span.teacher_start] = teacher_id
                 student_targets[student_start + span.student_start] = student_id
-    batch = SpanBatch.from_examples(spans, student_starts, teacher_starts, student_rows, teacher_rows)
+    batch = SpanBatch.from_examples(
+        [span_ends(example) for example in spans], student_starts, teacher_starts, student_rows, teacher_rows
+    )
     student = (torch.randn(student_rows, STUDENT_VOCAB, generator=generator) * 2).requires_grad_(True)
     teacher = torch.randn(teacher_rows, TEACHER_VOCAB, generator=generator) * 2.5
     return batch, spans, student_starts, teacher_starts, student, student_targets, teacher, teacher_targets
@@ -279,7 +281,7 @@ def test_one_tokenizer_reduces_to_the_token_losses():
     teacher = torch.randn(rows, vocab, generator=generator)
     targets = torch.randint(0, vocab, (rows,), generator=generator)
     spans = [[AlignedSpan(i, i + 1, i, i + 1, i, i + 1) for i in range(rows)]]
-    batch = SpanBatch.from_examples(spans, [0], [0], rows, rows)
+    batch = SpanBatch.from_examples([span_ends(spans[0])], [0], [0], rows, rows)
     identity = vocabulary_map([(i, i) for i in range(vocab)], vocab)
     p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
     hybrid = span_hybrid(student, targets, teacher, targets, batch, identity)
@@ -294,7 +296,7 @@ def test_one_tokenizer_reduces_to_the_token_losses():
 
 def test_spans_with_no_token_on_one_side_are_left_out():
     spans = [[AlignedSpan(0, 1, 0, 1, 0, 3), AlignedSpan(1, 2, 1, 1, 3, 3), AlignedSpan(2, 4, 1, 2, 3, 7)]]
-    batch = SpanBatch.from_examples(spans, [2], [1], 5, 6)
+    batch = SpanBatch.from_examples([span_ends(spans[0])], [2], [1], 5, 6)
     assert batch.num_spans == 2
     assert batch.student_span.tolist() == [-1, -1, 0, 1, -1]
     assert batch.teacher_span.tolist() == [-1, 0, -1, 1, 1, -1]
