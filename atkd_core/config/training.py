@@ -187,6 +187,13 @@ class LossConfig(StrictModel):
         "forward_kl",
         description=f"Token-level divergence for objective kd. Allowed: {', '.join(DIVERGENCES)}.",
     )
+    span_loss: Literal["uld", "hybrid"] = Field(
+        "hybrid",
+        description="For objective kd when the teacher has its own tokenizer (teacher.tokenizer): the "
+        "distance between the teacher's and the student's aligned spans. uld: sorted probabilities (no "
+        "shared vocabulary); hybrid: token by token where the vocabularies spell a token alike, sorted "
+        "elsewhere (GOLD's). Allowed: uld, hybrid.",
+    )
     setting: Literal["forward", "reverse"] = Field(
         "forward", description="ATKD over KL(teacher||student) (forward) or KL(student||teacher) (reverse)."
     )

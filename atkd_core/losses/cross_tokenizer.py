@@ -395,3 +395,18 @@ def span_atkd_loss(terms: SpanATKDTerms, hard: Tensor, lam: float) -> Tensor:
     easy_mean = (terms.dkd * easy).sum() / easy.sum().clamp(min=1)
     hard_mean = ((terms.tkd + terms.dkd) * hard).sum() / hard.sum().clamp(min=1)
     return lam * easy_mean + (1 - lam) * hard_mean
+
+
+@dataclass(frozen=True)
+class CrossTeacher:
+    """The teacher of a batch that another tokenizer cut, as a cross-tokenizer objective takes it.
+
+    rows: the teacher at its own label tokens, dense logits [M, Vt] or a SparseTeacher of M rows.
+    targets: [M] the teacher's token ids at those rows. spans: the batch's spans, whose student rows
+    index the student's flattened [B * T] rows. teacher_to_student: [Vt] long (``vocabulary_map``).
+    """
+
+    rows: Tensor | SparseTeacher
+    targets: Tensor
+    spans: SpanBatch
+    teacher_to_student: Tensor

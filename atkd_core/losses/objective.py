@@ -20,15 +20,27 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import Tensor
+from torch.nn import functional
 
 from atkd_core.data.batching import IGNORE_INDEX
 from atkd_core.losses.atkd import ATKDParams, atkd_terms
+from atkd_core.losses.cross_tokenizer import (
+    CrossTeacher,
+    SpanBatch,
+    span_atkd_loss,
+    span_atkd_terms,
+    span_hybrid,
+    span_uld,
+)
 from atkd_core.losses.divergences import divergence_terms
 from atkd_core.losses.engine import Terms, cross_entropy_terms, weighted_token_sum
 from atkd_core.losses.inputs import LinearHead, Teacher, flatten_inputs, flatten_student
+from atkd_core.losses.uncertainty import hard_token_mask
 
 if TYPE_CHECKING:
     from atkd_core.config import LossConfig
@@ -268,11 +280,135 @@ class ATKD(Objective):
         )
 
 
-def build_objective(loss: LossConfig, compiled: bool = False) -> Objective:
+class CrossTokenizer(Objective):
+    """Distillation from a teacher that tokenizes differently, span by span
+    (``losses/cross_tokenizer.py``): ULD or the hybrid distance for objective kd
+    (``loss.span_loss``), ATKD's split over spans for atkd; plus ``ce_weight`` x cross-entropy.
+
+    The teacher is a ``CrossTeacher``. The student's logits are made only at its label rows (from a
+    LinearHead, one matmul of those rows: no [B, T, V] block). ULD, the hybrid and the
+    cross-entropy are sums (over spans, over tokens) divided by the step's student tokens, so
+    micro-batching leaves the step's gradient unchanged; ATKD's group means are the micro-batch's,
+    as token ATKD's are under split_scope batch (DeepSpeed averages them over micro-batches).
+    """
+
+    needs_teacher = True
+
+    def __init__(self, loss: LossConfig, compiled: bool = False) -> None:
+        super().__init__(loss.chunk_size, loss.ce_weight, compiled)
+        self.config = loss
+
+    def __call__(
+        self, student: Student, teacher: Teacher | CrossTeacher | None, targets: Tensor, counts: StepCounts
+    ) -> ObjectiveOutput:
+        """student: logits [B, T, V] or a LinearHead over [B, T, H]; teacher: a CrossTeacher whose
+        spans index the flattened [B * T] rows; targets [B, T]."""
+        if not isinstance(teacher, CrossTeacher):
+            raise ValueError("a cross-tokenizer objective needs the teacher as a CrossTeacher")
+        if self.config.objective == "atkd" and self.config.split_scope == "sequence":
+            raise ValueError("ATKD over spans splits the micro-batch or at a threshold, not per sequence")
+        flat_student, flat_targets = flatten_student(student, targets)
+        rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)
+        if isinstance(flat_student, LinearHead):
+            logits = LinearHead(
+                flat_student.hidden[rows], flat_student.weight, flat_student.bias, flat_student.vocab_size
+            ).logits(0, rows.numel())
+        else:
+            logits = flat_student[rows]
+        row_targets = flat_targets[rows]
+        spans = _spans_on_rows(teacher.spans, rows, flat_targets.numel())
+        loss_config = self.config
+        ce_sum = functional.cross_entropy(logits.float(), row_targets, reduction="sum")
+        diagnostics: dict[str, float] = {"num_spans": float(spans.num_spans)}
+        if spans.num_spans == 0:
+            distill = logits.sum() * 0.0  # no span: the cross-entropy alone, still with a graph
+        elif loss_config.objective == "atkd":
+            terms = span_atkd_terms(
+                logits,
+                row_targets,
+                teacher.rows,
+                teacher.targets,
+                spans,
+                teacher.teacher_to_student,
+                loss_config.temperature,
+                loss_config.setting,
+            )
+            hard, _ = hard_token_mask(
+                terms.unc,
+                torch.ones_like(terms.unc, dtype=torch.bool),
+                hard_fraction=float(loss_config.hard_fraction),
+                split_scope="threshold" if loss_config.split_scope == "threshold" else "batch",
+                unc_threshold=loss_config.unc_threshold,
+            )
+            distill = span_atkd_loss(terms, hard, loss_config.lam)
+            diagnostics.update(
+                num_hard=float(hard.sum()),
+                num_matched=float(terms.matched.sum()),
+                tkd=float(terms.tkd.mean()),
+                dkd=float(terms.dkd.mean()),
+            )
+        else:
+            distance = (
+                span_uld
+                if loss_config.span_loss == "uld"
+                else partial(span_hybrid, teacher_to_student=teacher.teacher_to_student)
+            )
+            distill = (
+                distance(
+                    logits,
+                    row_targets,
+                    teacher.rows,
+                    teacher.targets,
+                    spans,
+                    temperature=loss_config.temperature,
+                ).sum()
+                / counts.tokens
+            )
+        loss = distill + self.ce_weight * ce_sum / counts.tokens
+        return ObjectiveOutput(loss, float(ce_sum.detach()) / counts.tokens, diagnostics)
+
+    def describe(self) -> str:
+        """See Objective.describe."""
+        loss = self.config
+        if loss.objective == "atkd":
+            what = (
+                f"atkd over aligned spans ({loss.setting} setting, k={loss.hard_fraction}, lambda={loss.lam})"
+            )
+        else:
+            what = f"{loss.span_loss} over aligned spans"
+        return f"{what} across tokenizers (T={loss.temperature}, ce_weight={loss.ce_weight})"
+
+
+def _spans_on_rows(spans: SpanBatch, rows: Tensor, num_rows: int) -> SpanBatch:
+    """``spans`` with its student rows renumbered to positions in ``rows`` (the kept flat rows);
+    every span row must be kept."""
+    position = torch.full((num_rows,), -1, dtype=torch.long, device=rows.device)
+    position[rows] = torch.arange(rows.numel(), device=rows.device)
+    student_span = spans.student_span.to(rows.device)
+    kept = torch.full((rows.numel(),), -1, dtype=torch.long, device=rows.device)
+    inside = student_span >= 0
+    if bool((position[inside.nonzero().squeeze(-1)] < 0).any()):
+        raise ValueError("a span covers a student row whose target is ignored")
+    kept[position[inside]] = student_span[inside]
+    return SpanBatch(
+        student_span=kept,
+        teacher_span=spans.teacher_span,
+        student_first=position[spans.student_first.to(rows.device)],
+        teacher_first=spans.teacher_first,
+        matched=spans.matched,
+    )
+
+
+def build_objective(loss: LossConfig, compiled: bool = False, cross_tokenizer: bool = False) -> Objective:
     """The training loss of ``loss.objective``: sft, kd (with ``loss.divergence``) or atkd;
-    ``compiled``: its chunks' math compiled (see Objective)."""
+    ``compiled``: its chunks' math compiled (see Objective). ``cross_tokenizer``: the teacher has
+    its own tokenizer, and kd / atkd compare aligned spans (CrossTokenizer)."""
     if loss.objective == "sft":
         return CrossEntropy(loss.chunk_size, compiled)
+    if cross_tokenizer:
+        if loss.hard_fraction == "auto" and loss.objective == "atkd":
+            raise ValueError("loss.hard_fraction auto is not defined over spans; give k or a threshold")
+        return CrossTokenizer(loss, compiled)
     if loss.objective == "kd":
         params = {
             "generalized_jsd": {"beta": loss.jsd_beta},

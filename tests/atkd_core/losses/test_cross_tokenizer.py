@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+from atkd_core.config import LossConfig
 from atkd_core.data.alignment import AlignedSpan, span_ends
-from atkd_core.losses import SparseTeacher
+from atkd_core.losses import LinearHead, SparseTeacher
 from atkd_core.losses.cross_tokenizer import (
+    CrossTeacher,
     SpanBatch,
     span_atkd_loss,
     span_atkd_terms,
@@ -18,6 +20,8 @@ from atkd_core.losses.cross_tokenizer import (
     span_uld,
     vocabulary_map,
 )
+from atkd_core.losses.objective import StepCounts, build_objective
+from atkd_core.losses.uncertainty import hard_token_mask
 
 TEACHER_VOCAB, STUDENT_VOCAB = 13, 11
 # Teacher id -> student id for the token strings both vocabularies hold.
@@ -316,3 +320,105 @@ def test_span_atkd_loss_weighs_the_groups_as_token_atkd_does():
     assert close(loss, 0.2 * easy_mean + 0.8 * hard_mean)
     no_hard = span_atkd_loss(terms, torch.zeros_like(hard), lam=0.2)
     assert close(no_hard, 0.2 * terms.dkd.mean())
+
+
+def batch_case(seed: int, prompt_rows: int = 2):
+    """A student batch [2, T, V] whose label rows start after ``prompt_rows`` ignored rows, with its
+    CrossTeacher (dense teacher rows), from make_case's spans."""
+    _, spans, _, _, _, _, teacher, t_targets = make_case(seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    lengths = [span_ends(example)[1][-1] for example in spans]
+    width = prompt_rows + max(lengths) + 1
+    targets = torch.full((2, width), -100)
+    for row, length in enumerate(lengths):
+        targets[row, prompt_rows : prompt_rows + length] = torch.randint(
+            0, STUDENT_VOCAB, (length,), generator=generator
+        )
+    teacher_starts = [1, 1 + 1 + span_ends(spans[0])[0][-1]]
+    batch = SpanBatch.from_examples(
+        [span_ends(example) for example in spans],
+        [prompt_rows, width + prompt_rows],
+        teacher_starts,
+        2 * width,
+        teacher.shape[0],
+    )
+    cross = CrossTeacher(teacher, t_targets, batch, vocabulary_map(SHARED, TEACHER_VOCAB))
+    hidden = torch.randn(2, width, 6, generator=generator, requires_grad=True)
+    weight = torch.randn(STUDENT_VOCAB + 3, 6, generator=generator)
+    return hidden, weight, targets, cross
+
+
+@pytest.mark.parametrize(("objective", "span_loss"), [("kd", "uld"), ("kd", "hybrid"), ("atkd", "hybrid")])
+def test_the_objective_is_the_span_losses_over_the_label_rows(objective, span_loss):
+    hidden, weight, targets, cross = batch_case(11)
+    loss = LossConfig(objective=objective, span_loss=span_loss, ce_weight=0.5, hard_fraction=0.4)
+    built = build_objective(loss, cross_tokenizer=True)
+    tokens = float((targets != -100).sum())
+    head = LinearHead(hidden, weight, None, STUDENT_VOCAB)
+    fused = built(head, cross, targets, StepCounts(tokens=tokens))
+    logits = hidden @ weight[:STUDENT_VOCAB].T
+    plain = built(logits, cross, targets, StepCounts(tokens=tokens))
+    assert close(fused.loss, plain.loss, 1e-5)
+    assert close(torch.autograd.grad(fused.loss, hidden)[0], torch.autograd.grad(plain.loss, hidden)[0], 1e-5)
+
+    rows = (targets.reshape(-1) != -100).nonzero().squeeze(-1)
+    flat = logits.reshape(-1, STUDENT_VOCAB)[rows]
+    flat_targets = targets.reshape(-1)[rows]
+    position = {int(r): i for i, r in enumerate(rows)}
+    spans = SpanBatch(
+        student_span=cross.spans.student_span[rows],
+        teacher_span=cross.spans.teacher_span,
+        student_first=torch.tensor([position[int(r)] for r in cross.spans.student_first]),
+        teacher_first=cross.spans.teacher_first,
+        matched=cross.spans.matched,
+    )
+    ce = torch.nn.functional.cross_entropy(flat, flat_targets, reduction="sum") / tokens
+    if objective == "atkd":
+        terms = span_atkd_terms(
+            flat, flat_targets, cross.rows, cross.targets, spans, cross.teacher_to_student
+        )
+        hard, _ = hard_token_mask(terms.unc, torch.ones_like(terms.unc, dtype=torch.bool), hard_fraction=0.4)
+        want = span_atkd_loss(terms, hard, 0.2) + 0.5 * ce
+    elif span_loss == "uld":
+        want = span_uld(flat, flat_targets, cross.rows, cross.targets, spans).sum() / tokens + 0.5 * ce
+    else:
+        want = (
+            span_hybrid(flat, flat_targets, cross.rows, cross.targets, spans, cross.teacher_to_student).sum()
+            / tokens
+            + 0.5 * ce
+        )
+    assert close(plain.loss, want, 1e-5)
+    assert plain.cross_entropy == pytest.approx(float(ce.detach()), rel=1e-5)
+    assert "across tokenizers" in built.describe()
+
+
+def test_span_sums_do_not_depend_on_how_a_step_is_cut_into_micro_batches():
+    hidden, weight, targets, cross = batch_case(12)
+    built = build_objective(
+        LossConfig(objective="kd", span_loss="hybrid", ce_weight=0.3), cross_tokenizer=True
+    )
+    tokens = float((targets != -100).sum())
+    logits = hidden @ weight[:STUDENT_VOCAB].T
+    whole = built(logits, cross, targets, StepCounts(tokens=tokens)).loss
+    width = targets.shape[1]
+    parts = []
+    for row in range(2):
+        keep = cross.spans.student_span.reshape(2, width)[row]
+        first = cross.spans.student_first
+        own = (first >= row * width) & (first < (row + 1) * width)
+        renumber = torch.full((cross.spans.num_spans,), -1, dtype=torch.long)
+        renumber[own] = torch.arange(int(own.sum()))
+        spans = SpanBatch(
+            student_span=torch.where(keep >= 0, renumber[keep.clamp(min=0)], -1),
+            teacher_span=torch.where(
+                cross.spans.teacher_span >= 0, renumber[cross.spans.teacher_span.clamp(min=0)], -1
+            ),
+            student_first=first[own] - row * width,
+            teacher_first=cross.spans.teacher_first[own],
+            matched=cross.spans.matched[own],
+        )
+        part = CrossTeacher(cross.rows, cross.targets, spans, cross.teacher_to_student)
+        parts.append(
+            built(logits[row : row + 1], part, targets[row : row + 1], StepCounts(tokens=tokens)).loss
+        )
+    assert close(parts[0] + parts[1], whole, 1e-5)
