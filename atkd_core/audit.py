@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from atkd_core.config import ModelConfig, PipelineConfig
+from atkd_core.data.prepare import teacher_prepared_dir
 from atkd_core.errors import ConfigError
 from atkd_core.manifest import require_manifest
 from atkd_core.models.presets import PRESETS
@@ -72,7 +73,9 @@ def audit_prepared(config: PipelineConfig, prepared_dir: Path) -> None:
     """Refuse (ConfigError, one line per problem) every audited value that cannot run on the
     prepared data in ``prepared_dir`` and the configured models."""
     manifest = require_manifest(prepared_dir, "prepare_data", PreparedManifest)
-    problems = [top_k_problem(config.scoring.top_k, manifest.vocab_size)]
+    # The cache is in the teacher's vocabulary: its own, when it has its own tokenizer.
+    scored = require_manifest(teacher_prepared_dir(config, prepared_dir), "prepare_data", PreparedManifest)
+    problems = [top_k_problem(config.scoring.top_k, scored.vocab_size)]
     for role, spec in (("teacher", config.teacher), ("student", config.student)):
         problems.append(max_length_problem(config.data.max_length, role, model_positions(spec)))
     rows = manifest.counts["train"].rows

@@ -26,6 +26,9 @@ class SplitCounts(BaseModel):
     tokens: int
     label_tokens: int
     overlong: dict[str, int]
+    # A teacher's own split (teacher.tokenizer): the share of the student's label tokens that sit in
+    # spans of one token on each side (None without label tokens).
+    matched_share: float | None = None
 
 
 class PreparedManifest(StageManifest):

@@ -190,16 +190,19 @@ def teacher_stages(config: PipelineConfig, runner: StageRunner, prepared: str) -
     The audit refuses, before any model is trained, config values that cannot run on the prepared
     data (e.g. scoring.top_k over its vocabulary; see atkd_core.audit)."""
     from atkd_core.audit import audit_prepared
+    from atkd_core.data.prepare import teacher_prepared_dir
 
     audit_prepared(config, Path(prepared))
-    teacher = runner.materialize_teacher(prepared)
+    # A teacher with its own tokenizer is built, fine-tuned and scored on its own prepared data.
+    teacher_prepared = str(teacher_prepared_dir(config, Path(prepared)))
+    teacher = runner.materialize_teacher(teacher_prepared)
     if config.finetune.enabled:
-        teacher = runner.finetune_teacher(prepared, teacher)
+        teacher = runner.finetune_teacher(teacher_prepared, teacher)
     # SeqKD trains on the teacher's own responses; everything else on the ground truth.
     train_data = prepared
     if config.distill.data_source == "teacher_generated":
         train_data = runner.generate_teacher_data(prepared, teacher)
-    cache = runner.score_teacher(train_data, teacher)
+    cache = runner.score_teacher(teacher_prepared if config.cross_tokenizer else train_data, teacher)
     return TeacherOutputs(prepared=prepared, teacher=teacher, train_data=train_data, cache=cache)
 
 

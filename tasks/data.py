@@ -8,6 +8,9 @@ from prefect import get_run_logger, task
 
 from atkd_core import stages
 from atkd_core.config import PipelineConfig
+from atkd_core.data.prepare import teacher_prepared_dir
+from atkd_core.manifest import read_manifest
+from atkd_core.outputs import PreparedManifest
 from infra.tracking import stage_run
 from tasks.policies import IO_RETRIES, StageInputs
 
@@ -31,8 +34,28 @@ def prepare_data_task(config: PipelineConfig, parent_run_id: str | None) -> str:
                 }
             )
             metrics.update({f"{split}/overlong_{outcome}": n for outcome, n in counts.overlong.items()})
+        teacher = (
+            read_manifest(teacher_prepared_dir(config, output), PreparedManifest)
+            if config.cross_tokenizer
+            else None
+        )
+        if teacher is not None:
+            # A teacher with its own tokenizer: its token counts, and how much of the text the two
+            # tokenizers cut alike (the share of student label tokens in one-to-one spans).
+            run.log_params({"teacher_vocab_size": teacher.vocab_size})
+            for split, counts in teacher.counts.items():
+                metrics.update(
+                    {
+                        f"{split}/teacher_tokens": counts.tokens,
+                        f"{split}/teacher_label_tokens": counts.label_tokens,
+                    }
+                )
+                if counts.matched_share is not None:
+                    metrics[f"{split}/matched_share"] = counts.matched_share
         run.log_metrics(metrics)
         run.log_artifact(output / "manifest.json")
+        if teacher is not None:
+            run.log_artifact(output / "teacher" / "manifest.json", "teacher")
     return str(output)
 
 

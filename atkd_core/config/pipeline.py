@@ -86,13 +86,20 @@ class PipelineConfig(StrictModel):
             raise ValueError(
                 "tokenizer.source: 'train' with a pretrained teacher would not match its vocabulary; use 'teacher'"
             )
-        trained_vocabulary = self.tokenizer.pad_to or self.tokenizer.vocab_size
-        if self.tokenizer.source == "train" and self.scoring.top_k > trained_vocabulary:
+        # The cache is in the teacher's vocabulary: its own tokenizer's, when it has one.
+        scored, section = (
+            (self.teacher.tokenizer, "teacher.tokenizer")
+            if self.teacher.tokenizer is not None
+            else (self.tokenizer, "tokenizer")
+        )
+        trained_vocabulary = scored.pad_to or scored.vocab_size
+        if scored.source == "train" and self.scoring.top_k > trained_vocabulary:
             raise ValueError(
                 f"scoring.top_k: {self.scoring.top_k} is over the trained tokenizer's vocabulary "
-                f"(tokenizer.{'pad_to' if self.tokenizer.pad_to else 'vocab_size'} = {trained_vocabulary}); "
+                f"({section}.{'pad_to' if scored.pad_to else 'vocab_size'} = {trained_vocabulary}); "
                 f"set it to at most {trained_vocabulary}"
             )
+        self._check_cross_tokenizer()
         from atkd_core.models.presets import PRESETS  # light: a dict of sizes
 
         for role, spec in (("teacher", self.teacher), ("student", self.student)):
@@ -103,6 +110,40 @@ class PipelineConfig(StrictModel):
                     f"{positions} positions; set it to at most {positions}"
                 )
         return self
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the teacher has its own tokenizer (teacher.tokenizer): distillation over spans."""
+        return self.teacher.tokenizer is not None
+
+    def _check_cross_tokenizer(self) -> None:
+        """What distillation across tokenizers cannot do, refused at load (ValueError)."""
+        if self.student.tokenizer is not None:
+            raise ValueError(
+                "student.tokenizer: the student reads the pipeline's tokenizer (the tokenizer section); "
+                "give the teacher its own with teacher.tokenizer"
+            )
+        if self.teacher.tokenizer is None:
+            return
+        if self.teacher.tokenizer.source == "teacher" and self.teacher.path is None:
+            raise ValueError(
+                "teacher.tokenizer.source: 'teacher' needs teacher.path (a preset has no tokenizer)"
+            )
+        if self.distill.data_source != "ground_truth":
+            raise ValueError(
+                f"distill.data_source: {self.distill.data_source!r} across tokenizers is not supported: "
+                "generated responses would need aligning step by step; use ground_truth"
+            )
+        if self.loss.objective == "atkd" and self.loss.split_scope == "sequence":
+            raise ValueError(
+                "loss.split_scope: 'sequence' across tokenizers is not supported (spans are split per "
+                "micro-batch or at a threshold); use batch or threshold"
+            )
+        if self.loss.objective == "atkd" and self.loss.hard_fraction == "auto":
+            raise ValueError(
+                "loss.hard_fraction: auto reads the teacher's token UNC, and across tokenizers the split "
+                "is over spans; give k (a number in (0, 1)) or a threshold"
+            )
 
     @property
     def resolved_tracking_uri(self) -> str:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from atkd_core.config.base import StrictModel, cross_field_rules, when
+from atkd_core.config.data import TokenizerConfig
 from atkd_core.storage import is_url, known_protocol
 
 
@@ -27,6 +28,13 @@ class ModelConfig(StrictModel):
         description="The attention kernel when this model trains or teaches online: auto (transformers' "
         "choice for the architecture, sdpa where it supports it), eager, sdpa, flash_attention_2 (needs "
         "CUDA and the flash-attn package) or flex_attention. The same losses whichever kernel.",
+    )
+
+    tokenizer: TokenizerConfig | None = Field(
+        None,
+        description="The teacher's own tokenizer, when it is not the student's (the tokenizer section): "
+        "distillation across tokenizers, compared over aligned spans of text. null: the pipeline's "
+        "tokenizer. Teacher only.",
     )
 
     @model_validator(mode="after")

@@ -111,6 +111,27 @@ def aligned_spans(
     return spans
 
 
+def shared_token_pairs(
+    teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase
+) -> list[tuple[int, int]]:
+    """(teacher id, student id) for the tokens both tokenizers spell alike (``shared_vocabulary``),
+    and for the special tokens of the same role (EOS, BOS, pad, unknown) whatever their strings:
+    an end of text is the same event in both vocabularies."""
+    pairs = dict(shared_vocabulary(teacher.get_vocab(), student.get_vocab()))
+    taken = set(pairs.values())
+    for role in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"):
+        teacher_id, student_id = getattr(teacher, role), getattr(student, role)
+        if (
+            teacher_id is not None
+            and student_id is not None
+            and teacher_id not in pairs
+            and student_id not in taken
+        ):
+            pairs[teacher_id] = student_id
+            taken.add(student_id)
+    return sorted(pairs.items())
+
+
 def span_ends(spans: Sequence[AlignedSpan]) -> tuple[list[int], list[int]]:
     """Where each span ends on the teacher's side and on the student's, as token indices: the
     compact form prepared data stores (each span starts where the previous one ends)."""

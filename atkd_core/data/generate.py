@@ -132,7 +132,7 @@ def generate_teacher_data(
             (staging / "raw" / f"{split}.jsonl").write_text(
                 "".join(json.dumps(r) + "\n" for _, r in split_rows)
             )
-        counts = tokenize_splits(config, rows, tokenizer, staging, log)
+        counts, _ = tokenize_splits(config, rows, tokenizer, staging, log)
         return {
             "vocab_size": source.vocab_size,
             "tokenizer_sha256": source.tokenizer_sha256,

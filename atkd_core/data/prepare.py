@@ -5,6 +5,9 @@ Output directory layout::
     raw/{train,validation,test}.jsonl   the rows as read (the embedded suite is generated here)
     tokenizer/                          Hugging Face tokenizer used for every model of the run
     dataset/                            datasets.DatasetDict (input_ids, labels, category, id)
+    teacher/                            only for a teacher with its own tokenizer (teacher.tokenizer):
+                                        its tokenizer/, dataset/ and manifest.json, the same rows
+                                        in its tokens (and dataset/ above holds the aligned spans)
     manifest.json
 """
 
@@ -20,9 +23,11 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from atkd_core.config import FieldMap, PipelineConfig
+from atkd_core.config import FieldMap, PipelineConfig, TokenizerConfig
+from atkd_core.data.alignment import label_offsets, response_spans, span_ends
 from atkd_core.data.batching import IGNORE_INDEX
 from atkd_core.data.encoding import (
+    Encoded,
     FittedPrompt,
     encode_example,
     fit_prompt_fields,
@@ -34,7 +39,7 @@ from atkd_core.data.records import Located, read_hub_split, read_located_rows
 from atkd_core.data.suite import SPLITS, write_suite
 from atkd_core.data.tokenizer import load_tokenizer, pad_vocabulary, padding_note, train_tokenizer
 from atkd_core.errors import ConfigError, DataError
-from atkd_core.manifest import fingerprint, run_stage, sha256_file
+from atkd_core.manifest import fingerprint, run_stage, sha256_file, write_manifest
 from atkd_core.outputs import PreparedManifest
 
 
@@ -93,8 +98,10 @@ def _load_split_rows(config: PipelineConfig, raw_dir: Path) -> tuple[dict[str, l
     return rows, skipped
 
 
-def _build_tokenizer(config: PipelineConfig, train_rows: list[dict[str, str]]) -> PreTrainedTokenizerBase:
-    spec = config.tokenizer
+def _build_tokenizer(
+    config: PipelineConfig, train_rows: list[dict[str, str]], spec: TokenizerConfig
+) -> PreTrainedTokenizerBase:
+    """The tokenizer ``spec`` describes: trained on the training rows, a path's, or the teacher's."""
     if spec.source == "train":
         texts = (
             format_prompt(config.data, r["instruction"], r["context"]) + r["response"] for r in train_rows
@@ -105,6 +112,17 @@ def _build_tokenizer(config: PipelineConfig, train_rows: list[dict[str, str]]) -
     if path is None:
         raise DataError("tokenizer.source 'teacher' needs teacher.path (a preset teacher has no tokenizer)")
     return load_tokenizer(path, trust_remote_code=config.teacher.trust_remote_code)
+
+
+# Where a teacher with its own tokenizer finds its prepared data (tokenizer/, dataset/, manifest):
+# a prepared directory of its own inside the student's, which the teacher's stages read.
+TEACHER_SUBDIRECTORY = "teacher"
+
+
+def teacher_prepared_dir(config: PipelineConfig, prepared_dir: Path) -> Path:
+    """The prepared data the teacher's stages read: its own (``TEACHER_SUBDIRECTORY``) when it has
+    its own tokenizer, else the pipeline's."""
+    return prepared_dir / TEACHER_SUBDIRECTORY if config.cross_tokenizer else prepared_dir
 
 
 # Raised whenever this module starts writing different prepared data from the same inputs, so an
@@ -122,6 +140,9 @@ def prepare_inputs_fingerprint(config: PipelineConfig) -> str:
         {
             "format": PREPARED_FORMAT,
             "config": config.section_hash("data", "tokenizer"),
+            "teacher_tokenizer": None
+            if config.teacher.tokenizer is None
+            else config.teacher.tokenizer.model_dump(mode="json"),
             "models": [config.teacher.path, config.student.path],
             "files": {str(f): sha256_file(f) for f in files if f.is_file()},
         }
@@ -134,20 +155,42 @@ def tokenize_splits(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: Path,
     log: Callable[[str], None],
-) -> dict[str, dict[str, Any]]:
-    """Tokenise every split's rows into ``output_dir/dataset`` (a DatasetDict); return counts per split.
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]] | None]:
+    """Tokenise every split's rows into ``output_dir/dataset`` (a DatasetDict); return counts per
+    split, and with ``teacher_tokenizer`` the teacher's counts.
 
     Over-long rows follow ``data.on_overlong`` (under ``error``, the first names where it was read); each split's counts say how many were shortened,
     cut or skipped, and a line is logged whenever one was.
+
+    With ``teacher_tokenizer`` (a teacher with its own tokenizer), every kept row is also encoded
+    with it, from the same prompt text, into ``output_dir/teacher/dataset``; a row over-long on
+    either side follows the policy on both. The student's dataset then holds, per example, where
+    each aligned span of the two label token runs ends (``span_teacher_ends``,
+    ``span_student_ends``), and the teacher's counts the share of student label tokens in matched
+    spans (``matched_share``).
     """
     data = config.data
     tails = {
         "plain": template_tail_tokens(data.prompt_template, tokenizer),
         "context": template_tail_tokens(data.context_template, tokenizer),
     }
+    teacher_tails = (
+        None
+        if teacher_tokenizer is None
+        else {
+            "plain": template_tail_tokens(data.prompt_template, teacher_tokenizer),
+            "context": template_tail_tokens(data.context_template, teacher_tokenizer),
+        }
+    )
     splits, counts = {}, {}
+    teacher_splits, teacher_counts = {}, {}
     for split in SPLITS:
         columns: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "category": []}
+        teacher_columns: dict[str, list] = {"id": [], "input_ids": [], "labels": [], "category": []}
+        if teacher_tokenizer is not None:
+            columns.update(span_teacher_ends=[], span_student_ends=[])
+        matched_tokens = 0
         overlong = {
             "prompt_truncated": 0,
             "context_cut": 0,
@@ -185,6 +228,37 @@ def tokenize_splits(
             ):
                 overlong["skipped"] += 1
                 continue
+            if teacher_tokenizer is not None and teacher_tails is not None:
+                teacher_encoded = encode_example(
+                    prompt,
+                    row["response"],
+                    teacher_tokenizer,
+                    data.max_length,
+                    min_prompt_tokens=data.min_prompt_tokens,
+                    keep_prompt_tail=teacher_tails["context" if row["context"] else "plain"],
+                )
+                if teacher_encoded.fit != "whole" and data.on_overlong == "error":
+                    raise DataError(
+                        f"{where}: over data.max_length={data.max_length} in the teacher's tokens; raise "
+                        "data.max_length or set data.on_overlong to truncate_prompt, truncate or skip"
+                    )
+                if (teacher_encoded.fit != "whole" and data.on_overlong == "skip") or (
+                    teacher_encoded.fit == "response_truncated" and data.on_overlong == "truncate_prompt"
+                ):
+                    overlong["skipped"] += 1
+                    continue
+                spans = response_spans(
+                    label_offsets(prompt, row["response"], _label_ids(teacher_encoded), teacher_tokenizer),
+                    label_offsets(prompt, row["response"], _label_ids(encoded), tokenizer),
+                )
+                teacher_ends, student_ends = span_ends(spans)
+                columns["span_teacher_ends"].append(teacher_ends)
+                columns["span_student_ends"].append(student_ends)
+                matched_tokens += sum(span.matched for span in spans)
+                teacher_columns["id"].append(f"{split}-{index}")
+                teacher_columns["input_ids"].append(teacher_encoded.input_ids)
+                teacher_columns["labels"].append(teacher_encoded.labels)
+                teacher_columns["category"].append(row["category"])
             if encoded.fit != "whole":
                 overlong[encoded.fit] += 1
             if fitted.context_cut or fitted.instruction_cut:
@@ -196,13 +270,30 @@ def tokenize_splits(
             columns["labels"].append(encoded.labels)
             columns["category"].append(row["category"])
         splits[split] = Dataset.from_dict(columns)
+        label_tokens = sum(sum(t != IGNORE_INDEX for t in lab) for lab in columns["labels"])
         counts[split] = {
             "rows": len(columns["id"]),
             "tokens": sum(map(len, columns["input_ids"])),
-            "label_tokens": sum(sum(t != IGNORE_INDEX for t in lab) for lab in columns["labels"]),
+            "label_tokens": label_tokens,
             "overlong": overlong,
         }
         log(f"prepare_data: {split}: {counts[split]['rows']} rows, {counts[split]['tokens']} tokens")
+        if teacher_tokenizer is not None:
+            teacher_splits[split] = Dataset.from_dict(teacher_columns)
+            teacher_counts[split] = {
+                "rows": len(teacher_columns["id"]),
+                "tokens": sum(map(len, teacher_columns["input_ids"])),
+                "label_tokens": sum(
+                    sum(t != IGNORE_INDEX for t in labels) for labels in teacher_columns["labels"]
+                ),
+                "overlong": overlong,
+                "matched_share": matched_tokens / label_tokens if label_tokens else None,
+            }
+            log(
+                f"prepare_data: {split}: teacher {teacher_counts[split]['tokens']} tokens; "
+                f"{teacher_counts[split]['label_tokens']} teacher and {label_tokens} student label tokens, "
+                f"{matched_tokens / max(label_tokens, 1):.1%} of the student's in spans of one token each side"
+            )
         if any(overlong.values()):
             log(
                 f"prepare_data: {split}: over data.max_length={data.max_length} "
@@ -213,7 +304,15 @@ def tokenize_splits(
                 f"{overlong['skipped']} rows skipped"
             )
     DatasetDict(splits).save_to_disk(str(output_dir / "dataset"))
-    return counts
+    if teacher_tokenizer is None:
+        return counts, None
+    DatasetDict(teacher_splits).save_to_disk(str(output_dir / TEACHER_SUBDIRECTORY / "dataset"))
+    return counts, teacher_counts
+
+
+def _label_ids(encoded: Encoded) -> list[int]:
+    """The label tokens of an encoded example (its response and EOS)."""
+    return [token for token in encoded.labels if token != IGNORE_INDEX]
 
 
 def prepare_data(
@@ -225,13 +324,43 @@ def prepare_data(
         rows, skipped = _load_split_rows(config, staging / "raw")
         for problem in skipped:
             log(f"prepare_data: skipped {problem}")
-        tokenizer = _build_tokenizer(config, [row for _, row in rows["train"]])
+        train_rows = [row for _, row in rows["train"]]
+        tokenizer = _build_tokenizer(config, train_rows, config.tokenizer)
         if (note := padding_note(tokenizer)) is not None:
             log(f"prepare_data: tokenizer: {note}")
-        for line in preflight(tokenizer, {"teacher": config.teacher, "student": config.student}):
-            log(f"prepare_data: tokenizer preflight: {line}")
+        teacher_tokenizer = (
+            None
+            if config.teacher.tokenizer is None
+            else _build_tokenizer(config, train_rows, config.teacher.tokenizer)
+        )
+        # Each model against the tokenizer it reads: the teacher's own, when it has one.
+        checks = (
+            [(tokenizer, {"teacher": config.teacher, "student": config.student})]
+            if teacher_tokenizer is None
+            else [(tokenizer, {"student": config.student}), (teacher_tokenizer, {"teacher": config.teacher})]
+        )
+        for checked_tokenizer, models in checks:
+            for line in preflight(checked_tokenizer, models):
+                log(f"prepare_data: tokenizer preflight: {line}")
         tokenizer.save_pretrained(staging / "tokenizer")
-        counts = tokenize_splits(config, rows, tokenizer, staging, log)
+        if teacher_tokenizer is not None:
+            teacher_tokenizer.save_pretrained(staging / TEACHER_SUBDIRECTORY / "tokenizer")
+        counts, teacher_counts = tokenize_splits(config, rows, tokenizer, staging, log, teacher_tokenizer)
+        if teacher_tokenizer is not None and teacher_counts is not None:
+            # The teacher's own prepared data, which its stages read as they read the student's.
+            write_manifest(
+                staging / TEACHER_SUBDIRECTORY,
+                PreparedManifest,
+                stage="prepare_data",
+                input_fingerprint=prepare_inputs_fingerprint(config),
+                source=config.data.source,
+                counts=teacher_counts,
+                vocab_size=len(teacher_tokenizer),
+                tokenizer_sha256=fingerprint(teacher_tokenizer.get_vocab()),
+                prompt_template=config.data.prompt_template,
+                context_template=config.data.context_template,
+                config=config.model_dump(mode="json", include={"data"}),
+            )
         return {
             "source": config.data.source,
             "skipped_rows": len(skipped),

@@ -294,7 +294,12 @@ def _evaluate_into(
     markdown = write_summary(rows, output_dir)
     (output_dir / "errors.json").write_text(json.dumps(errors, indent=2))
     difficulty = None
-    if "student" in models and "teacher" in models:
+    if "student" in models and "teacher" in models and config.cross_tokenizer:
+        log(
+            "evaluate: no easy/hard agreement: it compares the two models token by token, and the "
+            "teacher has its own tokenizer"
+        )
+    elif "student" in models and "teacher" in models:
         difficulty = easy_hard_agreement(
             models["student"], models["teacher"], prepared_dir, config.loss.hard_fraction
         )

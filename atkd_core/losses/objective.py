@@ -127,10 +127,14 @@ class Objective(ABC):
         self.chunk_size, self.ce_weight, self.compiled = chunk_size, ce_weight, compiled
 
     def __call__(
-        self, student: Student, teacher: Teacher | None, targets: Tensor, counts: StepCounts
+        self, student: Student, teacher: Teacher | CrossTeacher | None, targets: Tensor, counts: StepCounts
     ) -> ObjectiveOutput:
         """student: logits [B, T, V] or a LinearHead over hidden [B, T, H]; teacher the same shape, a
         SparseTeacher, or None when not needed; targets [B, T]."""
+        if isinstance(teacher, CrossTeacher):
+            raise ValueError(
+                f"{type(self).__name__} compares tokens; a teacher with its own tokenizer needs CrossTokenizer"
+            )
         chunk = chunk_tokens(self.chunk_size, student.shape[-1], fused=isinstance(student, LinearHead))
         # Always the last column: the cross-entropy is logged for every objective, whatever its weight.
         teacher_terms = None
@@ -344,8 +348,8 @@ class CrossTokenizer(Objective):
             diagnostics.update(
                 num_hard=float(hard.sum()),
                 num_matched=float(terms.matched.sum()),
-                tkd=float(terms.tkd.mean()),
-                dkd=float(terms.dkd.mean()),
+                tkd=float(terms.tkd.detach().mean()),
+                dkd=float(terms.dkd.detach().mean()),
             )
         else:
             distance = (

@@ -265,6 +265,33 @@ class TeacherCache:
             raise CacheError(f"{self.location}: example {example_id!r} is not in the cache")
         return self._rows[example_id]
 
+    def example_rows(self, example_ids: Sequence[str]) -> tuple[SparseTeacher, Tensor, list[int]]:
+        """The cached rows of ``example_ids``, one after another: the SparseTeacher of their M label
+        tokens, the teacher's token ids there [M] (long), and each example's token count.
+
+        For a batch that is not laid out in the teacher's tokens (a student that tokenizes
+        differently): the caller joins the rows to its own by the counts.
+        """
+        fetched = self._fetch(example_ids, True, SCALAR_FIELDS)
+        pieces: dict[str, list[Tensor]] = {name: [] for name in (*SCALAR_FIELDS, "topk_ids", "topk_logprobs")}
+        counts = []
+        for shard, tokens, tensors in fetched:
+            counts.append(tokens)
+            for name in SCALAR_FIELDS:
+                pieces[name].append(tensors[name])
+            topk_ids, topk_logprobs = self._codecs[shard].decode(tensors, 0, tokens)
+            pieces["topk_ids"].append(topk_ids)
+            pieces["topk_logprobs"].append(topk_logprobs)
+        joined = {name: torch.cat(values) for name, values in pieces.items()}
+        record = SparseTeacher(
+            target_logprob=joined["target_logprob"].float(),
+            topk_ids=joined["topk_ids"],
+            topk_logprobs=joined["topk_logprobs"].float(),
+            log_tail_mass=joined["log_tail_mass"].float(),
+            unc=joined["unc"].float(),
+        )
+        return record, joined["targets"].long(), counts
+
     def sparse_teacher(
         self, example_ids: Sequence[str], targets: Tensor, placements: Sequence[Placement] | None = None
     ) -> SparseTeacher:

@@ -67,9 +67,12 @@ class TrainJob:
     @property
     def pack_capacity(self) -> int | None:
         """Tokens per packed row (data.max_length) when this stage packs its batches, else None:
-        distillation split per sequence (loss.split_scope: sequence) needs one example per row."""
+        distillation split per sequence (loss.split_scope: sequence) or across tokenizers needs one
+        example per row."""
         per_row_split = self.stage == "distill" and self.config.loss.split_scope == "sequence"
-        return self.config.data.max_length if self.training.packing and not per_row_split else None
+        # Aligned spans join each student row to its example's teacher rows: one example per row.
+        one_example_a_row = per_row_split or (self.stage == "distill" and self.config.cross_tokenizer)
+        return self.config.data.max_length if self.training.packing and not one_example_a_row else None
 
     def build_objective(self, compiled: bool = False) -> Objective:
         """The loss this stage trains on (cross-entropy for fine-tuning); ``compiled``: its chunks'
@@ -77,7 +80,7 @@ class TrainJob:
         loss = self.config.loss
         if self.stage == "finetune":
             return CrossEntropy(loss.chunk_size, compiled)
-        return build_objective(loss, compiled)
+        return build_objective(loss, compiled, cross_tokenizer=self.config.cross_tokenizer)
 
     def fingerprint(self) -> str:
         """What the trained model depends on: its settings and the contents of its inputs."""

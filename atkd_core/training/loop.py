@@ -43,7 +43,13 @@ from atkd_core.training.distributed import all_reduce_sum
 from atkd_core.training.ds_config import render_ds_config
 from atkd_core.training.heads import OutputLayer
 from atkd_core.training.job import MetricsFn, TrainJob, TrainState
-from atkd_core.training.teacher import CachedTeacher, load_live_teacher
+from atkd_core.training.teacher import (
+    CachedTeacher,
+    CrossTokenizerTeacher,
+    LiveTeacherRows,
+    TeacherRows,
+    load_live_teacher,
+)
 
 VALIDATION_BATCH = 16
 
@@ -153,6 +159,9 @@ def _attach_teacher(job: TrainJob, state: TrainState, log: Callable[[str], None]
     """The teacher the objective needs: the cache offline, a live model online."""
     if not state.objective.needs_teacher:
         return
+    if job.config.cross_tokenizer:
+        _attach_cross_tokenizer_teacher(job, state, log)
+        return
     if job.config.distill.teacher_source == "offline":
         if job.cache_dir is None:
             raise UserError("offline distillation needs the teacher cache (run score_teacher first)")
@@ -180,6 +189,58 @@ def _attach_teacher(job: TrainJob, state: TrainState, log: Callable[[str], None]
         )
         state.pack_capacity = None
     log(f"{job.stage}: online teacher {job.teacher_dir}")
+
+
+def _attach_cross_tokenizer_teacher(job: TrainJob, state: TrainState, log: Callable[[str], None]) -> None:
+    """A teacher with its own tokenizer: its rows at its own tokens of each batch's examples (the
+    cache, or a live model on its prepared data), joined to the student's by the aligned spans."""
+    from datasets import load_from_disk
+
+    from atkd_core.data.alignment import shared_token_pairs
+    from atkd_core.data.prepare import teacher_prepared_dir
+    from atkd_core.data.tokenizer import load_tokenizer
+    from atkd_core.losses.cross_tokenizer import vocabulary_map
+
+    teacher_dir = teacher_prepared_dir(job.config, job.prepared_dir)
+    teacher_tokenizer = load_tokenizer(teacher_dir / "tokenizer")
+    columns = load_from_disk(str(job.prepared_dir / "dataset"))["train"].select_columns(
+        ["id", "span_teacher_ends", "span_student_ends"]
+    )
+    span_ends = {
+        example_id: (teacher_ends, student_ends)
+        for example_id, teacher_ends, student_ends in zip(
+            columns["id"], columns["span_teacher_ends"], columns["span_student_ends"], strict=True
+        )
+    }
+    pairs = shared_token_pairs(teacher_tokenizer, state.tokenizer)
+    teacher_to_student = vocabulary_map(pairs, len(teacher_tokenizer))
+    rows: Callable[[list[str]], TeacherRows]
+    if job.config.distill.teacher_source == "offline":
+        if job.cache_dir is None:
+            raise UserError("offline distillation needs the teacher cache (run score_teacher first)")
+        cached = CachedTeacher(job.cache_dir, job.config.loss)
+        rows = cached.cache.example_rows
+        where = f"the cache {job.cache_dir}"
+    else:
+        from atkd_core.models.build import load_model
+
+        if job.teacher_dir is None:
+            raise UserError("online distillation needs the teacher model directory")
+        model = load_model(job.teacher_dir, attn_implementation=job.config.teacher.attn_implementation)
+        teacher_examples = examples_of(load_from_disk(str(teacher_dir / "dataset"))["train"])
+        rows = LiveTeacherRows(
+            model.eval().requires_grad_(False).to(state.device),
+            teacher_examples,
+            teacher_tokenizer.pad_token_id,
+            len(teacher_tokenizer),
+            state.device,
+        )
+        where = f"the live teacher {job.teacher_dir}"
+    state.teacher = CrossTokenizerTeacher(rows, span_ends, teacher_to_student)
+    log(
+        f"{job.stage}: teacher with its own tokenizer ({len(teacher_tokenizer)} tokens, the student's "
+        f"{len(state.tokenizer)}; {len(pairs)} spelled alike), from {where}, compared over aligned spans"
+    )
 
 
 def _step_batches(job: TrainJob, state: TrainState, step: int, indices: list[int]) -> list[Batch]:

@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from atkd_core.config import LossConfig, TrainingConfig
-from atkd_core.data.batching import next_token_logits, shift_targets
+from atkd_core.data.batching import IGNORE_INDEX, next_token_logits, shift_targets
 from atkd_core.errors import UserError
 from atkd_core.losses import SparseTeacher, Teacher
+from atkd_core.losses.cross_tokenizer import CrossTeacher, SpanBatch
 from atkd_core.scoring import TeacherCache
 from atkd_core.storage import Location, is_url
-from atkd_core.training.batches import Batch, Example, keeps_packed_examples_apart, model_inputs
+from atkd_core.training.batches import Batch, Example, keeps_packed_examples_apart, model_inputs, to_batch
 from atkd_core.training.ds_config import resolve_precision
 from atkd_core.training.heads import OutputLayer
 
@@ -35,11 +36,12 @@ class TeacherSource(ABC):
     """The teacher's distribution over the next token for a micro-batch."""
 
     @abstractmethod
-    def __call__(self, batch: Batch, targets: Tensor) -> Teacher:
+    def __call__(self, batch: Batch, targets: Tensor) -> Teacher | CrossTeacher:
         """batch: the micro-batch [B, T]; targets: its shifted labels [B, T-1].
 
         Returns dense logits [B, T-1, V], a LinearHead over the teacher's hidden states [B, T-1, H],
-        or a SparseTeacher aligned with ``targets``.
+        or a SparseTeacher aligned with ``targets``; a CrossTeacher for a teacher that tokenizes
+        differently.
         """
 
     def loss_context(self) -> AbstractContextManager[Any]:
@@ -175,3 +177,99 @@ def load_live_teacher(
     output_layer = OutputLayer(teacher, vocab_size) if fused else None
     engine = deepspeed.initialize(model=teacher, config=inference)[0]
     return LiveTeacher(engine, vocab_size, output_layer, partitioned=True, keeps_packed_examples_apart=packs)
+
+
+# The teacher's rows at its own label tokens for a list of example ids: (dense logits [M, Vt] or
+# a SparseTeacher of M rows, its token ids there [M], each example's token count).
+TeacherRows = tuple[Tensor | SparseTeacher, Tensor, list[int]]
+
+
+class LiveTeacherRows:
+    """A teacher model run on its own tokens of the batch's examples, without gradients: the rows
+    of CrossTokenizerTeacher for online distillation across tokenizers."""
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        examples: list[Example],
+        pad_token_id: int,
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.pad_token_id, self.vocab_size, self.device = model, pad_token_id, vocab_size, device
+        self.examples = {example["id"]: example for example in examples}
+
+    @torch.no_grad()
+    def __call__(self, example_ids: list[str]) -> TeacherRows:
+        """See TeacherRows."""
+        missing = [example_id for example_id in example_ids if example_id not in self.examples]
+        if missing:
+            raise UserError(
+                f"example {missing[0]!r} is not in the teacher's prepared data; prepare the data again"
+            )
+        batch = to_batch([self.examples[i] for i in example_ids], example_ids, self.pad_token_id, self.device)
+        logits = next_token_logits(self.model(**model_inputs(batch)).logits, self.vocab_size)
+        targets = shift_targets(batch["labels"])
+        valid = targets != IGNORE_INDEX
+        return logits[valid], targets[valid], [int(count) for count in valid.sum(-1)]
+
+
+class CrossTokenizerTeacher(TeacherSource):
+    """A teacher that tokenizes differently from the student (``teacher.tokenizer``).
+
+    For each micro-batch, the teacher's rows at its own label tokens of the same examples (from the
+    cache, or a live model: ``rows``), and the spans that join them to the student's rows
+    (``span_ends``: per example id, the teacher's and the student's token index where each aligned
+    span ends, as prepared data stores them), handed to the objective as a CrossTeacher.
+    """
+
+    def __init__(
+        self,
+        rows: Callable[[list[str]], TeacherRows],
+        span_ends: dict[str, tuple[list[int], list[int]]],
+        teacher_to_student: Tensor,
+    ) -> None:
+        self.rows, self.span_ends, self.teacher_to_student = rows, span_ends, teacher_to_student
+
+    def __call__(self, batch: Batch, targets: Tensor) -> CrossTeacher:
+        """See TeacherSource; ``batch`` must be padded (one example a row), not packed."""
+        ids = list(batch["ids"])
+        teacher_rows, teacher_targets, counts = self.rows(ids)
+        width = targets.shape[1]
+        student_starts, teacher_starts, ends = [], [], []
+        offset = 0
+        for example_id, placement, count in zip(ids, batch["placements"], counts, strict=True):
+            label_columns = (targets[placement.row] != IGNORE_INDEX).nonzero().squeeze(-1)
+            teacher_ends, student_ends = self.span_ends[example_id]
+            if student_ends and (student_ends[-1] > label_columns.numel() or teacher_ends[-1] > count):
+                raise UserError(
+                    f"example {example_id!r}: its aligned spans reach past its label tokens "
+                    f"({student_ends[-1]} student of {label_columns.numel()}, {teacher_ends[-1]} teacher "
+                    f"of {count}); the teacher's data or cache was made from other prepared data"
+                )
+            first = int(label_columns[0]) if label_columns.numel() else 0
+            student_starts.append(placement.row * width + first)
+            teacher_starts.append(offset)
+            ends.append((teacher_ends, student_ends))
+            offset += count
+        spans = SpanBatch.from_examples(ends, student_starts, teacher_starts, targets.numel(), offset)
+        device = targets.device
+        return CrossTeacher(
+            rows=teacher_rows.to(device)
+            if isinstance(teacher_rows, Tensor)
+            else _sparse_to(teacher_rows, device),
+            targets=teacher_targets.to(device),
+            spans=spans.to(device),
+            teacher_to_student=self.teacher_to_student.to(device),
+        )
+
+
+def _sparse_to(record: SparseTeacher, device: torch.device) -> SparseTeacher:
+    """``record`` with every tensor on ``device``."""
+    return SparseTeacher(
+        target_logprob=record.target_logprob.to(device),
+        topk_ids=record.topk_ids.to(device),
+        topk_logprobs=record.topk_logprobs.to(device),
+        log_tail_mass=None if record.log_tail_mass is None else record.log_tail_mass.to(device),
+        unc=None if record.unc is None else record.unc.to(device),
+    )

@@ -270,3 +270,39 @@ def test_the_auto_split_is_logged_with_the_distillation_and_the_difficulty_repor
     report = json.loads((config.layout.teacher_report / "difficulty.json").read_text())
     assert report["hard_fraction"] == "auto"
     assert report["unc_threshold"] == pytest.approx(cache["unc_auto_threshold"], nan_ok=True)
+
+
+def test_the_cross_tokenizer_config_runs_through_the_flow(prefect_harness, tmp_path):
+    """configs/cross-tokenizer.yaml at a tiny size: two tokenizers, the alignment's statistics on
+    the prepare_data run, ATKD over spans in the distillation run."""
+    config = load_config(
+        REPO_ROOT / "configs" / "cross-tokenizer.yaml",
+        [
+            f"workdir={tmp_path}",
+            "data.embedded.train_size=64",
+            "data.embedded.validation_size=16",
+            "data.embedded.test_size=16",
+            "teacher.preset=neox-tiny",
+            "finetune.training.max_steps=2",
+            "finetune.training.batch_size=16",
+            "finetune.training.micro_batch_size=16",
+            "distill.training.max_steps=3",
+            "distill.training.batch_size=16",
+            "distill.training.micro_batch_size=16",
+            "scoring.top_k=8",
+            "eval.limit=2",
+            "eval.max_new_tokens=4",
+            "tracking.experiment_name=cross",
+        ],
+    )
+    assert config.cross_tokenizer and config.tokenizer.vocab_size != config.teacher.tokenizer.vocab_size
+    result = distill_pipeline(config)
+    client = MlflowClient(tracking_uri=result.mlflow_tracking_uri)
+    by_stage = child_runs(client, client.get_run(result.mlflow_run_id))
+    assert set(by_stage) == PIPELINE_STAGES
+    assert all(run.info.status == "FINISHED" for run in by_stage.values())
+    prepared = by_stage["prepare_data"].data
+    assert 0 < prepared.metrics["train/matched_share"] < 1
+    assert int(prepared.params["teacher_vocab_size"]) > int(prepared.params["vocab_size"])
+    distill = by_stage["distill_student"].data.metrics
+    assert distill["num_spans"] > 0 and "tkd" in distill and "num_matched" in distill

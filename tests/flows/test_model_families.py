@@ -130,3 +130,32 @@ def test_a_model_smaller_than_its_tokenizer_says_what_to_change(tmp_path):
         TokenizerMismatch, match=r"added tokens.*no row in the model.*resize_token_embeddings"
     ):
         stages.prepare_data()
+
+
+def test_a_llama_teacher_teaches_a_qwen_student_across_tokenizers(tmp_path):
+    """Two families, two tokenizers: the teacher's <s>/</s>/<unk> BPE and the student's
+    <|endoftext|> BPE of another size, neither with a pad token. The student reads its own tokenizer
+    (tokenizer.source: path), the teacher its own (teacher.tokenizer.source: teacher); ATKD runs
+    over the aligned spans, from the cache."""
+    llama_teacher, _, _ = _llama_pair(tmp_path / "llama")
+    _, qwen_student, _ = _gpt2_pair(tmp_path / "gpt2")
+    config = tiny_config(
+        tmp_path / "work",
+        tokenizer={"source": "path", "path": str(qwen_student)},
+        teacher={"path": str(llama_teacher), "tokenizer": {"source": "teacher"}},
+        student={"path": str(qwen_student)},
+        scoring={"top_k": 8},
+        finetune={"training": {"max_steps": 2, "batch_size": 8}},
+        distill={"training": {"max_steps": 3, "batch_size": 8}},
+        eval={"limit": 2, "max_new_tokens": 4},
+    )
+    lines: list[str] = []
+    stages = LocalStages(config, train=lambda job: launch_training(job, lambda m, s: None), log=lines.append)
+    outputs = pipeline_outputs(config, stages)
+    prepared = Path(outputs["prepare_data"])
+    assert AutoTokenizer.from_pretrained(prepared / "teacher" / "tokenizer").eos_token == "</s>"
+    assert AutoTokenizer.from_pretrained(prepared / "tokenizer").eos_token == "<|endoftext|>"
+    assert any("of the student's in spans of one token each side" in line for line in lines), lines
+    distilled = json.loads((Path(outputs["distill_student"]) / "manifest.json").read_text())
+    assert distilled["steps"] == 3
+    assert AutoModelForCausalLM.from_pretrained(outputs["distill_student"]).config.model_type == "qwen2"
