@@ -1,4 +1,5 @@
-"""Tokenizer preflight: teacher and student must read token ids the same way as the pipeline's tokenizer."""
+"""Tokenizer preflight: each model must read token ids the way the tokenizer it is given does: the
+pipeline's (the student's, and the teacher's unless it has its own: teacher.tokenizer)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from atkd_core.config import ModelConfig
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.errors import TokenizerMismatch
+
+
+def _choice(name: str) -> str:
+    """What a user can do when ``name``'s saved tokenizer is not the one it was given."""
+    if name == "teacher":
+        return (
+            "distil across tokenizers by giving the teacher its own (teacher.tokenizer: {source: teacher}), "
+            "or give both models one tokenizer"
+        )
+    return "make the pipeline's tokenizer the student's own (tokenizer: {source: path, path: <the student>})"
 
 
 def compare_vocabularies(
@@ -18,7 +29,7 @@ def compare_vocabularies(
     if len(other) < len(reference):
         raise TokenizerMismatch(
             f"{name}: its tokenizer has {len(other)} tokens, the pipeline's {len(reference)}; ids "
-            f"{len(other)}.. would have no meaning to it"
+            f"{len(other)}.. would have no meaning to it; {_choice(name)}"
         )
     mismatches = [
         (i, a, b) for i, (a, b) in enumerate(zip(reference_tokens, other_tokens, strict=False)) if a != b
@@ -27,7 +38,7 @@ def compare_vocabularies(
         shown = ", ".join(f"id {i}: {a!r} vs {b!r}" for i, a, b in mismatches[:5])
         raise TokenizerMismatch(
             f"{name}: its tokenizer differs from the pipeline's at {len(mismatches)} ids (first: {shown}); "
-            "teacher and student must share one vocabulary"
+            f"{_choice(name)}"
         )
 
 
