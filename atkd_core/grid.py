@@ -163,8 +163,20 @@ def slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(value)).strip("-") or "x"
 
 
-def _short_hash(config: PipelineConfig, *sections: str) -> str:
-    return config.section_hash(*sections)[:10]
+def data_key(config: PipelineConfig) -> str:
+    """Cells with the same key share one prepared-data directory: the data, the tokenizer and a
+    teacher's own tokenizer (whose tokens are prepared beside the student's) decide it."""
+    from atkd_core.manifest import fingerprint
+
+    teacher_tokenizer = config.teacher.tokenizer
+    return fingerprint(
+        {
+            "sections": config.section_hash("data", "tokenizer"),
+            "teacher_tokenizer": None
+            if teacher_tokenizer is None
+            else teacher_tokenizer.model_dump(mode="json"),
+        }
+    )[:10]
 
 
 def _teacher_fields(config: PipelineConfig) -> dict[str, Any]:
@@ -226,7 +238,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, ablation: st
         for seed in comparison.seeds:
             grid.cells.append(_cell(grid, base_raw, values, seed))
     for cell in grid.cells:
-        cell.data_key = _short_hash(cell.config, "data", "tokenizer")
+        cell.data_key = data_key(cell.config)
         grid.data_configs.setdefault(
             cell.data_key,
             cell.config.model_copy(update={"workdir": comparison.workdir / f"data-{cell.data_key}"}),

@@ -175,3 +175,17 @@ def test_alignment_share_prints_a_share_per_pair_and_category():
     assert len(rows) == 2 and all(len(row) == 3 + 4 for row in rows), out
     assert all(float(share) == 1.0 for share in rows[0][2:]), "one tokenizer: every span matched"
     assert 0 < float(rows[1][2]) < 1, out
+
+
+def test_paired_intervals_pair_arms_by_seed_at_the_level_asked(tmp_path):
+    results = tmp_path / "results.csv"
+    rows = ["label,objective,seed,student_score,student_perplexity,workdir"]
+    for seed, (a, b) in enumerate([(10.0, 11.0), (12.0, 12.5), (11.0, 13.0), (9.0, 9.5)]):
+        rows += [f"x,a,{seed},{a},1,w", f"x,b,{seed},{b},1,w"]
+    results.write_text("\n".join(rows) + "\n")
+    wide = run_benchmark("paired_intervals.py", str(results), "--pairs", "a:b", "--level", "0.99")
+    narrow = run_benchmark("paired_intervals.py", str(results), "--pairs", "a:b", "--level", "0.9")
+    # Differences 1.0, 0.5, 2.0, 0.5: mean +1.00 over 4 pairs; the 99% interval is the wider.
+    wide_row, narrow_row = wide.splitlines()[1].split(), narrow.splitlines()[1].split()
+    assert wide_row[:4] == ["b", "-", "a", "+1.00"] and wide_row[6] == "4"
+    assert float(wide_row[4].strip("[,")) < float(narrow_row[4].strip("[,")) < 1.0

@@ -317,7 +317,9 @@ def test_tokenizer_preflight_names_the_first_mismatching_tokens(tmp_path):
     assert "shares the tokenizer" in lines[0]
     with pytest.raises(TokenizerMismatch, match=r"student: its tokenizer (has|differs).*"):
         preflight(ours, {"student": ModelConfig(path=str(tmp_path / "other"))})
-    with pytest.raises(TokenizerMismatch, match=r"student: .*tokenizer: \{source: path, path: <the student>\}"):
+    with pytest.raises(
+        TokenizerMismatch, match=r"student: .*tokenizer: \{source: path, path: <the student>\}"
+    ):
         preflight(ours, {"student": ModelConfig(path=str(tmp_path / "other"))})
     # A teacher of another vocabulary is a choice: its own tokenizer (across tokenizers) or one for both.
     with pytest.raises(TokenizerMismatch, match=r"teacher: .*distil across tokenizers .*teacher.tokenizer"):
