@@ -262,10 +262,16 @@ def _check_tokenizer(config: PipelineConfig, readiness: Readiness) -> str:
         return f"{where} (not loaded: the hub does not answer)"
     tokenizer = load_tokenizer(where)
     readiness.tokenizer = tokenizer
-    if (problem := top_k_problem(config.scoring.top_k, len(tokenizer))) is not None:
+    # With its own tokenizer the teacher is checked against that one, by prepare_data's preflight,
+    # and the cache's top-K against its vocabulary.
+    cross = config.cross_tokenizer
+    if not cross and (problem := top_k_problem(config.scoring.top_k, len(tokenizer))) is not None:
         raise UserError(problem)
-    notes = []
-    for role, spec in (("teacher", config.teacher), ("student", config.student)):
+    notes = ["the teacher reads its own (teacher.tokenizer)"] if cross else []
+    roles = (
+        [("student", config.student)] if cross else [("teacher", config.teacher), ("student", config.student)]
+    )
+    for role, spec in roles:
         facts = readiness.models.get(role)
         if spec.path is None or facts is None or facts.vocab_size is None:
             continue

@@ -257,3 +257,21 @@ def test_the_cache_location_row_says_what_the_url_holds_or_why_it_cannot_be_reac
         False,
         "gs://bucket/cache: reading gs:// needs gcsfs (pip install gcsfs)",
     )
+
+
+def test_a_teacher_with_its_own_tokenizer_is_not_held_to_the_students(tmp_path):
+    words = [f"{row['instruction']} {row['response']}" for row in ROWS]
+    teacher = _model(tmp_path / "teacher", _tokenizer(tmp_path / "tok", 280, words), 320)
+    student = _model(
+        tmp_path / "student", _tokenizer(tmp_path / "other", 280, [w.upper() for w in words]), 320
+    )
+    config = _files_config(
+        tmp_path,
+        tokenizer={"source": "path", "path": str(student)},
+        teacher={"path": str(teacher), "tokenizer": {"source": "teacher"}},
+        student={"path": str(student)},
+    )
+    readiness = check_config(config, needs=[])
+    assert readiness.problems == []
+    ok, line = _rows(readiness)["tokenizer"]
+    assert ok and "the teacher reads its own (teacher.tokenizer)" in line and "student 320" in line
