@@ -7,13 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import load_from_disk
 
+from atkd_core.data.batching import shift_targets
 from atkd_core.data.prepare import prepare_data
+from atkd_core.errors import UserError
 from atkd_core.manifest import read_manifest
 from atkd_core.outputs import CacheManifest, PreparedManifest
 from atkd_core.pipeline import LocalStages, pipeline_outputs
+from atkd_core.training.batches import examples_of, to_batch
 from atkd_core.training.main import run_training
+from atkd_core.training.teacher import CrossTokenizerTeacher
 from tests.conftest import tiny_config
 
 TEACHER_TOKENIZER = {"source": "train", "vocab_size": 1024}
@@ -107,3 +112,42 @@ def test_what_spans_cannot_do_is_refused_at_load(tmp_path):
         match=r"scoring.top_k: 2000 is over the trained tokenizer's vocabulary \(teacher.tokenizer",
     ):
         cross_config(tmp_path, scoring={"top_k": 2000})
+
+
+def test_a_batch_is_joined_to_its_teacher_rows_span_by_span(tmp_path):
+    """Each span's first student row predicts the student's first token of the span, and its first
+    teacher row the teacher's, through padding and a prompt of another length on each side."""
+    config = cross_config(tmp_path)
+    prepare_data(config, config.layout.prepared, log=lambda line: None)
+    student = examples_of(load_from_disk(str(config.layout.prepared / "dataset"))["train"])[:5]
+    teacher = examples_of(load_from_disk(str(config.layout.prepared / "teacher" / "dataset"))["train"])
+    columns = load_from_disk(str(config.layout.prepared / "dataset"))["train"]
+    ends = {
+        row["id"]: (row["span_teacher_ends"], row["span_student_ends"])
+        for row in columns.select_columns(["id", "span_teacher_ends", "span_student_ends"])
+    }
+    by_id = {example["id"]: example for example in teacher}
+
+    def rows(ids):
+        labels = [[t for t in by_id[i]["labels"] if t != -100] for i in ids]
+        targets = torch.tensor([t for example in labels for t in example])
+        return torch.randn(len(targets), 1024), targets, [len(example) for example in labels]
+
+    source = CrossTokenizerTeacher(rows, ends, torch.arange(1024))
+    batch = to_batch(student, [e["id"] for e in student], 0, torch.device("cpu"))
+    targets = shift_targets(batch["labels"])
+    cross = source(batch, targets)
+    flat = targets.reshape(-1)
+    for span in range(cross.spans.num_spans):
+        student_rows = (cross.spans.student_span == span).nonzero().squeeze(-1)
+        teacher_rows = (cross.spans.teacher_span == span).nonzero().squeeze(-1)
+        assert int(student_rows[0]) == int(cross.spans.student_first[span])
+        assert bool((flat[student_rows] != -100).all())
+        assert int(teacher_rows[0]) == int(cross.spans.teacher_first[span])
+    # Each example's spans cover all its label rows on both sides.
+    assert int((cross.spans.student_span >= 0).sum()) == int((flat != -100).sum())
+    assert int((cross.spans.teacher_span >= 0).sum()) == cross.targets.numel()
+
+    wrong = {**ends, student[0]["id"]: (ends[student[0]["id"]][0], [999])}
+    with pytest.raises(UserError, match="its aligned spans reach past its label tokens"):
+        CrossTokenizerTeacher(rows, wrong, torch.arange(1024))(batch, targets)
