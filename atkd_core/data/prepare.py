@@ -223,9 +223,7 @@ def tokenize_splits(
                     f"{data.max_length}; raise data.max_length or set data.on_overlong to "
                     "truncate_prompt, truncate or skip"
                 )
-            if (encoded.fit != "whole" and data.on_overlong == "skip") or (
-                encoded.fit == "response_truncated" and data.on_overlong == "truncate_prompt"
-            ):
+            if _dropped(encoded.fit, data.on_overlong):
                 overlong["skipped"] += 1
                 continue
             if teacher_tokenizer is not None and teacher_tails is not None:
@@ -242,9 +240,7 @@ def tokenize_splits(
                         f"{where}: over data.max_length={data.max_length} in the teacher's tokens; raise "
                         "data.max_length or set data.on_overlong to truncate_prompt, truncate or skip"
                     )
-                if (teacher_encoded.fit != "whole" and data.on_overlong == "skip") or (
-                    teacher_encoded.fit == "response_truncated" and data.on_overlong == "truncate_prompt"
-                ):
+                if _dropped(teacher_encoded.fit, data.on_overlong):
                     overlong["skipped"] += 1
                     continue
                 spans = response_spans(
@@ -308,6 +304,14 @@ def tokenize_splits(
         return counts, None
     DatasetDict(teacher_splits).save_to_disk(str(output_dir / TEACHER_SUBDIRECTORY / "dataset"))
     return counts, teacher_counts
+
+
+def _dropped(fit: str, on_overlong: str) -> bool:
+    """Whether ``data.on_overlong`` drops an example that encoded as ``fit``: any over-long one
+    under skip, one whose response was cut under truncate_prompt."""
+    return (fit != "whole" and on_overlong == "skip") or (
+        fit == "response_truncated" and on_overlong == "truncate_prompt"
+    )
 
 
 def _label_ids(encoded: Encoded) -> list[int]:

@@ -151,3 +151,27 @@ def test_a_batch_is_joined_to_its_teacher_rows_span_by_span(tmp_path):
     wrong = {**ends, student[0]["id"]: (ends[student[0]["id"]][0], [999])}
     with pytest.raises(UserError, match="its aligned spans reach past its label tokens"):
         CrossTokenizerTeacher(rows, wrong, torch.arange(1024))(batch, targets)
+
+
+def test_a_row_over_long_in_the_teachers_tokens_alone_is_dropped_on_both_sides(tmp_path):
+    """A teacher with the smaller vocabulary spends more tokens on the same text: under skip, a row
+    that fits the student but not the teacher leaves both datasets."""
+    data = {
+        "embedded": {"train_size": 64, "validation_size": 16, "test_size": 16},
+        "max_length": 40,
+        "on_overlong": "skip",
+    }
+    alone = tiny_config(tmp_path / "alone", data=data, tokenizer={"vocab_size": 1024})
+    crossed = cross_config(
+        tmp_path / "crossed",
+        data=data,
+        tokenizer={"vocab_size": 1024},
+        teacher={"preset": "neox-tiny", "tokenizer": {"source": "train", "vocab_size": 300}},
+    )
+    student_only, _ = prepare_data(alone, alone.layout.prepared, log=lambda line: None)
+    both, _ = prepare_data(crossed, crossed.layout.prepared, log=lambda line: None)
+    teacher = read_manifest(crossed.layout.prepared / "teacher", PreparedManifest)
+    assert teacher is not None
+    kept = both.counts["train"].rows
+    assert kept == teacher.counts["train"].rows < student_only.counts["train"].rows
+    assert both.counts["train"].overlong["skipped"] > student_only.counts["train"].overlong["skipped"]
