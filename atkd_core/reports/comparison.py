@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from atkd_core.data.prepare import teacher_prepared_dir
 from atkd_core.grid import Grid, teacher_label
 from atkd_core.manifest import read_manifest
 from atkd_core.outputs import ModelInitManifest
@@ -58,7 +59,9 @@ def teacher_analysis(
         upstream = teachers[key]
         name = teacher_label(config)
         cache = TeacherCache(as_location(upstream.cache))
-        unc = cache_unc(cache, Path(upstream.train_data))
+        # The cache is in the teacher's tokens: its own prepared data's, when it has its own tokenizer.
+        scored_data = teacher_prepared_dir(config, Path(upstream.train_data))
+        unc = cache_unc(cache, scored_data)
         unc_by_teacher[name] = unc.numpy()
         row: dict[str, Any] = {
             "teacher": name,
@@ -76,7 +79,8 @@ def teacher_analysis(
         # The same untrained student (the first seed's init) against every teacher.
         first = next((r for r in results if r["teacher_key"] == key), None)
         student_init = Path(first["workdir"]) / "models" / "student-init" if first else None
-        if student_init is not None and student_init.is_dir():
+        # Token by token against the untrained student: not defined when the two tokenize differently.
+        if student_init is not None and student_init.is_dir() and not config.cross_tokenizer:
             row.update(kl_decomposition_magnitudes(cache, Path(upstream.train_data), student_init))
         rows.append(row)
     return rows, unc_by_teacher

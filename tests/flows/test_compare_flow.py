@@ -77,3 +77,28 @@ def test_compare_runs_cells_on_one_shared_teacher_and_reports(prefect_harness, t
         "(4 of 4 runs reused from an earlier invocation's outputs)"
         in (grid_dir / "report" / "report.md").read_text()
     )
+
+
+@pytest.mark.slow
+def test_a_comparison_with_a_cross_tokenizer_arm_keeps_its_own_data_and_teacher(prefect_harness, tmp_path):
+    """An arm whose teacher has its own tokenizer gets prepared data and a teacher group of its own,
+    and the report reads that teacher's cache in its own tokens."""
+    path = write_comparison(
+        tmp_path,
+        axes={"objective": ["kd", "hybrid_x"]},
+        objectives={
+            "hybrid_x": {"teacher.tokenizer": {"source": "train", "vocab_size": 1024}, "loss.objective": "kd"}
+        },
+        seeds=[0],
+        pairs=[["kd", "hybrid_x"]],
+        ablations={},
+        base_set=["eval.limit=2", "eval.max_new_tokens=4", "scoring.top_k=8"],
+    )
+    result = compare(path)
+    grid_dir = tmp_path / "grid"
+    assert result.cells == 2 and result.failed == []
+    assert len(list(grid_dir.glob("data-*"))) == 2 and len(list((grid_dir / "teachers").iterdir())) == 2
+    summary = json.loads((grid_dir / "report" / "summary.json").read_text())
+    by_kind = {("tkd" in row): row for row in summary["teachers"]}
+    # The same-tokenizer teacher has the KL terms against the untrained student; the other cannot.
+    assert set(by_kind) == {True, False} and 0 <= by_kind[False]["unc_median"] <= 1
