@@ -22,12 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
-from atkd_core.data.batching import IGNORE_INDEX
-from atkd_core.data.encoding import Encoded, encode_example
 from atkd_core.errors import UserError
 
 
@@ -138,14 +135,6 @@ def span_ends(spans: Sequence[AlignedSpan]) -> tuple[list[int], list[int]]:
     return [span.teacher_end for span in spans], [span.student_end for span in spans]
 
 
-def matched_share(spans: Sequence[AlignedSpan]) -> float:
-    """The share of student tokens that sit in matched (one-to-one) spans; NaN without tokens."""
-    tokens = sum(span.student_end - span.student_start for span in spans)
-    if tokens == 0:
-        return float("nan")
-    return sum(1 for span in spans if span.matched) / tokens
-
-
 def shared_vocabulary(
     teacher_vocab: Mapping[str, int], student_vocab: Mapping[str, int]
 ) -> list[tuple[int, int]]:
@@ -213,46 +202,4 @@ def response_spans(
     return aligned_spans(
         [(start - origin, end - origin) for start, end in teacher],
         [(start - origin, end - origin) for start, end in student],
-    )
-
-
-class PairedEncoding(NamedTuple):
-    """One example encoded for a student and a teacher that tokenize differently.
-
-    student / teacher: each side's ids and labels (``encoding.encode_example``). teacher_span_ends /
-    student_span_ends: the aligned spans of their label tokens (``span_ends``). matched_tokens: the
-    student label tokens in matched spans.
-    """
-
-    student: Encoded
-    teacher: Encoded
-    teacher_span_ends: list[int]
-    student_span_ends: list[int]
-    matched_tokens: int
-
-
-def encode_pair(
-    prompt: str,
-    response: str,
-    student_tokenizer: PreTrainedTokenizerBase,
-    teacher_tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    **encode_options: int,
-) -> PairedEncoding:
-    """The example under both tokenizers, each encoded as ``encode_example`` does with
-    ``max_length`` and ``encode_options``, and their label tokens aligned (``response_spans``)."""
-    encoded = {}
-    offsets = {}
-    for side, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
-        encoded[side] = encode_example(prompt, response, tokenizer, max_length, **encode_options)
-        label_ids = [token for token in encoded[side].labels if token != IGNORE_INDEX]
-        offsets[side] = label_offsets(prompt, response, label_ids, tokenizer)
-    spans = response_spans(offsets["teacher"], offsets["student"])
-    teacher_ends, student_ends = span_ends(spans)
-    return PairedEncoding(
-        student=encoded["student"],
-        teacher=encoded["teacher"],
-        teacher_span_ends=teacher_ends,
-        student_span_ends=student_ends,
-        matched_tokens=sum(span.matched for span in spans),
     )

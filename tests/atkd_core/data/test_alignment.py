@@ -11,9 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from atkd_core.data.alignment import (
     AlignedSpan,
     aligned_spans,
-    encode_pair,
     label_offsets,
-    matched_share,
     response_spans,
     shared_vocabulary,
 )
@@ -46,7 +44,6 @@ def test_spans_close_where_both_sides_end_on_the_same_character():
         AlignedSpan(2, 3, 3, 5, 8, 12),
     ]
     assert [span.matched for span in spans] == [True, False, False]
-    assert matched_share(spans) == pytest.approx(1 / 5)
 
 
 def test_crossing_boundaries_make_one_span():
@@ -134,7 +131,7 @@ def test_real_tokenizers_of_two_sizes_align_through_their_offsets():
         piece = text[span.text_start : span.text_end]
         assert "".join(teacher.tokens[span.teacher_start : span.teacher_end]).replace("Ġ", " ") == piece
         assert "".join(student.tokens[span.student_start : span.student_end]).replace("Ġ", " ") == piece
-    assert 0 < matched_share(spans) < 1
+    assert 0 < sum(span.matched for span in spans) < len(student.tokens)
     pairs = shared_vocabulary(big.get_vocab(), small.get_vocab())
     assert all(big.id_to_token(t) == small.id_to_token(s) for t, s in pairs)
     assert len(pairs) == len(set(big.get_vocab()) & set(small.get_vocab()))
@@ -205,27 +202,3 @@ def test_a_response_cut_short_on_one_side_aligns_over_the_text_both_cover():
         (1, 2, 2, 3),
     ]
     assert response_spans(teacher, []) == []
-
-
-def test_an_example_encoded_for_both_sides_carries_its_spans(suite_pair):
-    config, rows, prompts, teacher, student = suite_pair
-    for prompt, row in list(zip(prompts, rows, strict=True))[:40]:
-        pair = encode_pair(prompt, row["response"], student, teacher, config.data.max_length)
-        assert pair.student == encode_example(prompt, row["response"], student, config.data.max_length)
-        assert pair.teacher == encode_example(prompt, row["response"], teacher, config.data.max_length)
-        student_labels = sum(t != IGNORE_INDEX for t in pair.student.labels)
-        teacher_labels = sum(t != IGNORE_INDEX for t in pair.teacher.labels)
-        assert pair.student_span_ends[-1] == student_labels and pair.teacher_span_ends[-1] == teacher_labels
-        assert pair.student_span_ends == sorted(set(pair.student_span_ends))
-        assert 1 <= pair.matched_tokens <= student_labels
-
-
-def test_a_pair_cut_short_on_the_student_side_spans_only_the_text_both_keep(suite_pair):
-    _, rows, prompts, teacher, student = suite_pair
-    prompt, response = prompts[0], "lion tiger eagle shark " * 6
-    whole = len(student(prompt.rstrip(), add_special_tokens=False)["input_ids"]) + 30
-    pair = encode_pair(prompt, response, student, teacher, whole, min_prompt_tokens=1000)
-    assert pair.student.fit == "response_truncated"
-    student_labels = sum(t != IGNORE_INDEX for t in pair.student.labels)
-    assert pair.student_span_ends[-1] <= student_labels
-    assert pair.teacher_span_ends[-1] < sum(t != IGNORE_INDEX for t in pair.teacher.labels)
