@@ -171,7 +171,15 @@ class FinetuneConfig(StrictModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Its training settings.")
 
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "tvd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "alpha_beta",
+)
 
 
 class LossConfig(StrictModel):
@@ -229,6 +237,21 @@ class LossConfig(StrictModel):
     )
     jsd_beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD beta (GKD). Range: [0, 1].")
     skew_alpha: float = Field(0.1, ge=0, le=1, description="Skew KL alpha (DistiLLM). Range: [0, 1].")
+    abkd_alpha: float = Field(
+        0.5,
+        ge=0,
+        le=2,
+        description="ABKD's alpha for divergence alpha_beta: (1, 0) is forward KL, (0, 1) reverse KL, "
+        "(0.5, 0.5) twice the squared Hellinger distance; a larger alpha concentrates the student on the "
+        "teacher's likely tokens. Range: [0, 2].",
+    )
+    abkd_beta: float = Field(
+        0.5,
+        ge=0,
+        le=2,
+        description="ABKD's beta for divergence alpha_beta; a larger beta spreads the student's mass "
+        "over the teacher's whole distribution. Range: [0, 2].",
+    )
     ce_weight: float = Field(
         0.0, ge=0, le=1, description="Weight of cross-entropy mixed into KD/ATKD. Range: [0, 1]."
     )

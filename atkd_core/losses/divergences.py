@@ -79,6 +79,39 @@ def skew_reverse_kl_terms(log_p: Tensor, log_q: Tensor, alpha: float = 0.1) -> T
     return kl_from_logprobs(log_q, _mixture(log_q, alpha, log_p))
 
 
+def alpha_beta_terms(log_p: Tensor, log_q: Tensor, alpha: float = 0.5, beta: float = 0.5) -> Tensor:
+    """The alpha-beta divergence of ABKD (Wang et al., ICML 2025), Cichocki's AB-divergence
+    D^(alpha, beta)(p || q) per row. [n, B] x 2 -> [n].
+
+    ``-1 / (alpha beta) * sum(p^alpha q^beta - alpha / (alpha + beta) p^(alpha + beta)
+    - beta / (alpha + beta) q^(alpha + beta))``, and its limits where a denominator vanishes:
+    beta = 0 gives ``sum(p^a log(p^a / q^a) - p^a + q^a) / alpha^2`` (forward KL at alpha = 1),
+    alpha = 0 the same with the roles swapped (reverse KL at beta = 1), and alpha = beta = 0
+    ``0.5 * sum((log p - log q)^2)``. Alpha moves mass towards the teacher's large probabilities
+    (hardness concentration), beta spreads it (confidence concentration), in the paper's terms.
+
+    Choices the paper leaves open: its released code divides the alpha = 0 and beta = 0 cases by
+    beta (alpha) rather than beta^2 (alpha^2); the two agree at the KL endpoints the paper reports,
+    and the squares are what make the function continuous in (alpha, beta), so they are used here.
+    Only alpha, beta >= 0 are offered (the family's negative values, which the paper does not use
+    for language models, would raise masked or zero probabilities to infinite powers).
+    """
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+    if alpha == 0.0 and beta == 0.0:
+        return 0.5 * (log_p - log_q).square().sum(-1)
+    if beta == 0.0:
+        p_a, q_a = (alpha * log_p).exp(), (alpha * log_q).exp()
+        return (p_a * alpha * (log_p - log_q) - p_a + q_a).sum(-1) / alpha**2
+    if alpha == 0.0:
+        p_b, q_b = (beta * log_p).exp(), (beta * log_q).exp()
+        return (q_b * beta * (log_q - log_p) - q_b + p_b).sum(-1) / beta**2
+    total = alpha + beta
+    cross = (alpha * log_p + beta * log_q).exp()
+    own = alpha / total * (total * log_p).exp() + beta / total * (total * log_q).exp()
+    return -(cross - own).sum(-1) / (alpha * beta)
+
+
 DIVERGENCE_TERMS: dict[str, Callable[..., Tensor]] = {
     "forward_kl": forward_kl_terms,
     "reverse_kl": reverse_kl_terms,
@@ -86,6 +119,7 @@ DIVERGENCE_TERMS: dict[str, Callable[..., Tensor]] = {
     "tvd": tvd_terms,
     "skew_forward_kl": skew_forward_kl_terms,
     "skew_reverse_kl": skew_reverse_kl_terms,
+    "alpha_beta": alpha_beta_terms,
 }
 
 

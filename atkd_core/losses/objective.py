@@ -418,6 +418,7 @@ def build_objective(loss: LossConfig, compiled: bool = False, cross_tokenizer: b
             "generalized_jsd": {"beta": loss.jsd_beta},
             "skew_forward_kl": {"alpha": loss.skew_alpha},
             "skew_reverse_kl": {"alpha": loss.skew_alpha},
+            "alpha_beta": {"alpha": loss.abkd_alpha, "beta": loss.abkd_beta},
         }.get(loss.divergence, {})
         return Divergence(
             loss.divergence, params, loss.temperature, loss.chunk_size, loss.ce_weight, compiled

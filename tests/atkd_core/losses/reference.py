@@ -57,7 +57,28 @@ def token_divergence(name, s_row, t_row, temperature, beta=0.5, alpha=0.1, topk=
         return kl(p, alpha * p + (1 - alpha) * q)
     if name == "skew_reverse_kl":
         return kl(q, alpha * q + (1 - alpha) * p)
+    if name == "alpha_beta":
+        return alpha_beta(p, q, alpha, beta)
     raise ValueError(name)
+
+
+def alpha_beta(p: torch.Tensor, q: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Cichocki's AB-divergence, term by term, with its limits at alpha = 0, beta = 0 and both."""
+    total = p.new_zeros(())
+    for p_j, q_j in zip(p, q, strict=True):
+        if alpha == 0 and beta == 0:
+            total = total + 0.5 * (torch.log(p_j) - torch.log(q_j)) ** 2
+        elif beta == 0:
+            total = (
+                total + (p_j**alpha * torch.log(p_j**alpha / q_j**alpha) - p_j**alpha + q_j**alpha) / alpha**2
+            )
+        elif alpha == 0:
+            total = total + (q_j**beta * torch.log(q_j**beta / p_j**beta) - q_j**beta + p_j**beta) / beta**2
+        else:
+            s = alpha + beta
+            term = p_j**alpha * q_j**beta - alpha / s * p_j**s - beta / s * q_j**s
+            total = total - term / (alpha * beta)
+    return total
 
 
 def token_tkd_dkd(s_row, t_row, g, temperature, setting, topk=None):

@@ -113,6 +113,13 @@ def test_fused_atkd_matches_reference(setting, split_scope, dtype, teacher_kind)
         {"objective": "sft"},
         {"objective": "kd", "divergence": "reverse_kl", "ce_weight": 0.3},
         {"objective": "kd", "divergence": "generalized_jsd"},
+        {
+            "objective": "kd",
+            "divergence": "alpha_beta",
+            "abkd_alpha": 0.2,
+            "abkd_beta": 0.7,
+            "ce_weight": 0.5,
+        },
         {"objective": "atkd", "setting": "forward"},
         {
             "objective": "atkd",

@@ -43,6 +43,15 @@ PARAMS = {
     "generalized_jsd": [{"beta": 0.0}, {"beta": 0.3}, {"beta": 1.0}],
     "skew_forward_kl": [{"alpha": 0.1}, {"alpha": 0.0}],
     "skew_reverse_kl": [{"alpha": 0.1}, {"alpha": 0.5}],
+    # ABKD: interior points, both KL endpoints, a beta = 0 limit, and the log-ratio case at the origin.
+    "alpha_beta": [
+        {"alpha": 0.2, "beta": 0.7},
+        {"alpha": 1.5, "beta": 0.5},
+        {"alpha": 1.0, "beta": 0.0},
+        {"alpha": 0.0, "beta": 1.0},
+        {"alpha": 0.5, "beta": 0.0},
+        {"alpha": 0.0, "beta": 0.0},
+    ],
 }
 DIVERGENCE_CASES = [(name, p) for name in DIVERGENCE_TERMS for p in PARAMS.get(name, [{}])]
 
@@ -353,3 +362,19 @@ def test_dense_target_rest_matches_reference(reverse, dtype, temperature):
     again.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         again.backward()
+
+
+def test_the_kd_objective_passes_abkd_alpha_and_beta_to_the_divergence():
+    from atkd_core.config import LossConfig
+    from atkd_core.losses.objective import StepCounts, build_objective
+
+    student, teacher, targets = make_inputs((2, 6), torch.float32, "some")
+    valid = float((targets != -100).sum())
+    config = LossConfig(
+        objective="kd", divergence="alpha_beta", abkd_alpha=1.5, abkd_beta=0.5, chunk_size=None
+    )
+    got = float(build_objective(config)(student, teacher, targets, StepCounts(valid)).loss.detach())
+    want = float(divergence_loss("alpha_beta", student, teacher, targets, alpha=1.5, beta=0.5).detach())
+    other = float(divergence_loss("alpha_beta", student, teacher, targets, alpha=0.5, beta=0.5).detach())
+    assert got == pytest.approx(want, rel=1e-6) and want != pytest.approx(other, rel=1e-3)
+    assert "alpha=1.5, beta=0.5" in build_objective(config).describe()

@@ -255,3 +255,28 @@ def test_teacher_vocabulary_masked_with_minus_inf(name):
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     reference = run_loss(name, student, teacher.clone().index_fill_(1, torch.tensor([9, 10]), -1e30), targets)
     torch.testing.assert_close(loss, reference)
+
+
+def test_alpha_beta_is_forward_kl_reverse_kl_and_hellinger_at_its_landmarks():
+    from atkd_core.losses.divergences import alpha_beta_terms
+
+    generator = torch.Generator().manual_seed(3)
+    log_p = torch.log_softmax(torch.randn(5, 9, generator=generator, dtype=torch.float64), -1)
+    log_q = torch.log_softmax(torch.randn(5, 9, generator=generator, dtype=torch.float64), -1)
+    p, q = log_p.exp(), log_q.exp()
+    forward = (p * (log_p - log_q)).sum(-1)
+    reverse = (q * (log_q - log_p)).sum(-1)
+    assert torch.allclose(alpha_beta_terms(log_p, log_q, 1.0, 0.0), forward)
+    assert torch.allclose(alpha_beta_terms(log_p, log_q, 0.0, 1.0), reverse)
+    assert torch.allclose(
+        alpha_beta_terms(log_p, log_q, 0.5, 0.5), 2 * (p.sqrt() - q.sqrt()).square().sum(-1)
+    )
+    # Continuous in (alpha, beta): the limits are the general formula's values near them.
+    assert torch.allclose(
+        alpha_beta_terms(log_p, log_q, 0.7, 1e-6), alpha_beta_terms(log_p, log_q, 0.7, 0.0), atol=1e-5
+    )
+    assert torch.allclose(
+        alpha_beta_terms(log_p, log_q, 1e-6, 0.4), alpha_beta_terms(log_p, log_q, 0.0, 0.4), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="alpha and beta must be >= 0"):
+        alpha_beta_terms(log_p, log_q, -0.5, 0.5)
