@@ -202,6 +202,14 @@ def _tail_mass(record: SparseTeacher) -> Tensor:
     return (1 - record.topk_logprobs.float().exp().sum(-1)).clamp(min=0)
 
 
+def _shared_columns(teacher_to_student: Tensor, teacher_vocab_size: int) -> tuple[Tensor, Tensor]:
+    """([C], [C]) long: the teacher columns below ``teacher_vocab_size`` that spell a student
+    token, and that token's student column, pair by pair."""
+    vocab = min(teacher_to_student.numel(), teacher_vocab_size)
+    shared_teacher = (teacher_to_student[:vocab] >= 0).nonzero().squeeze(-1)
+    return shared_teacher, teacher_to_student[shared_teacher]
+
+
 def _taken_columns(columns: Tensor, keep: Tensor, vocab_size: int) -> Tensor:
     """[S, V] bool: True at ``columns`` [S, K] where ``keep`` [S, K] holds (other entries, whatever
     column they name, mark nothing)."""
@@ -259,9 +267,7 @@ def span_hybrid(
     mapping = teacher_to_student.to(student_merged.device)
     if teacher_side.first_logprobs is not None:
         teacher_merged = teacher_side.first_logprobs.exp() * scale
-        vocab = min(mapping.numel(), teacher_merged.shape[-1])
-        shared_teacher = (mapping[:vocab] >= 0).nonzero().squeeze(-1)
-        shared_student = mapping[shared_teacher]
+        shared_teacher, shared_student = _shared_columns(mapping, teacher_merged.shape[-1])
         direct = (teacher_merged[:, shared_teacher] - student_merged[:, shared_student]).abs().sum(-1)
         teacher_alone = torch.ones(teacher_merged.shape[-1], dtype=torch.bool, device=mapping.device)
         teacher_alone[shared_teacher] = False
@@ -350,9 +356,7 @@ def _matched_dkd(
     if teacher.first_logprobs is not None:
         log_p = teacher.first_logprobs[matched]
         teacher_target = teacher.first_target[matched]
-        vocab = min(mapping.numel(), log_p.shape[-1])
-        shared_teacher = (mapping[:vocab] >= 0).nonzero().squeeze(-1)
-        shared_student = mapping[shared_teacher]
+        shared_teacher, shared_student = _shared_columns(mapping, log_p.shape[-1])
         keep = (shared_teacher != teacher_target[:, None]) & (shared_student != student_target[:, None])
         log_p_hat = _shared_non_target(log_p, shared_teacher, keep)
         log_q_hat = _shared_non_target(log_q, shared_student, keep)

@@ -391,7 +391,7 @@ def _spans_on_rows(spans: SpanBatch, rows: Tensor, num_rows: int) -> SpanBatch:
     student_span = spans.student_span.to(rows.device)
     kept = torch.full((rows.numel(),), -1, dtype=torch.long, device=rows.device)
     inside = student_span >= 0
-    if bool((position[inside.nonzero().squeeze(-1)] < 0).any()):
+    if bool((position[inside] < 0).any()):
         raise ValueError("a span covers a student row whose target is ignored")
     kept[position[inside]] = student_span[inside]
     return SpanBatch(
