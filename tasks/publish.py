@@ -24,7 +24,7 @@ def version_tags(config: PipelineConfig, student_dir: Path) -> dict[str, str]:
     student = read_manifest(student_dir, TrainedModelManifest)
     return {
         "objective": loss.objective,
-        "divergence": loss.divergence if loss.objective == "kd" else "-",
+        "divergence": loss.divergence if loss.objective in ("kd", "adakd") else "-",
         "setting": loss.setting if loss.objective == "atkd" else "-",
         "hard_fraction": str(loss.hard_fraction) if loss.objective == "atkd" else "-",
         "lam": str(loss.lam) if loss.objective == "atkd" else "-",

@@ -129,6 +129,11 @@ class PipelineConfig(StrictModel):
             raise ValueError(
                 "teacher.tokenizer.source: 'teacher' needs teacher.path (a preset has no tokenizer)"
             )
+        if self.loss.objective in ("taid", "adakd"):
+            raise ValueError(
+                f"loss.objective: {self.loss.objective} across tokenizers is not supported (it compares the "
+                "two models token by token); use kd or atkd"
+            )
         if self.distill.data_source != "ground_truth":
             raise ValueError(
                 f"distill.data_source: {self.distill.data_source!r} across tokenizers is not supported: "

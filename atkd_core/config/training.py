@@ -182,6 +182,70 @@ DIVERGENCES = (
 )
 
 
+class TAIDConfig(StrictModel):
+    """TAID's interpolation schedule (objective taid; defaults from the paper's released code)."""
+
+    t_start: float = Field(
+        0.4, ge=0, lt=1, description="Interpolation weight of the teacher at the first step. Range: [0, 1)."
+    )
+    t_end: float = Field(
+        1.0, gt=0, le=1, description="The weight t never exceeds, reached by the last step. Range: (0, 1]."
+    )
+    alpha: float = Field(
+        5e-4,
+        ge=0,
+        le=1,
+        description="Step size of t's adaptive rise (alpha * sigmoid(momentum) * (1 - t) a step, when above "
+        "the linear schedule). Range: [0, 1].",
+    )
+    beta: float = Field(
+        0.99, ge=0, lt=1, description="Momentum of the loss's relative change. Range: [0, 1)."
+    )
+
+    @model_validator(mode="after")
+    def _check_order(self) -> TAIDConfig:
+        if self.t_end < self.t_start:
+            raise ValueError(f"loss.taid.t_end: {self.t_end} is below t_start {self.t_start}; t only rises")
+        return self
+
+
+class AdaKDConfig(StrictModel):
+    """AdaKD's token focusing and temperatures (objective adakd; defaults from the paper's released
+    training script)."""
+
+    temperature_scale: float = Field(
+        0.5,
+        ge=0,
+        le=5,
+        description="c in each selected token's temperature factor exp(-c * tanh(log(score / median))): "
+        "0 keeps one temperature. Range: [0, 5].",
+    )
+    ratio_step: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Relative change of the share of tokens distilled when the loss average moves. Range: [0, 1).",
+    )
+    loss_tolerance: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Relative change of the loss average that moves the share. Range: [0, 1].",
+    )
+    loss_average: float = Field(
+        0.99, ge=0, lt=1, description="Decay of the loss's moving average. Range: [0, 1)."
+    )
+    min_ratio: float = Field(
+        0.1, gt=0, le=1, description="The smallest share of tokens distilled. Range: (0, 1]."
+    )
+    start: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Share of the distillation steps before the share may move. Range: [0, 1).",
+    )
+
+
 class LossConfig(StrictModel):
     """The distillation objective (docs/architecture.md, "The method")."""
 
@@ -196,12 +260,16 @@ class LossConfig(StrictModel):
         ),
     )
 
-    objective: Literal["sft", "kd", "atkd"] = Field(
-        "atkd", description="sft: cross-entropy; kd: a divergence; atkd."
+    objective: Literal["sft", "kd", "atkd", "taid", "adakd"] = Field(
+        "atkd",
+        description="sft: cross-entropy; kd: a divergence; atkd; taid: KL to an interpolation of student "
+        "and teacher that moves towards the teacher (loss.taid); adakd: loss.divergence on the hardest "
+        "tokens at per-token temperatures (loss.adakd). Allowed: sft, kd, atkd, taid, adakd.",
     )
     divergence: Literal[DIVERGENCES] = Field(  # type: ignore[valid-type]
         "forward_kl",
-        description=f"Token-level divergence for objective kd. Allowed: {', '.join(DIVERGENCES)}.",
+        description="Token-level divergence for objective kd, and the one adakd applies to its tokens. "
+        f"Allowed: {', '.join(DIVERGENCES)}.",
     )
     span_loss: Literal["uld", "hybrid"] = Field(
         "hybrid",
@@ -252,8 +320,15 @@ class LossConfig(StrictModel):
         description="ABKD's beta for divergence alpha_beta; a larger beta spreads the student's mass "
         "over the teacher's whole distribution. Range: [0, 2].",
     )
+    taid: TAIDConfig = Field(default_factory=TAIDConfig, description="TAID's schedule (objective taid).")
+    adakd: AdaKDConfig = Field(
+        default_factory=AdaKDConfig, description="AdaKD's focusing and temperatures (objective adakd)."
+    )
     ce_weight: float = Field(
-        0.0, ge=0, le=1, description="Weight of cross-entropy mixed into KD/ATKD. Range: [0, 1]."
+        0.0,
+        ge=0,
+        le=1,
+        description="Weight of cross-entropy mixed into the distillation loss. Range: [0, 1].",
     )
     chunk_size: int | Literal["auto"] | None = Field(
         "auto",

@@ -7,7 +7,8 @@ One job per module, read in this order for one ATKD step:
 ``objective`` (what a training step calls) -> ``atkd`` (the easy / hard loss) ->
 ``uncertainty`` (UNC and the grouping) and ``decomposition`` (TKD, DKD) -> ``logprobs`` (teacher
 and student log-probabilities) -> ``kernels`` (hand-written autograd) -> ``engine`` (the chunked,
-optionally fused reduction). ``divergences`` holds the baselines, ``inputs`` the input types.
+optionally fused reduction). ``divergences`` holds the baselines, ``adaptive`` the objectives whose target moves during training
+(TAID, AdaKD), ``inputs`` the input types.
 """
 
 from atkd_core.losses.atkd import ATKDOutput, ATKDParams, atkd_loss

@@ -177,9 +177,32 @@ def divergence_terms(
     valid = flat_targets != ignore_index
     denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
     weights = (valid.float() / max(denominator, 1.0))[:, None]
-    terms_of = partial(DIVERGENCE_TERMS[name], **(params or {}))
-    dense_kernel = _dense_kernel(name, params or {})
-    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+    return token_terms(
+        partial(DIVERGENCE_TERMS[name], **(params or {})),
+        flat_teacher,
+        flat_targets,
+        weights,
+        temperature=temperature,
+        cross_entropy=cross_entropy,
+        dense_kernel=_dense_kernel(name, params or {}),
+    )
+
+
+def token_terms(
+    terms_of: DivergenceFn,
+    flat_teacher: Teacher,
+    flat_targets: Tensor,
+    weights: Tensor,
+    *,
+    temperature: float,
+    cross_entropy: Terms | None = None,
+    dense_kernel: DenseKernel | None = None,
+) -> Terms:
+    """One per-token column ``terms_of(log p, log q)`` ([n, B] x 2 -> [n], over the vocabulary or
+    the top-K buckets) weighted by ``weights`` [N, 1], with ``cross_entropy`` appended (see
+    engine.with_cross_entropy). ``dense_kernel``: a hand-written kernel of the same value used
+    against a dense teacher; ignored targets must carry zero weight."""
+    safe_targets = torch.where(flat_targets >= 0, flat_targets, torch.zeros_like(flat_targets))
 
     def pieces(start: int, end: int, chunk: Tensor, needs_target: bool) -> tuple[Tensor, Tensor | None]:
         teacher = teacher_rows(flat_teacher, start, end)

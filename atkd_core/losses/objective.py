@@ -28,6 +28,16 @@ from torch import Tensor
 from torch.nn import functional
 
 from atkd_core.data.batching import IGNORE_INDEX
+from atkd_core.losses.adaptive import (
+    AdaKDSelection,
+    FocusRatio,
+    TAIDSchedule,
+    adakd_terms,
+    divergence_fn,
+    focus_tokens,
+    hellinger_scores,
+    taid_terms,
+)
 from atkd_core.losses.atkd import ATKDParams, atkd_terms
 from atkd_core.losses.cross_tokenizer import (
     CrossTeacher,
@@ -115,10 +125,16 @@ class Objective(ABC):
         SparseTeacher).
     hard_threshold: when set, tokens whose teacher UNC is at or above it are hard, and the caller
         passes the step's easy and hard counts in ``StepCounts`` (a split independent of batching).
+    monitored: set by objectives that adapt across steps (TAID, AdaKD): the caller averages that
+        diagnostic over each optimizer step, calls ``end_step`` with it, and checkpoints
+        ``state_dict``.
     """
 
     needs_teacher: bool = False
     hard_threshold: float | None = None
+    # The diagnostic an adaptive objective follows from step to step (end_step gets it averaged over
+    # the step's micro-batches and ranks); None for an objective with no state.
+    monitored: str | None = None
 
     def __init__(
         self, chunk_size: int | Literal["auto"] | None, ce_weight: float, compiled: bool = False
@@ -143,7 +159,9 @@ class Objective(ABC):
                 raise ValueError(f"{type(self).__name__} needs a teacher")
             flat_student, flat_teacher, flat_targets = flatten_inputs(student, teacher, targets)
             ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
-            teacher_terms = self.teacher_terms(teacher, flat_teacher, targets, counts, chunk, ce)
+            teacher_terms = self.teacher_terms(
+                teacher, flat_teacher, targets, counts, chunk, ce, flat_student
+            )
         else:
             flat_student, flat_targets = flatten_student(student, targets)
             ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
@@ -164,12 +182,30 @@ class Objective(ABC):
         counts: StepCounts,
         chunk: int | None,
         ce: Terms,
+        flat_student: Student,
     ) -> TeacherTerms | None:
         """The terms against the teacher with ``ce`` (the cross-entropy column) last; None for
         objectives without a teacher.
 
-        ``chunk``: tokens per chunk of vocabulary-sized work (e.g. a dense teacher's UNC)."""
+        ``chunk``: tokens per chunk of vocabulary-sized work (e.g. a dense teacher's UNC).
+        ``flat_student``: the student's [N, V] logits or head, for objectives whose weights depend
+        on it (read without gradient)."""
         return None
+
+    def end_step(self, value: float, progress: float) -> dict[str, float]:
+        """Adapt after an optimizer step: ``value`` is the step's ``monitored`` diagnostic (the same
+        on every rank), ``progress`` the share of this objective's steps done. Returns the state
+        to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state a checkpoint keeps (empty for an objective that does not adapt)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s values; ValueError for state this objective does not hold."""
+        if state:
+            raise ValueError(f"{type(self).__name__} holds no state, got {sorted(state)}")
 
     @abstractmethod
     def describe(self) -> str:
@@ -213,6 +249,7 @@ class Divergence(Objective):
         counts: StepCounts,
         chunk: int | None,
         ce: Terms,
+        flat_student: Student,
     ) -> TeacherTerms:
         """The divergence over the step's token count, then the cross-entropy."""
         terms = divergence_terms(
@@ -259,6 +296,7 @@ class ATKD(Objective):
         counts: StepCounts,
         chunk: int | None,
         ce: Terms,
+        flat_student: Student,
     ) -> TeacherTerms:
         """The ATKD terms, the cross-entropy, and per-group TKD / DKD means and sizes to log.
 
@@ -281,6 +319,143 @@ class ATKD(Objective):
         return (
             f"atkd ({loss.setting} setting, k={loss.hard_fraction}, lambda={loss.lam}, "
             f"split {loss.split_scope}, T={loss.temperature}, ce_weight={loss.ce_weight})"
+        )
+
+
+class TAID(Objective):
+    """TAID (losses/adaptive.py): forward KL to an interpolation of the student's own (detached)
+    and the teacher's distribution whose weight t rises over training; plus ``ce_weight`` x
+    cross-entropy. t moves in ``end_step`` and is checkpointed."""
+
+    needs_teacher = True
+    monitored = "taid_kl"
+
+    def __init__(self, loss: LossConfig, compiled: bool = False) -> None:
+        super().__init__(loss.chunk_size, loss.ce_weight, compiled)
+        self.temperature = loss.temperature
+        settings = loss.taid
+        self.schedule = TAIDSchedule(settings.t_start, settings.t_end, settings.alpha, settings.beta)
+
+    def teacher_terms(
+        self,
+        teacher: Teacher,
+        flat_teacher: Teacher,
+        targets: Tensor,
+        counts: StepCounts,
+        chunk: int | None,
+        ce: Terms,
+        flat_student: Student,
+    ) -> TeacherTerms:
+        """The KL to the interpolated target over the step's token count, then the cross-entropy."""
+        t = torch.tensor(self.schedule.t, dtype=torch.float32, device=targets.device)
+        terms = taid_terms(
+            flat_teacher,
+            targets.reshape(-1),
+            t,
+            temperature=self.temperature,
+            num_tokens=counts.tokens,
+            cross_entropy=ce,
+        )
+
+        def diagnostics(values: Tensor) -> dict[str, float]:
+            return {"taid_kl": float((values[:, 0] * terms.weights[:, 0].to(values.device)).sum())}
+
+        return TeacherTerms(terms, diagnostics)
+
+    def end_step(self, value: float, progress: float) -> dict[str, float]:
+        """Move t by TAID's rule after a step whose KL was ``value``."""
+        self.schedule.update(value, progress)
+        return {"taid_t": self.schedule.t}
+
+    def state_dict(self) -> dict[str, Any]:
+        """t, the previous step's KL and the momentum."""
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See Objective.load_state_dict."""
+        self.schedule.load_state_dict(state)
+
+    def describe(self) -> str:
+        """See Objective.describe."""
+        schedule = self.schedule
+        return (
+            f"taid (t {schedule.t_start} -> {schedule.t_end}, alpha={schedule.alpha}, beta={schedule.beta}, "
+            f"T={self.temperature}, ce_weight={self.ce_weight})"
+        )
+
+
+class AdaKD(Objective):
+    """AdaKD (losses/adaptive.py): ``loss.divergence`` on the micro-batch's hardest tokens only
+    (the share moves with the loss, LATF), each at a temperature from its difficulty (IDTS); plus
+    ``ce_weight`` x cross-entropy. The share moves in ``end_step`` and is checkpointed."""
+
+    needs_teacher = True
+    monitored = "adakd_loss"
+
+    def __init__(self, loss: LossConfig, compiled: bool = False) -> None:
+        super().__init__(loss.chunk_size, loss.ce_weight, compiled)
+        self.loss_config = loss
+        settings = loss.adakd
+        self.divergence = divergence_fn(loss.divergence, divergence_params(loss))
+        self.focus = FocusRatio(
+            step=settings.ratio_step,
+            tolerance=settings.loss_tolerance,
+            decay=settings.loss_average,
+            min_ratio=settings.min_ratio,
+            start=settings.start,
+        )
+
+    def teacher_terms(
+        self,
+        teacher: Teacher,
+        flat_teacher: Teacher,
+        targets: Tensor,
+        counts: StepCounts,
+        chunk: int | None,
+        ce: Terms,
+        flat_student: Student,
+    ) -> TeacherTerms:
+        """Score the tokens, keep the hardest share, temper each; the divergence's mean over them,
+        then the cross-entropy."""
+        temperature = self.loss_config.temperature
+        scores = hellinger_scores(flat_student, flat_teacher, temperature, chunk)
+        valid = targets.reshape(-1) != IGNORE_INDEX
+        selected, factors = focus_tokens(
+            scores, valid, self.focus.ratio, self.loss_config.adakd.temperature_scale
+        )
+        terms = adakd_terms(
+            self.divergence,
+            flat_teacher,
+            AdaKDSelection(selected, factors),
+            temperature=temperature,
+            cross_entropy=ce,
+        )
+
+        def diagnostics(values: Tensor) -> dict[str, float]:
+            distill = float((values[:, 0] * terms.weights[:, 0].to(values.device)).sum())
+            return {"adakd_loss": distill, "adakd_selected": float(selected.sum()) / max(int(valid.sum()), 1)}
+
+        return TeacherTerms(terms, diagnostics)
+
+    def end_step(self, value: float, progress: float) -> dict[str, float]:
+        """Fold the step's distillation loss into LATF's average; the ratio may move."""
+        self.focus.update(value, progress)
+        return {"adakd_ratio": self.focus.ratio}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ratio, the loss average and its reference."""
+        return self.focus.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See Objective.load_state_dict."""
+        self.focus.load_state_dict(state)
+
+    def describe(self) -> str:
+        """See Objective.describe."""
+        loss = self.loss_config
+        return (
+            f"adakd ({loss.divergence} on the hardest tokens by Hellinger distance, temperature scale "
+            f"{loss.adakd.temperature_scale}, T={loss.temperature}, ce_weight={self.ce_weight})"
         )
 
 
@@ -403,26 +578,43 @@ def _spans_on_rows(spans: SpanBatch, rows: Tensor, num_rows: int) -> SpanBatch:
     )
 
 
+def divergence_params(loss: LossConfig) -> dict[str, float]:
+    """The parameters of ``loss.divergence`` from the config (beta, alpha; none for most)."""
+    return {
+        "generalized_jsd": {"beta": loss.jsd_beta},
+        "skew_forward_kl": {"alpha": loss.skew_alpha},
+        "skew_reverse_kl": {"alpha": loss.skew_alpha},
+        "alpha_beta": {"alpha": loss.abkd_alpha, "beta": loss.abkd_beta},
+    }.get(loss.divergence, {})
+
+
 def build_objective(loss: LossConfig, compiled: bool = False, cross_tokenizer: bool = False) -> Objective:
-    """The training loss of ``loss.objective``: sft, kd (with ``loss.divergence``) or atkd;
-    ``compiled``: its chunks' math compiled (see Objective). ``cross_tokenizer``: the teacher has
-    its own tokenizer, and kd / atkd compare aligned spans (CrossTokenizer)."""
+    """The training loss of ``loss.objective``: sft, kd (with ``loss.divergence``), atkd, taid or
+    adakd; ``compiled``: its chunks' math compiled (see Objective). ``cross_tokenizer``: the
+    teacher has its own tokenizer, and kd / atkd compare aligned spans (CrossTokenizer)."""
     if loss.objective == "sft":
         return CrossEntropy(loss.chunk_size, compiled)
     if cross_tokenizer:
+        if loss.objective in ("taid", "adakd"):
+            raise ValueError(
+                f"loss.objective {loss.objective} compares tokens; across tokenizers use kd or atkd"
+            )
         if loss.hard_fraction == "auto" and loss.objective == "atkd":
             raise ValueError("loss.hard_fraction auto is not defined over spans; give k or a threshold")
         return CrossTokenizer(loss, compiled)
     if loss.objective == "kd":
-        params = {
-            "generalized_jsd": {"beta": loss.jsd_beta},
-            "skew_forward_kl": {"alpha": loss.skew_alpha},
-            "skew_reverse_kl": {"alpha": loss.skew_alpha},
-            "alpha_beta": {"alpha": loss.abkd_alpha, "beta": loss.abkd_beta},
-        }.get(loss.divergence, {})
         return Divergence(
-            loss.divergence, params, loss.temperature, loss.chunk_size, loss.ce_weight, compiled
+            loss.divergence,
+            divergence_params(loss),
+            loss.temperature,
+            loss.chunk_size,
+            loss.ce_weight,
+            compiled,
         )
+    if loss.objective == "taid":
+        return TAID(loss, compiled)
+    if loss.objective == "adakd":
+        return AdaKD(loss, compiled)
     if loss.hard_fraction == "auto":
         raise ValueError(
             "loss.hard_fraction auto must be resolved from the teacher's UNC histogram first "

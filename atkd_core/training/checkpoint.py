@@ -33,8 +33,15 @@ def _tag(step: int) -> str:
 
 
 def save_checkpoint(job: TrainJob, state: TrainState, step: int) -> None:
-    """A DeepSpeed checkpoint (model, optimizer, scheduler, step, RNG) on every rank; keep the newest M."""
-    client_state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    """A DeepSpeed checkpoint (model, optimizer, scheduler, step, RNG, the objective's state) on every
+    rank; keep the newest M."""
+    client_state = {
+        "step": step,
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        # What an adaptive objective learnt along the way (TAID's t, AdaKD's share).
+        "objective_state": state.objective.state_dict(),
+    }
     state.engine.save_checkpoint(str(job.checkpoint_dir), tag=_tag(step), client_state=client_state)
     if state.rank == 0:
         tags = sorted(p for p in job.checkpoint_dir.glob("step-*") if p.is_dir())
@@ -91,6 +98,7 @@ def resume(job: TrainJob, state: TrainState, log: Callable[[str], None]) -> int:
             f"checkpoint {job.checkpoint_dir / tag} is incomplete; delete it or set training.resume: never"
         )
     torch.set_rng_state(client_state["torch_rng"])
+    state.objective.load_state_dict(client_state.get("objective_state", {}))
     random.setstate(client_state["python_rng"])
     step = int(client_state["step"])
     if state.rank == 0:

@@ -349,6 +349,8 @@ def train(
             - sum(_filled(b) for b in batches) / sum(b["input_ids"].numel() for b in batches),
             **{key: sum(values) / len(values) for key, values in diagnostics.items()},
         }
+        if objective.monitored is not None:
+            record.update(_end_step(state, objective, record[objective.monitored], step + 1))
         if (step + 1) % training.eval_every == 0 or step + 1 == state.total_steps:
             record["val_loss"] = validation_loss(state)
         if progress is not None:  # rank 0 keeps the records
@@ -362,6 +364,16 @@ def train(
     if progress is not None:
         progress.close()
     return state.history
+
+
+def _end_step(
+    state: TrainState, objective: Objective, local_value: float, steps_done: int
+) -> dict[str, float]:
+    """An adaptive objective's step end: its monitored value averaged over the ranks (so every rank
+    moves its state alike), and the share of its own steps (after the SFT warm-up) done."""
+    value = all_reduce_sum(local_value, state.world_size, state.device) / state.world_size
+    progress = (steps_done - state.warmup_steps) / max(1, state.total_steps - state.warmup_steps)
+    return objective.end_step(value, progress)
 
 
 @torch.no_grad()

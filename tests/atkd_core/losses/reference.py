@@ -40,6 +40,11 @@ def token_divergence(name, s_row, t_row, temperature, beta=0.5, alpha=0.1, topk=
     p, q = probs(t_row, temperature), probs(s_row, temperature)
     if topk is not None:
         p, q = buckets(p, topk), buckets(q, topk)
+    return divergence_of(name, p, q, beta, alpha)
+
+
+def divergence_of(name, p, q, beta=0.5, alpha=0.1) -> torch.Tensor:
+    """Divergence ``name`` between the distributions p (teacher) and q (student)."""
     if name == "forward_kl":
         return kl(p, q)
     if name == "reverse_kl":
@@ -155,3 +160,52 @@ def reference_atkd(
     easy = torch.stack(easy_terms).mean() if easy_terms else zero
     hard = torch.stack(hard_terms).mean() if hard_terms else zero
     return lam * easy + (1 - lam) * hard, len(easy_terms), len(hard_terms)
+
+
+def taid_token(s_row, t_row, t, temperature, topk=None) -> torch.Tensor:
+    """TAID: KL(p_t || q), p_t proportional to q^(1 - t) p^t with q held fixed (no gradient)."""
+    p, q = probs(t_row, temperature), probs(s_row, temperature)
+    if topk is not None:
+        p, q = buckets(p, topk), buckets(q, topk)
+    mixed = q.detach() ** (1 - t) * p**t
+    return kl(mixed / mixed.sum(), q)
+
+
+def reference_taid(student, teacher, targets, t, temperature=1.0, topk=None, ignore_index=-100):
+    """Mean TAID KL over valid tokens; student/teacher [N, V], topk: per-row id lists or None."""
+    values = [
+        taid_token(student[i], teacher[i], t, temperature, None if topk is None else topk[i])
+        for i in range(targets.numel())
+        if targets[i] != ignore_index
+    ]
+    return torch.stack(values).mean()
+
+
+def hellinger(p: torch.Tensor, q: torch.Tensor) -> float:
+    return float(torch.sqrt(0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum()))
+
+
+def reference_adakd(
+    student, teacher, targets, name, ratio, scale, temperature=1.0, topk=None, ignore_index=-100, **params
+):
+    """AdaKD from its definition: the share ``ratio`` of valid tokens farthest from the teacher
+    (Hellinger, sorted), each at temperature T * exp(-scale * tanh(log(h / lower median))),
+    divergence times the factor squared, mean over the selected. [N, V] rows."""
+    rows = [i for i in range(targets.numel()) if targets[i] != ignore_index]
+
+    def pair(i, factor):
+        if topk is None:
+            return probs(teacher[i], temperature * factor), probs(student[i], temperature * factor)
+        # The record holds the teacher's buckets at T; they are tempered as recorded.
+        recorded = buckets(probs(teacher[i], temperature), topk[i]) ** (1 / factor)
+        return recorded / recorded.sum(), buckets(probs(student[i], temperature * factor), topk[i])
+
+    scores = {i: hellinger(*[x.detach() for x in pair(i, 1.0)]) for i in rows}
+    chosen = sorted(rows, key=lambda i: -scores[i])[: max(1, int(len(rows) * ratio))]
+    median = sorted(scores[i] for i in chosen)[(len(chosen) - 1) // 2]
+    total = student.new_zeros(())
+    for i in chosen:
+        factor = math.exp(-scale * math.tanh(math.log(scores[i] / median))) if median > 0 else 1.0
+        p, q = pair(i, factor)
+        total = total + factor**2 * divergence_of(name, p, q, **params)
+    return total / len(chosen), sorted(chosen)

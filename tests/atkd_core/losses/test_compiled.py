@@ -12,7 +12,7 @@ from atkd_core.config import LossConfig
 from atkd_core.devices import compiles_loss
 from atkd_core.losses.inputs import LinearHead
 from atkd_core.losses.objective import CrossEntropy, StepCounts, build_objective
-from tests.atkd_core.losses.reference import reference_atkd, token_divergence
+from tests.atkd_core.losses.reference import reference_adakd, reference_atkd, reference_taid, token_divergence
 from tests.atkd_core.losses.test_parity import V, make_inputs, sparse_teacher
 
 HIDDEN = 6
@@ -39,6 +39,16 @@ CASES = {
         {"objective": "atkd", "setting": "reverse", "ce_weight": 0.5, "chunk_size": 4},
         "dense",
         "fused",
+    ),
+    "taid, sparse K=3, fused, ce 0.5": (
+        {"objective": "taid", "ce_weight": 0.5, "chunk_size": 5},
+        "sparse 3",
+        "fused",
+    ),
+    "adakd reverse_kl, dense, chunked, T=2": (
+        {"objective": "adakd", "divergence": "reverse_kl", "temperature": 2.0, "chunk_size": 4},
+        "dense",
+        "logits",
     ),
 }
 
@@ -101,6 +111,14 @@ def _reference(settings, teacher_kind, logits, teacher_logits, targets):
                 if targets[i] != -100
             ]
             teacher_loss = torch.stack(values).mean()
+        elif settings["objective"] == "taid":
+            rows = None if topk is None else topk[0]
+            teacher_loss = reference_taid(s, teacher_logits.double(), targets, 0.4, temperature, topk=rows)
+        elif settings["objective"] == "adakd":
+            # The first step's share is every token; the default temperature scale.
+            teacher_loss = reference_adakd(
+                s, teacher_logits.double(), targets, settings["divergence"], 1.0, 0.5, temperature
+            )[0]
         else:
             teacher_loss = reference_atkd(
                 s,
@@ -144,3 +162,22 @@ def test_compiling_is_on_where_asked_and_by_default_only_on_cuda_with_triton():
     import importlib.util
 
     assert compiles_loss("auto", "cuda") == (importlib.util.find_spec("triton") is not None)
+
+
+@pytest.mark.slow
+def test_compiled_taid_is_not_recompiled_when_t_moves():
+    settings, _, _ = CASES["taid, sparse K=3, fused, ce 0.5"]
+    logits, teacher_logits, targets = make_inputs((14,), torch.float32, "some", seed=5)
+    teacher = sparse_teacher(teacher_logits, targets, 3)
+    counts = StepCounts(float((targets != -100).sum()))
+    compiled = build_objective(LossConfig(**settings), compiled=True)
+    eager = build_objective(LossConfig(**settings), compiled=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled(logits, teacher, targets, counts)
+    graphs = counters["stats"]["unique_graphs"]
+    for objective in (compiled, eager):
+        objective.schedule.t = 0.77
+    moved = compiled(logits, teacher, targets, counts).loss
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(moved, eager(logits, teacher, targets, counts).loss, atol=1e-6, rtol=1e-5)

@@ -255,6 +255,9 @@ def test_a_failing_rank_fails_the_launch_with_its_error(inputs, tmp_path):
         ({"objective": "kd", "divergence": "tvd"}, "offline"),
         ({"objective": "kd", "divergence": "skew_forward_kl"}, "offline"),
         ({"objective": "kd", "divergence": "skew_reverse_kl"}, "offline"),
+        ({"objective": "kd", "divergence": "alpha_beta"}, "offline"),
+        ({"objective": "adakd", "divergence": "reverse_kl"}, "offline"),
+        ({"objective": "adakd", "divergence": "forward_kl", "ce_weight": 0.5}, "online"),
         ({"objective": "atkd", "setting": "forward"}, "offline"),
         ({"objective": "atkd", "setting": "reverse", "ce_weight": 0.5}, "offline"),
         ({"objective": "atkd", "setting": "forward"}, "online"),
@@ -345,12 +348,19 @@ main.main(["--job", sys.argv[1]])
 
 
 @pytest.mark.slow
-def test_sigkill_and_rerun_matches_an_uninterrupted_run(inputs, tmp_path):
+@pytest.mark.parametrize(
+    "loss",
+    # TAID with a large step, so that t runs ahead of its linear floor: a resume that lost t, the
+    # previous loss or the momentum would train on another target from the kill on.
+    [{}, {"objective": "taid", "taid": {"alpha": 0.5}}],
+    ids=["atkd", "taid"],
+)
+def test_sigkill_and_rerun_matches_an_uninterrupted_run(inputs, tmp_path, loss):
     settings = {"max_steps": 24, "checkpoint_every": 3, "keep_checkpoints": 2}
-    reference = make_job(inputs, tmp_path, training=settings, name="reference")
+    reference = make_job(inputs, tmp_path, training=settings, loss=loss, name="reference")
     run_training(reference, lambda m, s: None, quiet)
 
-    job = make_job(inputs, tmp_path, training=settings, name="killed")
+    job = make_job(inputs, tmp_path, training=settings, loss=loss, name="killed")
     job.checkpoint_dir.mkdir(parents=True)
     job_path = tmp_path / "killed.json"
     job.save(job_path)
@@ -373,6 +383,13 @@ def test_sigkill_and_rerun_matches_an_uninterrupted_run(inputs, tmp_path):
     )
     assert losses(job) == pytest.approx(losses(reference), rel=1e-5, abs=1e-7)
     assert len(sorted(job.checkpoint_dir.glob("step-*"))) == 2
+    if loss:
+        t = [
+            r["taid_t"] for r in map(json.loads, (job.output_dir / "metrics.jsonl").read_text().splitlines())
+        ]
+        linear = [0.4 + 0.6 * step / 24 for step in range(1, 25)]
+        assert all(b >= a for a, b in zip(t, t[1:], strict=False)) and t[-1] == pytest.approx(1.0)
+        assert any(value > floor + 0.05 for value, floor in zip(t, linear, strict=True)), t
 
 
 def test_damaged_checkpoint_is_an_error_unless_resume_is_never(inputs, tmp_path):
