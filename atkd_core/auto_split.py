@@ -1,5 +1,5 @@
-"""``loss.hard_fraction: auto``: what a teacher cache records for it, and how a loss is made
-concrete from that record.
+"""``loss.hard_fraction: auto`` and ``epsilon``: what a teacher cache records for them, and how a
+loss is made concrete from that record.
 
 Scoring writes the record (the UNC histogram of every cached token and Otsu's threshold on it);
 training reads it. Both import this module, so neither needs the other.
@@ -13,6 +13,7 @@ from typing import Any
 from atkd_core.config import LossConfig
 from atkd_core.errors import CacheError
 from atkd_core.losses import otsu_threshold
+from atkd_core.losses.uncertainty import histogram_share_at_or_above
 from atkd_core.outputs import CacheManifest
 
 
@@ -24,22 +25,23 @@ def auto_split_fields(histogram: list[int]) -> dict[str, Any]:
     return {"unc_histogram": histogram, "unc_auto_threshold": threshold, "unc_auto_hard_fraction": share}
 
 
-def resolve_auto_split(loss: LossConfig, cache_manifest: CacheManifest) -> LossConfig:
-    """``loss`` with ``hard_fraction: auto`` made concrete from a cache's UNC histogram: a fixed
-    threshold (``split_scope: threshold``) and the share of the cache's tokens it makes hard.
-    Any other loss is returned unchanged."""
-    if loss.hard_fraction != "auto":
+def resolve_split(loss: LossConfig, cache_manifest: CacheManifest) -> LossConfig:
+    """``loss`` with a split derived from the teacher made concrete from a cache's UNC histogram:
+    a fixed threshold (``split_scope: threshold``) and the share of the cache's tokens it makes
+    hard. ``auto``: Otsu's threshold; ``epsilon``: ``loss.unc_epsilon`` (the share within one
+    histogram bin, 0.005, unless the threshold is a bin edge). Any other loss is returned unchanged."""
+    if loss.hard_fraction == "epsilon":
+        threshold = loss.unc_epsilon
+        share = histogram_share_at_or_above(cache_manifest.unc_histogram, threshold)
+    elif loss.hard_fraction == "auto":
+        threshold, share = cache_manifest.unc_auto_threshold, cache_manifest.unc_auto_hard_fraction
+    else:
         return loss
-    threshold = cache_manifest.unc_auto_threshold
     if math.isnan(threshold):
         raise CacheError(
             "loss.hard_fraction auto: the teacher's UNC histogram has no valley (every token in one bin); "
             "set a numeric loss.hard_fraction"
         )
     return loss.model_copy(
-        update={
-            "hard_fraction": cache_manifest.unc_auto_hard_fraction,
-            "split_scope": "threshold",
-            "unc_threshold": threshold,
-        }
+        update={"hard_fraction": share, "split_scope": "threshold", "unc_threshold": threshold}
     )

@@ -37,9 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--hard-fraction",
-        type=lambda text: text if text == "auto" else float(text),
+        type=lambda text: text if text in ("auto", "epsilon") else float(text),
         default=0.5,
-        help="k recorded in the manifest (a number in (0, 1) or auto)",
+        help="k recorded in the manifest (a number in (0, 1), auto or epsilon)",
+    )
+    parser.add_argument(
+        "--unc-epsilon",
+        type=float,
+        default=None,
+        help="with --hard-fraction epsilon: the easy tokens' UNC bound",
     )
     args = parser.parse_args(argv)
 
@@ -67,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         dist.barrier()
     if rank == 0:
         result = finalize_cache(
-            args.out, spec, hard_fraction=args.hard_fraction, num_examples=manifest.counts["train"].rows
+            args.out,
+            spec,
+            hard_fraction=args.hard_fraction,
+            num_examples=manifest.counts["train"].rows,
+            unc_epsilon=args.unc_epsilon,
         )
         print(json.dumps({"tokens": result.tokens, "shards": result.num_shards}))
     if world_size > 1:

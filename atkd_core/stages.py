@@ -76,7 +76,11 @@ def score(
     output, manifest, reused = score_from_config(config, teacher, train_data, log)
     made = StageOutput(output, manifest, reused)
     report = token_difficulty_report(
-        TeacherCache(output), train_data, config.loss.hard_fraction, config.layout.teacher_report
+        TeacherCache(output),
+        train_data,
+        config.loss.hard_fraction,
+        config.layout.teacher_report,
+        unc_epsilon=config.loss.unc_epsilon,
     )
     log(
         f"score_teacher: {made.verb()} {output}: {manifest.tokens} tokens, "
@@ -88,7 +92,8 @@ def score(
 def distill_plan(
     config: PipelineConfig, train_data: Path, student_init: Path, cache: Location, teacher: Path, log: Log
 ) -> TrainJob:
-    """The distillation job (``loss.hard_fraction: auto`` made concrete from the cache, and said)."""
+    """The distillation job (``loss.hard_fraction: auto`` or ``epsilon`` made concrete from the
+    cache, and said)."""
     job = distill_job(config, train_data, student_init, cache, teacher)
     if (line := auto_split_line(config, job)) is not None:
         log(f"distill: {line}")

@@ -75,10 +75,11 @@ def distill_student_task(
     job = stages.distill_plan(config, *paths, logger.info)
     with stage_run(config, parent_run_id, "distill_student") as run:
         run.log_params(flatten(config.loss.model_dump(mode="json"), "loss."))
-        if config.loss.hard_fraction == "auto":
+        if config.loss.hard_fraction in ("auto", "epsilon"):
+            rule = config.loss.hard_fraction
             resolved = {
-                "auto_unc_threshold": float(job.config.loss.unc_threshold or 0.0),
-                "auto_hard_fraction": float(job.config.loss.hard_fraction),
+                f"{rule}_unc_threshold": float(job.config.loss.unc_threshold or 0.0),
+                f"{rule}_hard_fraction": float(job.config.loss.hard_fraction),
             }
             run.log_params({f"loss.{key}": value for key, value in resolved.items()})
             run.log_metrics(resolved)

@@ -144,10 +144,11 @@ class PipelineConfig(StrictModel):
                 "loss.split_scope: 'sequence' across tokenizers is not supported (spans are split per "
                 "micro-batch or at a threshold); use batch or threshold"
             )
-        if self.loss.objective == "atkd" and self.loss.hard_fraction == "auto":
+        if self.loss.objective == "atkd" and self.loss.hard_fraction in ("auto", "epsilon"):
             raise ValueError(
-                "loss.hard_fraction: auto reads the teacher's token UNC, and across tokenizers the split "
-                "is over spans; give k (a number in (0, 1)) or a threshold"
+                f"loss.hard_fraction: {self.loss.hard_fraction} reads the teacher's token UNC, and across "
+                "tokenizers the split is over spans; give k (a number in (0, 1)) or a threshold "
+                "(split_scope: threshold with unc_threshold, the same rule over spans)"
             )
 
     @property

@@ -281,11 +281,19 @@ class LossConfig(StrictModel):
     setting: Literal["forward", "reverse"] = Field(
         "forward", description="ATKD over KL(teacher||student) (forward) or KL(student||teacher) (reverse)."
     )
-    hard_fraction: float | Literal["auto"] = Field(
+    hard_fraction: float | Literal["auto", "epsilon"] = Field(
         0.5,
         description="ATKD k: share of tokens (highest teacher UNC) that are hard. auto: a fixed UNC "
         "threshold at the valley of the teacher's UNC histogram over the training split (Otsu's rule, "
-        "from the scoring cache), the same for every batch. Range: (0, 1) or auto.",
+        "from the scoring cache), the same for every batch. epsilon: easy only where the teacher is "
+        "near-certain, UNC below loss.unc_epsilon, hard everywhere else. Range: (0, 1), auto or epsilon.",
+    )
+    unc_epsilon: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="For hard_fraction epsilon: the teacher UNC (1 - p of the reference token) below which "
+        "a token is easy. Range: (0, 1).",
     )
     lam: float = Field(
         0.2, ge=0, le=1, description="ATKD lambda: weight of the easy-token loss. Range: [0, 1]."
@@ -352,14 +360,16 @@ class LossConfig(StrictModel):
     @classmethod
     def _check_hard_fraction(cls, value: Any) -> Any:
         # One message for both forms (a union would report one line per member).
-        if value == "auto":
+        if value in ("auto", "epsilon"):
             return value
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError("must be a number in (0, 1) or auto") from None
-        if isinstance(value, bool) or not 0 < number < 1:
-            raise ValueError("must be a number in (0, 1) or auto")
+            raise ValueError("must be a number in (0, 1), auto or epsilon") from None
+        # 0 and 1 only where a threshold splits (checked with split_scope below): a resolved auto or
+        # epsilon split records the share it makes hard, which may be all or none of the tokens.
+        if isinstance(value, bool) or not 0 <= number <= 1:
+            raise ValueError("must be a number in (0, 1), auto or epsilon")
         return number
 
     @field_validator("chunk_size", mode="before")
@@ -373,10 +383,15 @@ class LossConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_threshold(self) -> LossConfig:
-        if self.hard_fraction == "auto" and self.split_scope == "threshold":
+        if self.hard_fraction in (0.0, 1.0) and self.split_scope != "threshold":
             raise ValueError(
-                "loss.hard_fraction: auto chooses the UNC threshold itself; it cannot be combined with "
-                "loss.split_scope 'threshold' (drop one of them)"
+                f"loss.hard_fraction: {self.hard_fraction} leaves a group empty; must be a number in (0, 1), "
+                "auto or epsilon"
+            )
+        if self.hard_fraction in ("auto", "epsilon") and self.split_scope == "threshold":
+            raise ValueError(
+                f"loss.hard_fraction: {self.hard_fraction} chooses the UNC threshold itself; it cannot be "
+                "combined with loss.split_scope 'threshold' (drop one of them)"
             )
         if self.split_scope == "threshold" and self.unc_threshold is None:
             raise ValueError("loss.unc_threshold: must be set when loss.split_scope is 'threshold'")

@@ -29,6 +29,7 @@ def easy_hard_agreement(
     prepared_dir: Path,
     hard_fraction: float | str,
     *,
+    unc_epsilon: float | None = None,
     batch_size: int = 16,
     max_examples: int = 512,
 ) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def easy_hard_agreement(
         agreements.append((student_logits.argmax(-1) == teacher_logits.argmax(-1))[valid].float())
         uncs.append(teacher_uncertainty(teacher_logits, targets)[valid])
     kl, agreement, unc = torch.cat(kls), torch.cat(agreements), torch.cat(uncs)
-    threshold = dataset_threshold(unc, hard_fraction)
+    threshold = dataset_threshold(unc, hard_fraction, unc_epsilon)
     hard = unc >= threshold
     report: dict[str, Any] = {"unc_threshold": threshold, "hard_fraction": hard_fraction}
     for name, total in nll.items():

@@ -301,7 +301,11 @@ def _evaluate_into(
         )
     elif "student" in models and "teacher" in models:
         difficulty = easy_hard_agreement(
-            models["student"], models["teacher"], prepared_dir, config.loss.hard_fraction
+            models["student"],
+            models["teacher"],
+            prepared_dir,
+            config.loss.hard_fraction,
+            unc_epsilon=config.loss.unc_epsilon,
         )
         (output_dir / "difficulty.json").write_text(json.dumps(difficulty, indent=2))
     report = {"results": results, "errors": errors, "difficulty": difficulty, "tasks": names}
@@ -315,6 +319,8 @@ def evaluation_fingerprint(config: PipelineConfig, prepared_dir: Path, models: d
         {
             "config": config.section_hash("eval", "data"),
             "hard_fraction": config.loss.hard_fraction,
+            # Only the epsilon split reads it: other settings keep the fingerprints they had.
+            **({"unc_epsilon": config.loss.unc_epsilon} if config.loss.hard_fraction == "epsilon" else {}),
             "prepared": content_identity(prepared_dir),
             "models": {name: content_identity(directory) for name, directory in sorted(models.items())},
         }

@@ -599,8 +599,10 @@ def build_objective(loss: LossConfig, compiled: bool = False, cross_tokenizer: b
             raise ValueError(
                 f"loss.objective {loss.objective} compares tokens; across tokenizers use kd or atkd"
             )
-        if loss.hard_fraction == "auto" and loss.objective == "atkd":
-            raise ValueError("loss.hard_fraction auto is not defined over spans; give k or a threshold")
+        if loss.hard_fraction in ("auto", "epsilon") and loss.objective == "atkd":
+            raise ValueError(
+                f"loss.hard_fraction {loss.hard_fraction} is not defined over spans; give k or a threshold"
+            )
         return CrossTokenizer(loss, compiled)
     if loss.objective == "kd":
         return Divergence(
@@ -615,9 +617,9 @@ def build_objective(loss: LossConfig, compiled: bool = False, cross_tokenizer: b
         return TAID(loss, compiled)
     if loss.objective == "adakd":
         return AdaKD(loss, compiled)
-    if loss.hard_fraction == "auto":
+    if loss.hard_fraction in ("auto", "epsilon"):
         raise ValueError(
-            "loss.hard_fraction auto must be resolved from the teacher's UNC histogram first "
-            "(atkd_core.auto_split.resolve_auto_split; the distillation job does it)"
+            f"loss.hard_fraction {loss.hard_fraction} must be resolved from the teacher's UNC histogram first "
+            "(atkd_core.auto_split.resolve_split; the distillation job does it)"
         )
     return ATKD(loss, compiled)

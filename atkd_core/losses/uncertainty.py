@@ -196,14 +196,37 @@ def otsu_threshold(counts: list[int]) -> tuple[float, float]:
     return edge / bins, sum(counts[edge:]) / total
 
 
-def dataset_threshold(unc: Tensor, hard_fraction: float | str) -> float:
+def dataset_threshold(unc: Tensor, hard_fraction: float | str, unc_epsilon: float | None = None) -> float:
     """The UNC at or above which a token of ``unc`` ([n], a whole split) is hard: the quantile at
-    1 - k for a numeric k, Otsu's threshold for ``auto``; NaN when ``unc`` is empty."""
+    1 - k for a numeric k, Otsu's threshold for ``auto``, ``unc_epsilon`` for ``epsilon``; NaN
+    when ``unc`` is empty."""
     if unc.numel() == 0:
         return float("nan")
+    if hard_fraction == "epsilon":
+        return epsilon_threshold(unc_epsilon)
     if hard_fraction == "auto":
         return otsu_threshold(unc_histogram(unc))[0]
     return float(torch.quantile(unc.double(), 1 - float(hard_fraction)))
+
+
+def epsilon_threshold(unc_epsilon: float | None) -> float:
+    """The threshold of ``hard_fraction: epsilon``: ``unc_epsilon`` itself, which must be given."""
+    if unc_epsilon is None:
+        raise ValueError("hard_fraction epsilon needs unc_epsilon, the UNC below which a token is easy")
+    return unc_epsilon
+
+
+def histogram_share_at_or_above(counts: list[int], threshold: float) -> float:
+    """The share of a UNC histogram's tokens (``counts`` in equal bins over [0, 1]) at or above
+    ``threshold``, counting the bin that holds it in proportion to the part of it above: exact when
+    the threshold is a bin edge. NaN for an empty histogram."""
+    total = sum(counts)
+    if not total:
+        return float("nan")
+    position = min(max(threshold, 0.0), 1.0) * len(counts)
+    first = min(int(position), len(counts))
+    inside = counts[first] * (first + 1 - position) if first < len(counts) else 0.0
+    return (inside + sum(counts[first + 1 :])) / total
 
 
 def _top_fraction(unc: Tensor, valid: Tensor, hard_fraction: float) -> tuple[Tensor, float]:

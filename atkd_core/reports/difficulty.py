@@ -10,18 +10,23 @@ from typing import Any
 import torch
 from datasets import load_from_disk
 
-from atkd_core.losses.uncertainty import UncStatistics, otsu_threshold
+from atkd_core.losses.uncertainty import UncStatistics, epsilon_threshold, otsu_threshold
 from atkd_core.reports.figures import plot_token_difficulty
 from atkd_core.scoring import TeacherCache
 
 
 def token_difficulty_report(
-    cache: TeacherCache, prepared_dir: Path, hard_fraction: float | str, output_dir: Path
+    cache: TeacherCache,
+    prepared_dir: Path,
+    hard_fraction: float | str,
+    output_dir: Path,
+    unc_epsilon: float | None = None,
 ) -> dict[str, Any]:
     """Write ``unc_histogram.png`` and ``difficulty.json`` into ``output_dir``; return the JSON's content.
 
     Easy/hard shares use the dataset-wide threshold: the UNC quantile at 1 - hard_fraction, or for
-    ``auto`` Otsu's threshold on the UNC histogram (what distillation then splits at). The UNC of
+    ``auto`` Otsu's threshold on the UNC histogram, for ``epsilon`` ``unc_epsilon`` (what distillation
+    then splits at). The UNC of
     the training tokens is counted example by example (losses.UncStatistics), in memory that does
     not grow with the cache: quantiles and shares are exact to 1 / QUANTILE_BINS of UNC.
     """
@@ -31,7 +36,7 @@ def token_difficulty_report(
     for category, unc in zip(train["category"], cache.fields(train["id"], "unc"), strict=True):
         overall.add(unc)
         by_family.setdefault(category or "(none)", UncStatistics()).add(unc)
-    threshold = statistics_threshold(overall, hard_fraction)
+    threshold = statistics_threshold(overall, hard_fraction, unc_epsilon)
     families = {
         family: {
             "tokens": statistics.tokens,
@@ -65,11 +70,16 @@ def token_difficulty_report(
     return report
 
 
-def statistics_threshold(statistics: UncStatistics, hard_fraction: float | str) -> float:
+def statistics_threshold(
+    statistics: UncStatistics, hard_fraction: float | str, unc_epsilon: float | None = None
+) -> float:
     """losses.dataset_threshold from accumulated statistics: the UNC quantile at 1 - k for a
-    numeric k, Otsu's threshold on the UNC histogram for ``auto``; NaN when there are no tokens."""
+    numeric k, Otsu's threshold on the UNC histogram for ``auto``, ``unc_epsilon`` for
+    ``epsilon``; NaN when there are no tokens."""
     if not statistics.tokens:
         return float("nan")
+    if hard_fraction == "epsilon":
+        return epsilon_threshold(unc_epsilon)
     if hard_fraction == "auto":
         return otsu_threshold(statistics.histogram)[0]
     return statistics.quantile(1 - float(hard_fraction))

@@ -33,6 +33,7 @@ def run_scoring_stage(
     encoding: str = "compact",
     logprob_bits: int = 8,
     hard_fraction: float | str,
+    unc_epsilon: float | None = None,
     device: str = "cpu",
     verify_hashes: bool = True,
     log: Callable[[str], None] = print,
@@ -62,7 +63,11 @@ def run_scoring_stage(
     model = load_model(teacher_dir, device=device)
     score_teacher(model, prepared_dir, output_dir, spec, batch_size=batch_size, log=log)
     return finalize_cache(
-        output_dir, spec, hard_fraction=hard_fraction, num_examples=manifest.counts["train"].rows
+        output_dir,
+        spec,
+        hard_fraction=hard_fraction,
+        num_examples=manifest.counts["train"].rows,
+        unc_epsilon=unc_epsilon,
     ), False
 
 
@@ -94,6 +99,7 @@ def score_from_config(
         encoding=config.scoring.encoding,
         logprob_bits=config.scoring.logprob_bits,
         hard_fraction=config.loss.hard_fraction,
+        unc_epsilon=config.loss.unc_epsilon,
         device=default_device(),
         # Hashing reads the whole cache: worth it when distillation is about to read it anyway.
         verify_hashes=config.distill.teacher_source == "offline",

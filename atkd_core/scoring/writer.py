@@ -20,7 +20,7 @@ from atkd_core.auto_split import auto_split_fields
 from atkd_core.data.batching import IGNORE_INDEX, collate, shift_targets
 from atkd_core.data.tokenizer import load_tokenizer
 from atkd_core.errors import CacheError, faults_named
-from atkd_core.losses.uncertainty import UncStatistics
+from atkd_core.losses.uncertainty import UncStatistics, epsilon_threshold
 from atkd_core.manifest import (
     fingerprint,
     publish,
@@ -251,9 +251,16 @@ def _claim_partial(partial: Path, spec: ScoringSpec, rank: int) -> None:
 
 
 def finalize_cache(
-    output_dir: Path, spec: ScoringSpec, *, hard_fraction: float | str, num_examples: int
+    output_dir: Path,
+    spec: ScoringSpec,
+    *,
+    hard_fraction: float | str,
+    num_examples: int,
+    unc_epsilon: float | None = None,
 ) -> CacheManifest:
-    """Check every shard of the partial directory, write the manifest and publish it (rank 0)."""
+    """Check every shard of the partial directory, write the manifest and publish it (rank 0).
+    ``hard_fraction`` (with ``unc_epsilon`` for ``epsilon``) is the split the manifest records the
+    threshold of."""
     partial = _partial_dir(output_dir)
     num_shards = math.ceil(num_examples / spec.shard_size)
     checksums: dict[str, str] = {}
@@ -269,11 +276,12 @@ def finalize_cache(
             statistics.add(handle.get_tensor("unc"))
     quantiles = {f"{q:g}": statistics.quantile(q) for q in QUANTILES}
     auto_split = auto_split_fields(statistics.histogram)
-    easy_threshold = (
-        auto_split["unc_auto_threshold"]
-        if hard_fraction == "auto"
-        else quantiles.get(f"{1 - float(hard_fraction):g}")
-    )
+    if hard_fraction == "auto":
+        easy_threshold = auto_split["unc_auto_threshold"]
+    elif hard_fraction == "epsilon":
+        easy_threshold = epsilon_threshold(unc_epsilon)
+    else:
+        easy_threshold = quantiles.get(f"{1 - float(hard_fraction):g}")
     (partial / "spec.json").unlink(missing_ok=True)
     shard_bytes = {name: (partial / f"{name}.safetensors").stat().st_size for name in checksums}
     manifest = write_manifest(

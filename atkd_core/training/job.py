@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from atkd_core.auto_split import resolve_auto_split
+from atkd_core.auto_split import resolve_split
 from atkd_core.config import PipelineConfig, TrainingConfig
 from atkd_core.errors import CacheError
 from atkd_core.losses.objective import CrossEntropy, Objective, build_objective
@@ -143,15 +143,17 @@ def distill_job(
 ) -> TrainJob:
     """The distillation stage in the run's standard layout; the cache offline, the teacher online.
 
-    ``loss.hard_fraction: auto`` is resolved here, offline and online alike, from the cache's UNC
-    histogram (the scoring pass over the training split): the job trains with, and is
+    ``loss.hard_fraction: auto`` or ``epsilon`` is resolved here, offline and online alike, from the
+    cache's UNC histogram (the scoring pass over the training split): the job trains with, and is
     fingerprinted by, the concrete threshold.
     """
-    if config.loss.hard_fraction == "auto":
+    if config.loss.hard_fraction in ("auto", "epsilon"):
         manifest = read_manifest(cache_dir, CacheManifest)
         if manifest is None:
-            raise CacheError(f"{cache_dir}: no teacher cache, which loss.hard_fraction auto is derived from")
-        config = config.model_copy(update={"loss": resolve_auto_split(config.loss, manifest)})
+            raise CacheError(
+                f"{cache_dir}: no teacher cache, which loss.hard_fraction {config.loss.hard_fraction} is derived from"
+            )
+        config = config.model_copy(update={"loss": resolve_split(config.loss, manifest)})
     offline = config.distill.teacher_source == "offline"
     return TrainJob(
         stage="distill",
@@ -200,11 +202,23 @@ class TrainState:
 
 
 def auto_split_line(config: PipelineConfig, job: TrainJob) -> str | None:
-    """One log line with what ``loss.hard_fraction: auto`` resolved to for ``job``, or None."""
-    if config.loss.hard_fraction != "auto":
+    """One log line with what ``loss.hard_fraction: auto`` or ``epsilon`` resolved to for ``job``,
+    or None."""
+    if config.loss.hard_fraction not in ("auto", "epsilon"):
         return None
     loss = job.config.loss
-    return (
-        f"loss.hard_fraction auto: hard if teacher UNC >= {loss.unc_threshold:.3f} (Otsu's threshold on the "
-        f"cache's UNC histogram), {float(loss.hard_fraction):.1%} of the training tokens"
+    rule = (
+        "Otsu's threshold on the cache's UNC histogram"
+        if config.loss.hard_fraction == "auto"
+        else "loss.unc_epsilon: only the teacher's near-certain tokens are easy"
     )
+    share = float(loss.hard_fraction)
+    line = (
+        f"loss.hard_fraction {config.loss.hard_fraction}: hard if teacher UNC >= {loss.unc_threshold:.3f} "
+        f"({rule}), {share:.1%} of the training tokens"
+    )
+    if share in (0.0, 1.0):
+        line += (
+            f"; the {'hard' if share == 0.0 else 'easy'} group is empty, so ATKD trains on one group alone"
+        )
+    return line

@@ -50,6 +50,11 @@ def test_override_without_equals_is_a_config_error():
     [
         ("loss.lam=1.5", ["loss.lam", "1.5", "<= 1", ">= 0"]),
         ("loss.hard_fraction=0", ["loss.hard_fraction", "0", "(0, 1)", "auto"]),
+        ("loss.hard_fraction=1.5", ["loss.hard_fraction", "1.5", "(0, 1)", "epsilon"]),
+        ("loss.unc_epsilon=1", ["loss.unc_epsilon", "1", "< 1"]),
+        ("loss.taid.t_start=1", ["loss.taid.t_start", "1", "< 1"]),
+        ("loss.taid.t_end=0.3", ["loss.taid", "0.3", "below t_start"]),
+        ("loss.adakd.min_ratio=0", ["loss.adakd.min_ratio", "0", "> 0"]),
         ("loss.chunk_size=0", ["loss.chunk_size", "0", ">= 1", "auto or null"]),
         ("distill.training.zero_stage=4", ["distill.training.zero_stage", "4", "<= 3"]),
         ("loss.objective=magic", ["loss.objective", "'magic'", "'atkd'"]),

@@ -105,6 +105,14 @@ def test_what_spans_cannot_do_is_refused_at_load(tmp_path):
         cross_config(tmp_path, distill={"data_source": "teacher_generated"})
     with pytest.raises(ValueError, match="loss.split_scope: 'sequence' across tokenizers"):
         cross_config(tmp_path, loss={"split_scope": "sequence"})
+    for rule in ("auto", "epsilon"):
+        with pytest.raises(ValueError, match=f"loss.hard_fraction: {rule} reads the teacher's token UNC"):
+            cross_config(tmp_path, loss={"hard_fraction": rule})
+    for objective in ("taid", "adakd"):
+        with pytest.raises(
+            ValueError, match=f"loss.objective: {objective} across tokenizers is not supported"
+        ):
+            cross_config(tmp_path, loss={"objective": objective})
     with pytest.raises(ValueError, match="student.tokenizer: the student reads the pipeline's tokenizer"):
         tiny_config(tmp_path, student={"preset": "neox-tiny", "tokenizer": {"vocab_size": 500}})
     with pytest.raises(

@@ -1,4 +1,5 @@
-"""loss.hard_fraction auto: Otsu's threshold on the teacher's UNC histogram."""
+"""loss.hard_fraction auto (Otsu's threshold on the teacher's UNC histogram) and epsilon (easy only
+below a fixed small UNC)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from atkd_core.auto_split import resolve_auto_split
+from atkd_core.auto_split import resolve_split
 from atkd_core.config import LossConfig
 from atkd_core.errors import CacheError
 from atkd_core.losses import otsu_threshold, unc_histogram
-from atkd_core.losses.uncertainty import dataset_threshold
+from atkd_core.losses.uncertainty import dataset_threshold, histogram_share_at_or_above
 from atkd_core.outputs import CacheManifest
 
 
@@ -47,6 +48,17 @@ def test_dataset_threshold_is_the_quantile_or_otsus():
     unc = _bimodal(0.6)
     assert dataset_threshold(unc, 0.4) == pytest.approx(float(torch.quantile(unc.double(), 0.6)))
     assert dataset_threshold(unc, "auto") == otsu_threshold(unc_histogram(unc))[0]
+    assert dataset_threshold(unc, "epsilon", 0.03) == 0.03
+    with pytest.raises(ValueError, match="needs unc_epsilon"):
+        dataset_threshold(unc, "epsilon")
+
+
+def test_the_share_above_a_threshold_is_exact_at_bin_edges_and_proportional_inside():
+    counts = [4, 0, 2, 6]  # bins of 0.25
+    assert histogram_share_at_or_above(counts, 0.5) == pytest.approx(8 / 12)
+    assert histogram_share_at_or_above(counts, 0.625) == pytest.approx((1 + 6) / 12)
+    assert histogram_share_at_or_above(counts, 0.0) == 1.0 and histogram_share_at_or_above(counts, 1.0) == 0.0
+    assert math.isnan(histogram_share_at_or_above([0, 0], 0.5))
 
 
 def _cache_manifest(**fields) -> CacheManifest:
@@ -74,20 +86,35 @@ def _cache_manifest(**fields) -> CacheManifest:
 
 def test_resolving_auto_gives_a_fixed_threshold_split():
     manifest = _cache_manifest(unc_auto_threshold=0.42, unc_auto_hard_fraction=0.37)
-    resolved = resolve_auto_split(LossConfig(hard_fraction="auto"), manifest)
+    resolved = resolve_split(LossConfig(hard_fraction="auto"), manifest)
     assert (resolved.split_scope, resolved.unc_threshold, resolved.hard_fraction) == ("threshold", 0.42, 0.37)
     numeric = LossConfig(hard_fraction=0.7)
-    assert resolve_auto_split(numeric, manifest) is numeric
+    assert resolve_split(numeric, manifest) is numeric
     # A cache manifest without the split's record cannot exist: it reads as no cache at all.
     with pytest.raises(ValidationError, match="unc_auto_threshold"):
         _cache_manifest(unc_auto_hard_fraction=0.37)
     valleyless = _cache_manifest(unc_auto_threshold=float("nan"), unc_auto_hard_fraction=float("nan"))
     with pytest.raises(CacheError, match="no valley"):
-        resolve_auto_split(LossConfig(hard_fraction="auto"), valleyless)
+        resolve_split(LossConfig(hard_fraction="auto"), valleyless)
 
 
-def test_auto_cannot_be_combined_with_a_given_threshold():
-    with pytest.raises(ValueError, match="auto chooses the UNC threshold itself"):
-        LossConfig(hard_fraction="auto", split_scope="threshold", unc_threshold=0.5)
-    with pytest.raises(ValueError, match="must be a number in \\(0, 1\\) or auto"):
+def test_resolving_epsilon_splits_at_epsilon_with_the_caches_share_above_it():
+    unc = _bimodal(0.6)
+    histogram = unc_histogram(unc)
+    manifest = _cache_manifest(unc_histogram=histogram, unc_auto_threshold=0.4, unc_auto_hard_fraction=0.4)
+    resolved = resolve_split(LossConfig(hard_fraction="epsilon", unc_epsilon=0.05), manifest)
+    # 0.05 is a bin edge of the 200-bin histogram: the share is exact.
+    exact = float((unc >= 0.05).double().mean())
+    assert (resolved.split_scope, resolved.unc_threshold) == ("threshold", 0.05)
+    assert resolved.hard_fraction == pytest.approx(exact, abs=1e-12)
+    assert resolved.hard_fraction > 0.4  # more hard tokens than Otsu's split on the same teacher
+
+
+@pytest.mark.parametrize("rule", ["auto", "epsilon"])
+def test_a_derived_split_cannot_be_combined_with_a_given_threshold(rule):
+    with pytest.raises(ValueError, match=f"{rule} chooses the UNC threshold itself"):
+        LossConfig(hard_fraction=rule, split_scope="threshold", unc_threshold=0.5)
+    with pytest.raises(ValueError, match="must be a number in \\(0, 1\\), auto or epsilon"):
         LossConfig(hard_fraction="half")
+    with pytest.raises(ValueError, match="unc_epsilon"):
+        LossConfig(hard_fraction="epsilon", unc_epsilon=0.0)

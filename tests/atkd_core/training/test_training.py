@@ -587,9 +587,10 @@ def test_a_checkpoint_is_tied_to_its_caches_contents_not_its_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_auto_split_is_the_caches_threshold_whatever_the_batching(inputs, tmp_path):
-    """hard_fraction auto: distill_job fixes the split at the cache's Otsu threshold, so splitting
-    the batch into micro-batches changes nothing (a per-batch k would)."""
+@pytest.mark.parametrize("rule", ["auto", "epsilon"])
+def test_the_derived_split_is_the_caches_threshold_whatever_the_batching(inputs, tmp_path, rule):
+    """hard_fraction auto / epsilon: distill_job fixes the split at the cache's Otsu threshold or at
+    unc_epsilon, so splitting the batch into micro-batches changes nothing (a per-batch k would)."""
     root, teacher, student = inputs
     manifest = read_manifest(root / "cache", CacheManifest)
     runs = {}
@@ -598,17 +599,33 @@ def test_the_auto_split_is_the_caches_threshold_whatever_the_batching(inputs, tm
             inputs,
             tmp_path,
             training={"micro_batch_size": micro},
-            loss={"hard_fraction": "auto"},
+            # The untrained test teacher is unsure everywhere: its median UNC splits its tokens.
+            loss={"hard_fraction": rule, "unc_epsilon": manifest.unc_quantiles["0.5"]},
             name=f"m{micro}",
         ).config
         job = distill_job(config, root / "prepared", student, root / "cache", teacher)
         assert job.config.loss.split_scope == "threshold"
-        assert job.config.loss.unc_threshold == manifest.unc_auto_threshold
-        assert job.config.loss.hard_fraction == manifest.unc_auto_hard_fraction
-        assert "loss.hard_fraction auto: hard if teacher UNC >= " in (auto_split_line(config, job) or "")
+        if rule == "auto":
+            assert job.config.loss.unc_threshold == manifest.unc_auto_threshold
+            assert job.config.loss.hard_fraction == manifest.unc_auto_hard_fraction
+        else:
+            assert job.config.loss.unc_threshold == manifest.unc_quantiles["0.5"]
+            assert job.config.loss.hard_fraction == pytest.approx(0.5, abs=0.05)
+        assert f"loss.hard_fraction {rule}: hard if teacher UNC >= " in (auto_split_line(config, job) or "")
         run_training(job, lambda m, s: None, quiet)
         runs[micro] = losses(job)
     assert runs[2] == pytest.approx(runs[8], rel=1e-5, abs=1e-7)
+
+
+def test_an_epsilon_below_every_tokens_unc_makes_all_hard_and_says_so(inputs, tmp_path):
+    root, teacher, student = inputs
+    config = make_job(inputs, tmp_path, loss={"hard_fraction": "epsilon", "unc_epsilon": 1e-4}).config
+    job = distill_job(config, root / "prepared", student, root / "cache", teacher)
+    assert job.config.loss.hard_fraction == 1.0
+    assert "the easy group is empty" in (auto_split_line(config, job) or "")
+    # The resolved job travels to launched ranks as JSON and is validated again there.
+    job.save(tmp_path / "job.json")
+    assert TrainJob.load(tmp_path / "job.json").config.loss == job.config.loss
 
 
 def _with_student_attention(job: TrainJob, kernel: str) -> TrainJob:
