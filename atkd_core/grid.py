@@ -41,6 +41,37 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 OBJECTIVE_AXIS = "objective"
 
 
+class PrimaryHypothesis(StrictModel):
+    """A registered hypothesis: in ``setting``, ``arm`` scores above ``baseline`` (paired by seed)."""
+
+    name: str = Field(min_length=1, description="A short name, e.g. H1.")
+    setting: dict[str, Any] = Field(
+        description="The setting's axis values, e.g. {testbed: suite, init: scratch}."
+    )
+    baseline: str = Field(description="The arm compared against.")
+    arm: str = Field(description="The arm expected to score higher.")
+
+
+class LeaderboardConfig(StrictModel):
+    """The registered rule a comparison's leaderboard follows (reports/leaderboard.py)."""
+
+    setting_axes: list[str] = Field(
+        min_length=1,
+        description="The axes whose values make a setting; the objectives are ranked within each.",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="Family-wise error rate, Bonferroni-split per family. Range: (0, 1)."
+    )
+    primary: list[PrimaryHypothesis] = Field(
+        default_factory=list, description="The primary hypotheses, tested together."
+    )
+    defaults: dict[str, str] = Field(
+        default_factory=dict,
+        description="The product's current default per setting ('axis=value,...' -> arm), kept unless the "
+        "best arm is resolved above it.",
+    )
+
+
 class CompareConfig(StrictModel):
     """A grid of pipeline runs compared side by side."""
 
@@ -82,9 +113,20 @@ class CompareConfig(StrictModel):
             f"may not be one of {sorted(OBJECTIVES)}."
         ),
     )
+    named_values: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict,
+        description=(
+            "Named values of an axis that is not a config field, the way objectives name arms: axis -> "
+            "value name -> dotted config settings, e.g. init: {scratch: {distill.sft_warmup_epochs: 0}, "
+            "warm: {distill.sft_warmup_epochs: 1}}; the axis's values are then those names."
+        ),
+    )
     pairs: list[tuple[str, str]] = Field(
         default_factory=list,
         description="(baseline, ATKD) objective pairs whose per-seed differences are reported with a 95% CI.",
+    )
+    leaderboard: LeaderboardConfig | None = Field(
+        None, description="Rank the objectives per setting by a registered rule (reports/leaderboard.py)."
     )
     ablations: dict[str, dict[str, list[Any]]] = Field(
         default_factory=dict,
@@ -108,16 +150,42 @@ class CompareConfig(StrictModel):
         if clash := sorted(set(self.objectives) & set(OBJECTIVES)):
             raise ValueError(f"objectives: {clash} are built-in objectives; give the arm another name")
         known = sorted(self.all_objectives)
+        if OBJECTIVE_AXIS in self.named_values:
+            raise ValueError("named_values: objective arms are named under objectives")
         for axes in (self.axes, *self.ablations.values()):
             for name, values in axes.items():
                 if not values or len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
                     raise ValueError(f"axes.{name}: needs at least one value and no repeats, got {values}")
                 if name == OBJECTIVE_AXIS and not set(values) <= set(known):
                     raise ValueError(f"axes.objective: {values} not all in {known}")
+                if name in self.named_values and not set(values) <= set(self.named_values[name]):
+                    raise ValueError(f"axes.{name}: {values} not all in {sorted(self.named_values[name])}")
         for baseline, atkd in self.pairs:
             if {baseline, atkd} - set(known):
                 raise ValueError(f"pairs: ({baseline}, {atkd}) must be objectives from {known}")
+        if self.leaderboard is not None:
+            self._check_leaderboard(self.leaderboard, known)
         return self
+
+    def _check_leaderboard(self, board: LeaderboardConfig, known: list[str]) -> None:
+        if OBJECTIVE_AXIS in board.setting_axes or not set(board.setting_axes) <= set(self.axes):
+            raise ValueError(
+                f"leaderboard.setting_axes: {board.setting_axes} must be axes other than objective, from "
+                f"{sorted(self.axes)}"
+            )
+        for hypothesis in board.primary:
+            if {hypothesis.baseline, hypothesis.arm} - set(known):
+                raise ValueError(
+                    f"leaderboard.primary {hypothesis.name}: arms must be objectives from {known}"
+                )
+            if sorted(hypothesis.setting) != sorted(board.setting_axes):
+                raise ValueError(
+                    f"leaderboard.primary {hypothesis.name}: setting must give {board.setting_axes}, got "
+                    f"{sorted(hypothesis.setting)}"
+                )
+        for label, arm in board.defaults.items():
+            if arm not in known:
+                raise ValueError(f"leaderboard.defaults {label}: {arm!r} is not an objective from {known}")
 
 
 @dataclass
@@ -260,8 +328,14 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, ablation: st
 
 def _cell(grid: Grid, base_raw: dict[str, Any], values: dict[str, Any], seed: int) -> Cell:
     settings: dict[str, Any] = {}
+    named = grid.comparison.named_values
     for axis, value in values.items():
-        settings.update(grid.comparison.all_objectives[value] if axis == OBJECTIVE_AXIS else {axis: value})
+        if axis == OBJECTIVE_AXIS:
+            settings.update(grid.comparison.all_objectives[value])
+        elif axis in named:
+            settings.update(named[axis][value])
+        else:
+            settings.update({axis: value})
     settings.update(dict.fromkeys(grid.comparison.seed_fields, seed))
     # A name stands for itself in the cell's path; a number needs its field, or two ablations
     # (k = 0.5 and lam = 0.5) would share a folder and one's checkpoints would meet the other's.

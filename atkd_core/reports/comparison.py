@@ -13,6 +13,7 @@ from atkd_core.manifest import read_manifest
 from atkd_core.outputs import ModelInitManifest
 from atkd_core.reports.difficulty import cache_unc, kl_decomposition_magnitudes
 from atkd_core.reports.figures import plot_summary, plot_unc
+from atkd_core.reports.leaderboard import leaderboard, leaderboard_markdown
 from atkd_core.reports.publishing import write_html
 from atkd_core.reports.statistics import paired_differences, summarize
 from atkd_core.reports.tables import pairs_markdown, pivot_markdown, teachers_markdown
@@ -115,9 +116,17 @@ def write_report(
     summary = summarize(results, axes, "student_score")
     perplexity = summarize(results, axes, "student_perplexity")
     pairs = paired_differences(results, axes, comparison.pairs, "student_score")
+    board = leaderboard(results, comparison.leaderboard) if comparison.leaderboard is not None else None
     (out / "summary.json").write_text(
         json.dumps(
-            {"scores": summary, "perplexity": perplexity, "pairs": pairs, "teachers": teachers}, indent=2
+            {
+                "scores": summary,
+                "perplexity": perplexity,
+                "pairs": pairs,
+                "teachers": teachers,
+                "leaderboard": board,
+            },
+            indent=2,
         )
     )
     if summary:
@@ -148,6 +157,8 @@ def write_report(
     ]
     if summary:
         lines += ["![scores](scores.png)", ""]
+    if board is not None:
+        lines += [leaderboard_markdown(board)]
     if pairs:
         lines += [
             "## Paired differences (same seed: same student init and data order)",

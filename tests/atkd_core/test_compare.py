@@ -151,6 +151,38 @@ def test_named_arms_expand_to_their_settings_and_may_not_shadow_a_built_in(tmp_p
         load_grid(write_comparison(tmp_path, axes={"objective": ["kd", "atkd_nope"]}))
 
 
+def test_named_values_of_an_axis_expand_to_their_settings(tmp_path):
+    named = {
+        "init": {"scratch": {"distill.sft_warmup_epochs": 0.0}, "warm": {"distill.sft_warmup_epochs": 1.0}},
+        "testbed": {
+            "small": {"data.embedded.train_size": 64, "tokenizer.vocab_size": 400},
+            "larger": {"data.embedded.train_size": 96, "tokenizer.vocab_size": 500},
+        },
+    }
+    path = write_comparison(
+        tmp_path,
+        named_values=named,
+        axes={"testbed": ["small", "larger"], "init": ["scratch", "warm"], "objective": ["kd"]},
+    )
+    grid = load_grid(path)
+    assert len(grid.cells) == 2 * 2 * 3
+    for cell in grid.cells:
+        config = cell.config
+        assert config.distill.sft_warmup_epochs == (1.0 if cell.values["init"] == "warm" else 0.0)
+        assert (config.data.embedded.train_size, config.tokenizer.vocab_size) == (
+            (64, 400) if cell.values["testbed"] == "small" else (96, 500)
+        )
+        assert str(config.workdir).endswith(
+            f"{cell.values['testbed']}/{cell.values['init']}/kd/seed{cell.seed}"
+        )
+    # Both testbeds' data are prepared once each, and each gets its own teacher.
+    assert len(grid.data_configs) == 2 and len(grid.teacher_configs) == 2
+    with pytest.raises(ConfigError, match=r"axes.init: \['cold'\] not all in \['scratch', 'warm'\]"):
+        load_grid(write_comparison(tmp_path, named_values=named, axes={"init": ["cold"]}))
+    with pytest.raises(ConfigError, match="objective arms are named under objectives"):
+        load_grid(write_comparison(tmp_path, named_values={"objective": {"x": {}}}))
+
+
 def test_the_pooled_row_takes_each_seeds_mean_over_teachers_and_reports_the_detectable_effect():
     diffs = {("a", 0): 1.0, ("a", 1): 2.0, ("a", 2): 0.0, ("b", 0): 3.0, ("b", 1): -1.0, ("b", 2): 1.0}
     results = []
