@@ -70,6 +70,11 @@ class LeaderboardConfig(StrictModel):
         description="The product's current default per setting ('axis=value,...' -> arm), kept unless the "
         "best arm is resolved above it.",
     )
+    primary_ablation: str | None = Field(
+        None,
+        description="The ablation whose runs decide the primary hypotheses (e.g. one with more seeds): its "
+        "report tests them and the main grid's ranks the arms; null: the main grid does both.",
+    )
 
 
 class CompareConfig(StrictModel):
@@ -132,12 +137,27 @@ class CompareConfig(StrictModel):
         default_factory=dict,
         description="Named alternative axes, run with `atkd compare CONFIG --ablation NAME` instead of `axes`.",
     )
+    ablation_seeds: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="An ablation's own seeds where they differ from seeds (e.g. more seeds for the few arms "
+        "a primary hypothesis compares); runs it shares with the main grid are reused.",
+    )
 
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, seeds: list[int]) -> list[int]:
         if len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise ValueError(f"seeds must be distinct and >= 0, got {seeds}")
+        return seeds
+
+    @field_validator("ablation_seeds")
+    @classmethod
+    def _unique_ablation_seeds(cls, seeds: dict[str, list[int]]) -> dict[str, list[int]]:
+        for name, values in seeds.items():
+            if not values or len(set(values)) != len(values) or min(values) < 0:
+                raise ValueError(
+                    f"ablation_seeds.{name}: seeds must be given, distinct and >= 0, got {values}"
+                )
         return seeds
 
     @property
@@ -163,6 +183,10 @@ class CompareConfig(StrictModel):
         for baseline, atkd in self.pairs:
             if {baseline, atkd} - set(known):
                 raise ValueError(f"pairs: ({baseline}, {atkd}) must be objectives from {known}")
+        if unknown := sorted(set(self.ablation_seeds) - set(self.ablations)):
+            raise ValueError(
+                f"ablation_seeds: {unknown} are not ablations; defined: {sorted(self.ablations)}"
+            )
         if self.leaderboard is not None:
             self._check_leaderboard(self.leaderboard, known)
         return self
@@ -186,6 +210,11 @@ class CompareConfig(StrictModel):
         for label, arm in board.defaults.items():
             if arm not in known:
                 raise ValueError(f"leaderboard.defaults {label}: {arm!r} is not an objective from {known}")
+        if board.primary_ablation is not None and board.primary_ablation not in self.ablations:
+            raise ValueError(
+                f"leaderboard.primary_ablation: {board.primary_ablation!r} is not an ablation; defined: "
+                f"{sorted(self.ablations)}"
+            )
 
 
 @dataclass
@@ -219,6 +248,13 @@ class Grid:
     def axes(self) -> dict[str, list[Any]]:
         """The axes this grid runs (an ablation's when one was chosen)."""
         return self.comparison.ablations[self.ablation] if self.ablation else self.comparison.axes
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seeds this grid runs (an ablation's own, when it has them)."""
+        if self.ablation is not None and self.ablation in self.comparison.ablation_seeds:
+            return self.comparison.ablation_seeds[self.ablation]
+        return self.comparison.seeds
 
     @property
     def output_dir(self) -> Path:
@@ -303,7 +339,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, ablation: st
     names = list(grid.axes)
     for combination in itertools.product(*grid.axes.values()):
         values = dict(zip(names, combination, strict=True))
-        for seed in comparison.seeds:
+        for seed in grid.seeds:
             grid.cells.append(_cell(grid, base_raw, values, seed))
     for cell in grid.cells:
         cell.data_key = data_key(cell.config)

@@ -157,7 +157,7 @@ def compare(
         comparison.name,
         len(grid.cells),
         " x ".join(f"{len(v)} {k}" for k, v in grid.axes.items()),
-        len(comparison.seeds),
+        len(grid.seeds),
         len(grid.teacher_configs),
     )
     flow_run_id, flow_run_url = flow_run_links()

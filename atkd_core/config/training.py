@@ -314,15 +314,15 @@ class LossConfig(StrictModel):
     jsd_beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD beta (GKD). Range: [0, 1].")
     skew_alpha: float = Field(0.1, ge=0, le=1, description="Skew KL alpha (DistiLLM). Range: [0, 1].")
     abkd_alpha: float = Field(
-        0.5,
+        0.2,
         ge=0,
         le=2,
         description="ABKD's alpha for divergence alpha_beta: (1, 0) is forward KL, (0, 1) reverse KL, "
         "(0.5, 0.5) twice the squared Hellinger distance; a larger alpha concentrates the student on the "
-        "teacher's likely tokens. Range: [0, 2].",
+        "teacher's likely tokens. Default (0.2, 0.7): the paper's released GPT-2 script. Range: [0, 2].",
     )
     abkd_beta: float = Field(
-        0.5,
+        0.7,
         ge=0,
         le=2,
         description="ABKD's beta for divergence alpha_beta; a larger beta spreads the student's mass "

@@ -14,20 +14,24 @@ the tarball (or reads ``--tarball``), checks it, and writes into ``--out`` (defa
   (``tokenizer.source: path``), 8k tokens by default;
 - ``manifest.json``: the source, its checksum and the settings, so a build can be told apart.
 
-The instructions come from the most frequent synsets (the SemCor tag counts of ``index.sense``),
-four families per synset where it has what they need:
+The questions come from the most frequent synsets (the SemCor tag counts of ``index.sense``):
+four families of facts per synset where it has what they need, each askable in two phrasings:
 
-- ``define``: 'What does the noun "car" mean?' -> the definition of the word's most frequent
-  sense;
-- ``use``: 'Use the noun "car" in a sentence.' -> one of WordNet's usage examples that contains
-  the word;
-- ``word_for``: 'Give a noun that means: a motor vehicle with four wheels...' -> the synset's
-  words, comma-separated;
-- ``synonyms``: 'Give a synonym of the noun "car".' -> the synset's other words.
+- ``define``: 'What does the noun "car" mean?' / 'Define the noun "car".' -> the definition of
+  the word's most frequent sense;
+- ``use``: 'Use the noun "car" in a sentence.' / 'Write a sentence with the noun "car".' -> one of
+  WordNet's usage examples that contains the word;
+- ``word_for``: 'Give a noun that means: a motor vehicle with four wheels...' / 'Which noun
+  means: ...?' -> the synset's words, comma-separated;
+- ``synonyms``: 'Give a synonym of the noun "car".' / 'Name a word with the same meaning as the
+  noun "car".' -> the synset's other words.
 
-Questions about one synset fall in several splits under different families, so answering a test
-question needs what training taught about that synset in another form. Answers are open-ended
-and scored by ROUGE-L like every task here.
+Training asks every fact in its first phrasing, and the facts not evaluated in the second one too;
+validation and test ask their facts in the second phrasing only. A test question is therefore about
+something training taught, asked in words it used for other facts: what a model learnt about the
+words, not knowledge of English it could not have, is what the score measures, and a larger model
+that learnt more of the dictionary has more to pass on. Answers are open-ended and scored by
+ROUGE-L like every task here.
 """
 
 from __future__ import annotations
@@ -189,15 +193,34 @@ def _contains_word(sentence: str, word: str) -> bool:
     return re.search(rf"\b{re.escape(word)}\b", sentence, flags=re.IGNORECASE) is not None
 
 
-def synset_examples(synset: Synset) -> Iterator[dict[str, str]]:
-    """The instruction rows one synset gives (see the module docstring), category = family."""
+@dataclass(frozen=True)
+class Fact:
+    """One thing a synset can be asked: its ``family``, the two phrasings of the question
+    (``taught``: how training asks it; ``held_out``: how validation and test ask it) and the
+    answer."""
+
+    family: str
+    taught: str
+    held_out: str
+    response: str
+
+    def row(self, phrasing: str) -> dict[str, str]:
+        """The Dolly row asking this fact in ``phrasing`` (taught or held_out)."""
+        instruction = self.taught if phrasing == "taught" else self.held_out
+        return {"instruction": instruction, "context": "", "response": self.response, "category": self.family}
+
+
+def synset_facts(synset: Synset) -> Iterator[Fact]:
+    """The facts one synset gives (see the module docstring)."""
     pos = synset.part_of_speech
-
-    def row(instruction: str, response: str, family: str) -> dict[str, str]:
-        return {"instruction": instruction, "context": "", "response": response, "category": family}
-
+    article = "an" if pos[0] in "aeiou" else "a"
     for word in synset.first_sense_of:
-        yield row(f'What does the {pos} "{word}" mean?', _sentence(synset.definition), "define")
+        yield Fact(
+            "define",
+            f'What does the {pos} "{word}" mean?',
+            f'Define the {pos} "{word}".',
+            _sentence(synset.definition),
+        )
     used = next(
         (
             (word, example)
@@ -208,35 +231,54 @@ def synset_examples(synset: Synset) -> Iterator[dict[str, str]]:
         None,
     )
     if used is not None:
-        yield row(f'Use the {pos} "{used[0]}" in a sentence.', _sentence(used[1]), "use")
-    article = "an" if pos[0] in "aeiou" else "a"
-    yield row(f"Give {article} {pos} that means: {synset.definition}.", ", ".join(synset.words), "word_for")
+        yield Fact(
+            "use",
+            f'Use the {pos} "{used[0]}" in a sentence.',
+            f'Write a sentence with the {pos} "{used[0]}".',
+            _sentence(used[1]),
+        )
+    yield Fact(
+        "word_for",
+        f"Give {article} {pos} that means: {synset.definition}.",
+        f"Which {pos} means: {synset.definition}?",
+        ", ".join(synset.words),
+    )
     if len(synset.words) > 1 and synset.first_sense_of:
         word = synset.first_sense_of[0]
-        others = [other for other in synset.words if other != word]
-        yield row(f'Give a synonym of the {pos} "{word}".', ", ".join(others), "synonyms")
+        yield Fact(
+            "synonyms",
+            f'Give a synonym of the {pos} "{word}".',
+            f'Name a word with the same meaning as the {pos} "{word}".',
+            ", ".join(other for other in synset.words if other != word),
+        )
 
 
 def build_rows(
     synsets: list[Synset], num_synsets: int, validation_size: int, test_size: int, seed: int
 ) -> dict[str, list[dict[str, str]]]:
-    """Rows of the ``num_synsets`` most frequent synsets, one instruction once (the most frequent
-    synset's answer), shuffled by ``seed`` and cut into validation, test and the rest for train."""
-    rows: dict[str, dict[str, str]] = {}
+    """The splits from the facts of the ``num_synsets`` most frequent synsets (one question asked
+    once: the most frequent synset's answer), shuffled by ``seed``: validation and test ask
+    ``validation_size`` and ``test_size`` facts in their held-out phrasing; training asks every
+    fact in its taught phrasing, and the other facts in the held-out one too (so that phrasing is
+    known, but not for the facts evaluated)."""
+    facts: dict[str, Fact] = {}
     for synset in synsets[:num_synsets]:
-        for example in synset_examples(synset):
-            rows.setdefault(example["instruction"], example)
-    ordered = list(rows.values())
+        for fact in synset_facts(synset):
+            facts.setdefault(fact.taught, fact)
+    ordered = list(facts.values())
     if len(ordered) <= validation_size + test_size:
         raise WordNetError(
-            f"{num_synsets} synsets give {len(ordered)} rows, not more than validation {validation_size} + "
+            f"{num_synsets} synsets give {len(ordered)} facts, not more than validation {validation_size} + "
             f"test {test_size}; ask for more synsets"
         )
     random.Random(seed).shuffle(ordered)
+    evaluated = validation_size + test_size
+    train = [fact.row("taught") for fact in ordered] + [fact.row("held_out") for fact in ordered[evaluated:]]
+    random.Random(seed + 1).shuffle(train)
     return {
-        "validation": ordered[:validation_size],
-        "test": ordered[validation_size : validation_size + test_size],
-        "train": ordered[validation_size + test_size :],
+        "validation": [fact.row("held_out") for fact in ordered[:validation_size]],
+        "test": [fact.row("held_out") for fact in ordered[validation_size:evaluated]],
+        "train": train,
     }
 
 
@@ -281,7 +323,7 @@ def build(
         },
         "rows": {split: len(rows) for split, rows in splits.items()},
         "families": {
-            split: {family: sum(r["category"] == family for r in rows) for family in FAMILIES}
+            split: {family: sum(row["category"] == family for row in rows) for family in FAMILIES}
             for split, rows in splits.items()
         },
         "tokenizer_vocab_size": len(tokenizer),
@@ -298,8 +340,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--url", default=SOURCE_URL, help="where to download the pinned tarball from")
     parser.add_argument("--sha512", default=SOURCE_SHA512, help="the tarball's pinned sha512 (base64)")
-    parser.add_argument("--synsets", type=int, default=1500, help="most frequent synsets used")
-    parser.add_argument("--validation-size", type=int, default=240)
+    parser.add_argument("--synsets", type=int, default=400, help="most frequent synsets used")
+    parser.add_argument("--validation-size", type=int, default=120)
     parser.add_argument("--test-size", type=int, default=240)
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle into splits")

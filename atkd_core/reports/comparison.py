@@ -116,7 +116,14 @@ def write_report(
     summary = summarize(results, axes, "student_score")
     perplexity = summarize(results, axes, "student_perplexity")
     pairs = paired_differences(results, axes, comparison.pairs, "student_score")
-    board = leaderboard(results, comparison.leaderboard) if comparison.leaderboard is not None else None
+    board = None
+    if comparison.leaderboard is not None:
+        board = leaderboard(
+            results,
+            comparison.leaderboard,
+            ranking=grid.ablation is None,
+            primary=grid.ablation == comparison.leaderboard.primary_ablation,
+        )
     (out / "summary.json").write_text(
         json.dumps(
             {
@@ -142,7 +149,7 @@ def write_report(
         f"- Run by: {command}" if command.startswith("the Prefect deployment") else f"- Command: `{command}`",
         f"- Base config: `{comparison.base}`"
         + (f" with `{' '.join(comparison.base_set)}`" if comparison.base_set else ""),
-        f"- Grid: {' x '.join(f'{name} {values}' for name, values in grid.axes.items())}, seeds {comparison.seeds}: "
+        f"- Grid: {' x '.join(f'{name} {values}' for name, values in grid.axes.items())}, seeds {grid.seeds}: "
         f"{len(grid.cells)} runs, {len(results)} finished, {len(failed)} failed",
         f"- Run time: {minutes} min {seconds:02d} s"
         + (

@@ -56,12 +56,15 @@ def _difference(diffs: list[float], level: float) -> dict[str, Any]:
     }
 
 
-def leaderboard(results: list[dict[str, Any]], config: LeaderboardConfig) -> dict[str, Any]:
+def leaderboard(
+    results: list[dict[str, Any]], config: LeaderboardConfig, *, ranking: bool = True, primary: bool = True
+) -> dict[str, Any]:
     """The leaderboard of ``results`` (as the comparison collects them: values, seed,
-    student_score) under ``config``'s registered rule: {settings: [...], primary: [...]}."""
+    student_score) under ``config``'s registered rule: {settings: [...], primary: [...]};
+    ``ranking`` / ``primary``: whether these runs rank the arms / decide the primary hypotheses."""
     table = _scores(results, config.setting_axes)
     settings = []
-    for label, arms in table.items():
+    for label, arms in table.items() if ranking else ():
         ranked = sorted(
             ({"arm": arm, **_difference(list(seeds.values()), 0.95)} for arm, seeds in arms.items()),
             key=lambda row: -row["mean"],
@@ -96,9 +99,9 @@ def leaderboard(results: list[dict[str, Any]], config: LeaderboardConfig) -> dic
                     f"{best} leads the current default {default} by {versus['mean']:+.2f}, not resolved"
                 )
         settings.append({"setting": label, "level": level, "ranking": ranked, **recommendation})
-    primary = []
+    tested: list[dict[str, Any]] = []
     level = 1 - config.alpha / max(len(config.primary), 1)
-    for hypothesis in config.primary:
+    for hypothesis in config.primary if primary else ():
         arms = table.get(setting_label(hypothesis.setting), {})
         diffs = _paired(arms.get(hypothesis.baseline, {}), arms.get(hypothesis.arm, {}))
         result = _difference(diffs, level)
@@ -110,10 +113,10 @@ def leaderboard(results: list[dict[str, Any]], config: LeaderboardConfig) -> dic
             outcome = "refuted"
         else:
             outcome = "not shown"
-        primary.append(
+        tested.append(
             {"name": hypothesis.name, **hypothesis.model_dump(), **result, "level": level, "outcome": outcome}
         )
-    return {"settings": settings, "primary": primary}
+    return {"settings": settings, "primary": tested}
 
 
 def _interval(row: dict[str, Any]) -> str:

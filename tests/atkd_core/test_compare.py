@@ -183,6 +183,18 @@ def test_named_values_of_an_axis_expand_to_their_settings(tmp_path):
         load_grid(write_comparison(tmp_path, named_values={"objective": {"x": {}}}))
 
 
+def test_an_ablation_may_run_its_own_seeds_and_shares_the_main_grids_runs(tmp_path):
+    path = write_comparison(tmp_path, ablation_seeds={"lam": [0, 1, 2, 3, 4]})
+    main_grid, ablation = load_grid(path), load_grid(path, ablation="lam")
+    assert main_grid.seeds == [0, 1, 2] and ablation.seeds == [0, 1, 2, 3, 4] and len(ablation.cells) == 10
+    # The same arm, value and seed is the same folder, so a run the main grid made is reused.
+    assert ablation.cells[0].config.workdir == tmp_path / "grid" / "cells" / "atkd" / "loss.lam=0.0" / "seed0"
+    with pytest.raises(ConfigError, match=r"ablation_seeds: \['k'\] are not ablations"):
+        load_grid(write_comparison(tmp_path, ablation_seeds={"k": [1]}))
+    with pytest.raises(ConfigError, match="ablation_seeds.lam"):
+        load_grid(write_comparison(tmp_path, ablation_seeds={"lam": [1, 1]}))
+
+
 def test_the_pooled_row_takes_each_seeds_mean_over_teachers_and_reports_the_detectable_effect():
     diffs = {("a", 0): 1.0, ("a", 1): 2.0, ("a", 2): 0.0, ("b", 0): 3.0, ("b", 1): -1.0, ("b", 2): 1.0}
     results = []

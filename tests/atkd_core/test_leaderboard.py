@@ -100,6 +100,10 @@ def test_primary_hypotheses_are_tested_together_and_read_plainly():
     assert primary["H1"]["outcome"] == "supported" and primary["H2"]["outcome"] == "refuted"
     assert primary["H1"]["level"] == pytest.approx(0.975) and primary["H1"]["n"] == len(SEEDS)
     assert primary["H1"]["mean"] == pytest.approx(2.0, abs=0.3) and math.isfinite(primary["H1"]["detectable"])
+    # Where another run (an ablation with more seeds) decides them, these runs only rank, and back.
+    assert leaderboard(rows, CONFIG, primary=False)["primary"] == []
+    only_primary = leaderboard(rows, CONFIG, ranking=False)
+    assert only_primary["settings"] == [] and len(only_primary["primary"]) == 2
     tied = results({"suite/scratch": {"atkd_ce": 0.0, "kd_ce": 0.0}})
     outcomes = {row["name"]: row["outcome"] for row in leaderboard(tied, CONFIG)["primary"]}
     assert outcomes == {"H1": "not shown", "H2": "not run"}
@@ -117,6 +121,8 @@ def test_a_leaderboard_must_name_axes_and_arms_of_the_grid(tmp_path):
         load_grid(write_comparison(tmp_path, leaderboard={"setting_axes": ["objective"]}))
     with pytest.raises(ConfigError, match="leaderboard.defaults"):
         load_grid(write_comparison(tmp_path, leaderboard={**board, "defaults": {"x": "nope"}}))
+    with pytest.raises(ConfigError, match="leaderboard.primary_ablation"):
+        load_grid(write_comparison(tmp_path, leaderboard={**board, "primary_ablation": "more"}))
     wrong = {"name": "H1", "setting": {"init": "scratch"}, "baseline": "kd", "arm": "atkd"}
     with pytest.raises(ConfigError, match="setting must give"):
         load_grid(write_comparison(tmp_path, leaderboard={**board, "primary": [wrong]}))

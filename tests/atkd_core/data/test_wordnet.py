@@ -20,7 +20,7 @@ from atkd_core.data.wordnet import (
     build_rows,
     main,
     read_wordnet,
-    synset_examples,
+    synset_facts,
 )
 from tests.conftest import REPO_ROOT, tiny_config
 
@@ -59,41 +59,51 @@ def test_the_database_is_read_most_frequent_first_with_words_glosses_and_example
     assert all("_" not in word and "(" not in word for s in synsets for word in s.words)
 
 
-def test_each_family_asks_what_the_synset_can_answer():
+def test_each_family_asks_what_the_synset_can_answer_in_two_phrasings():
     car = next(s for s in read_wordnet(FIXTURE) if s.key == "noun:02961779")
-    every = list(synset_examples(car))
-    rows = {row["category"]: row for row in reversed(every)}  # each family's first row
-    # One definition question per word whose most frequent sense this is ("machine" is not).
-    assert [row["instruction"] for row in every if row["category"] == "define"] == [
+    facts = list(synset_facts(car))
+    # One definition per word whose most frequent sense this is ("machine" is not).
+    assert [fact.taught for fact in facts if fact.family == "define"] == [
         f'What does the noun "{word}" mean?' for word in ("car", "auto", "automobile", "motorcar")
     ]
-    assert rows["define"] == {
-        "instruction": 'What does the noun "car" mean?',
+    first = {fact.family: fact for fact in reversed(facts)}
+    assert first["define"].row("held_out") == {
+        "instruction": 'Define the noun "car".',
         "context": "",
         "response": "A motor vehicle with four wheels; usually propelled by an internal combustion engine.",
         "category": "define",
     }
-    assert rows["use"]["instruction"] == 'Use the noun "car" in a sentence.'
-    assert rows["use"]["response"] == "He needs a car to get to work."
-    assert rows["word_for"]["response"] == "car, auto, automobile, machine, motorcar"
-    assert rows["synonyms"] == {
+    assert (first["use"].taught, first["use"].held_out) == (
+        'Use the noun "car" in a sentence.',
+        'Write a sentence with the noun "car".',
+    )
+    assert first["use"].response == "He needs a car to get to work."
+    assert first["word_for"].response == "car, auto, automobile, machine, motorcar"
+    assert first["word_for"].held_out.startswith("Which noun means: a motor vehicle")
+    assert first["synonyms"].row("taught") == {
         "instruction": 'Give a synonym of the noun "car".',
         "context": "",
         "response": "auto, automobile, machine, motorcar",
         "category": "synonyms",
     }
     adverb = next(s for s in read_wordnet(FIXTURE) if s.part_of_speech == "adverb")
-    assert any(
-        row["instruction"].startswith("Give an adverb that means: ") for row in synset_examples(adverb)
-    )
+    assert any(fact.taught.startswith("Give an adverb that means: ") for fact in synset_facts(adverb))
 
 
-def test_splits_are_disjoint_seeded_and_refused_when_too_small():
+def test_evaluated_facts_are_taught_in_one_phrasing_and_asked_in_the_other():
     synsets = read_wordnet(FIXTURE)
+    facts = {fact.held_out: fact for synset in synsets for fact in synset_facts(synset)}
     splits = build_rows(synsets, num_synsets=9, validation_size=3, test_size=3, seed=0)
-    instructions = [row["instruction"] for split in splits.values() for row in split]
-    assert len(instructions) == len(set(instructions)) and len(splits["train"]) > 0
-    assert (len(splits["validation"]), len(splits["test"])) == (3, 3)
+    train = {row["instruction"] for row in splits["train"]}
+    for split in ("validation", "test"):
+        assert len(splits[split]) == 3
+        for row in splits[split]:
+            fact = facts[row["instruction"]]
+            assert fact.taught in train and fact.held_out not in train and row["response"] == fact.response
+    # The held-out phrasing is taught on the facts not evaluated.
+    evaluated = {row["instruction"] for split in ("validation", "test") for row in splits[split]}
+    assert {fact.held_out for fact in facts.values()} - evaluated <= train
+    assert len(splits["train"]) == 2 * len(facts) - 6
     assert build_rows(synsets, 9, 3, 3, seed=0) == splits != build_rows(synsets, 9, 3, 3, seed=1)
     with pytest.raises(WordNetError, match="ask for more synsets"):
         build_rows(synsets, num_synsets=2, validation_size=10, test_size=10, seed=0)
