@@ -107,6 +107,11 @@ class LinearHead:
         """Rows ``start:end`` of a flat head."""
         return LinearHead(self.hidden[start:end], self.weight, self.bias, self.vocab_size)
 
+    def rows_at(self, index: Tensor) -> LinearHead:
+        """The rows ``index`` [S] (long) of a flat head, in that order (the gradient flows back to
+        those rows of the hidden states)."""
+        return LinearHead(self.hidden.index_select(0, index), self.weight, self.bias, self.vocab_size)
+
     def logits(self, start: int, end: int) -> Tensor:
         """Logits of the flat rows ``start:end``: [n, vocab_size] in the inputs' dtype."""
         bias = None if self.bias is None else self.bias[: self.vocab_size]
@@ -160,6 +165,29 @@ def flatten_inputs(
             else teacher.detach().reshape(-1, teacher.shape[-1])
         )
     return flat_student, flat_teacher, flat_targets
+
+
+def label_rows(
+    flat_student: Tensor | LinearHead,
+    flat_teacher: Teacher | None,
+    flat_targets: Tensor,
+    ignore_index: int = -100,
+) -> tuple[Tensor | LinearHead, Teacher | None, Tensor]:
+    """A fused head's flat student, its teacher and targets cut to the rows with a target: prompt
+    and padding rows carry no loss, and a head need not make their logits (on instruction data
+    most rows are prompt). Plain logits, and inputs with no target at all, are returned as they
+    are: cutting [N, V] logits would copy them."""
+    if not isinstance(flat_student, LinearHead):
+        return flat_student, flat_teacher, flat_targets
+    index = (flat_targets != ignore_index).nonzero().squeeze(-1)
+    if index.numel() in (0, flat_targets.numel()):
+        return flat_student, flat_teacher, flat_targets
+    teacher: Teacher | None
+    if flat_teacher is None or isinstance(flat_teacher, (SparseTeacher, LinearHead)):
+        teacher = None if flat_teacher is None else flat_teacher.rows_at(index)
+    else:
+        teacher = flat_teacher.index_select(0, index)
+    return flat_student.rows_at(index), teacher, flat_targets.index_select(0, index)
 
 
 def teacher_rows(teacher: Teacher, start: int, end: int) -> SparseTeacher | Tensor:

@@ -49,7 +49,7 @@ from atkd_core.losses.cross_tokenizer import (
 )
 from atkd_core.losses.divergences import divergence_terms
 from atkd_core.losses.engine import Terms, cross_entropy_terms, weighted_token_sum
-from atkd_core.losses.inputs import LinearHead, Teacher, flatten_inputs, flatten_student
+from atkd_core.losses.inputs import LinearHead, Teacher, flatten_inputs, flatten_student, label_rows
 from atkd_core.losses.uncertainty import hard_token_mask
 
 if TYPE_CHECKING:
@@ -135,6 +135,9 @@ class Objective(ABC):
     # The diagnostic an adaptive objective follows from step to step (end_step gets it averaged over
     # the step's micro-batches and ranks); None for an objective with no state.
     monitored: str | None = None
+    # Whether the terms read which sequence each token is in (ATKD's per-sequence split): the rows
+    # without a target are then kept, in their [B, T] layout.
+    needs_sequences: bool = False
 
     def __init__(
         self, chunk_size: int | Literal["auto"] | None, ce_weight: float, compiled: bool = False
@@ -158,12 +161,18 @@ class Objective(ABC):
             if teacher is None:
                 raise ValueError(f"{type(self).__name__} needs a teacher")
             flat_student, flat_teacher, flat_targets = flatten_inputs(student, teacher, targets)
+            if not self.needs_sequences:
+                # Only rows with a target carry loss: a fused head makes no logits for the others.
+                flat_student, cut_teacher, flat_targets = label_rows(flat_student, flat_teacher, flat_targets)
+                assert cut_teacher is not None, "a teacher stays a teacher"
+                teacher, flat_teacher, targets = cut_teacher, cut_teacher, flat_targets
             ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
             teacher_terms = self.teacher_terms(
                 teacher, flat_teacher, targets, counts, chunk, ce, flat_student
             )
         else:
             flat_student, flat_targets = flatten_student(student, targets)
+            flat_student, _, flat_targets = label_rows(flat_student, None, flat_targets)
             ce = cross_entropy_terms(flat_targets, counts.tokens, self.ce_weight)
         terms = ce if teacher_terms is None else teacher_terms.terms
         loss, values = weighted_token_sum(
@@ -287,6 +296,7 @@ class ATKD(Objective):
             unc_threshold=loss.unc_threshold,
         )
         self.hard_threshold = loss.unc_threshold if loss.split_scope == "threshold" else None
+        self.needs_sequences = loss.split_scope == "sequence"
 
     def teacher_terms(
         self,

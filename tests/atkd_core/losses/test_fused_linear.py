@@ -4,6 +4,8 @@ with the unfused objective on the same inputs."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -121,6 +123,7 @@ def test_fused_atkd_matches_reference(setting, split_scope, dtype, teacher_kind)
             "ce_weight": 0.5,
         },
         {"objective": "atkd", "setting": "forward"},
+        {"objective": "atkd", "setting": "forward", "split_scope": "sequence"},
         {
             "objective": "atkd",
             "setting": "reverse",
@@ -128,6 +131,8 @@ def test_fused_atkd_matches_reference(setting, split_scope, dtype, teacher_kind)
             "split_scope": "threshold",
             "unc_threshold": 0.5,
         },
+        {"objective": "taid", "ce_weight": 0.5},
+        {"objective": "adakd", "divergence": "reverse_kl"},
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -160,6 +165,35 @@ def test_fused_objective_equals_the_unfused_one(loss, dtype):
         )
     for grad, ref in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(grad.float(), ref.float(), **tolerance)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"objective": "sft"},
+        {"objective": "kd"},
+        {"objective": "atkd", "ce_weight": 0.5},
+        {"objective": "taid"},
+        {"objective": "adakd"},
+    ],
+)
+def test_a_fused_head_makes_no_logits_for_rows_without_a_target(loss):
+    """Prompt and padding rows carry no loss, and the fused objectives never multiply them out: NaN
+    hidden states there leave the loss and every gradient finite, and the gradient of those rows
+    zero. (Weighting them by zero instead would give NaN: NaN x 0 is NaN.)"""
+    objective = build_objective(LossConfig.model_validate({**loss, "chunk_size": 4}))
+    head, teacher, targets = make_head((2, 7), torch.float32, bias=False, seed=3)
+    hidden = head.hidden.detach().clone()
+    ignored = targets == -100
+    hidden[ignored] = float("nan")
+    hidden.requires_grad_(True)
+    out = objective(
+        LinearHead(hidden, head.weight, None, V), teacher, targets, StepCounts(float((~ignored).sum()))
+    )
+    grad_hidden, grad_weight = torch.autograd.grad(out.loss, [hidden, head.weight])
+    assert torch.isfinite(out.loss) and math.isfinite(out.cross_entropy)
+    assert torch.isfinite(grad_weight).all() and torch.isfinite(grad_hidden).all()
+    assert grad_hidden[ignored].abs().max() == 0 and grad_hidden[~ignored].abs().max() > 0
 
 
 def test_objective_cross_entropy_is_the_logged_mean_and_its_weight_is_honoured():
