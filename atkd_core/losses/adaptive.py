@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from atkd_core.losses.divergences import DIVERGENCE_TERMS, DivergenceFn, token_terms
+from atkd_core.losses.divergences import DIVERGENCE_TERMS, DivergenceFn, mean_weights, token_terms
 from atkd_core.losses.engine import Terms, combine, weighted_token_sum
 from atkd_core.losses.inputs import (
     LinearHead,
@@ -88,15 +88,17 @@ def taid_terms(
     """TAID's KL as one column weighted 1 / ``num_tokens`` (default: the valid tokens) on valid
     tokens, ``cross_entropy`` appended. ``t``: the interpolation weight as a 0-d float32 tensor (a
     tensor, so a compiled chunk is not recompiled each time t moves)."""
-    valid = flat_targets != ignore_index
-    denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
-    weights = (valid.float() / max(denominator, 1.0))[:, None]
 
     def terms_of(log_p: Tensor, log_q: Tensor) -> Tensor:
         return taid_kl(log_p, log_q, t)
 
     return token_terms(
-        terms_of, flat_teacher, flat_targets, weights, temperature=temperature, cross_entropy=cross_entropy
+        terms_of,
+        flat_teacher,
+        flat_targets,
+        mean_weights(flat_targets, num_tokens, ignore_index),
+        temperature=temperature,
+        cross_entropy=cross_entropy,
     )
 
 
@@ -155,6 +157,11 @@ class TAIDSchedule:
         linear = self.t_start + (self.t_end - self.t_start) * min(max(progress, 0.0), 1.0)
         self.t = min(self.t_end, max(linear, self.t + step))
         self.previous_loss = loss
+
+    @property
+    def logged(self) -> dict[str, float]:
+        """What a step's metrics record of the schedule."""
+        return {"taid_t": self.t}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps to resume the schedule where it was."""
@@ -327,6 +334,11 @@ class FocusRatio:
         elif change > margin:
             self.ratio = max(self.ratio * (1.0 - self.step), self.min_ratio)
             self.reference = self.average
+
+    @property
+    def logged(self) -> dict[str, float]:
+        """What a step's metrics record of the focus."""
+        return {"adakd_ratio": self.ratio}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps to resume the ratio where it was."""

@@ -174,18 +174,23 @@ def divergence_terms(
 
     ``params``: the divergence's own (beta, alpha). ``cross_entropy`` is appended as the last
     column (see engine.with_cross_entropy)."""
-    valid = flat_targets != ignore_index
-    denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
-    weights = (valid.float() / max(denominator, 1.0))[:, None]
     return token_terms(
         partial(DIVERGENCE_TERMS[name], **(params or {})),
         flat_teacher,
         flat_targets,
-        weights,
+        mean_weights(flat_targets, num_tokens, ignore_index),
         temperature=temperature,
         cross_entropy=cross_entropy,
         dense_kernel=_dense_kernel(name, params or {}),
     )
+
+
+def mean_weights(flat_targets: Tensor, num_tokens: int | float | None, ignore_index: int = -100) -> Tensor:
+    """One column of weights [N, 1] that makes a token sum a mean: 1 / ``num_tokens`` (default: the
+    valid tokens here) on valid tokens, 0 elsewhere."""
+    valid = flat_targets != ignore_index
+    denominator = float(valid.sum()) if num_tokens is None else float(num_tokens)
+    return (valid.float() / max(denominator, 1.0))[:, None]
 
 
 def token_terms(

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -332,19 +332,66 @@ class ATKD(Objective):
         )
 
 
-class TAID(Objective):
+class StepState(Protocol):
+    """What an adaptive objective carries from step to step (adaptive.TAIDSchedule, FocusRatio)."""
+
+    def update(self, loss: float, progress: float) -> None:
+        """Fold in a step's monitored loss; ``progress``: share of the steps done."""
+
+    @property
+    def logged(self) -> dict[str, float]:
+        """The state a step's metrics record."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s values."""
+
+
+def _first_column_total(terms: Terms) -> Callable[[Tensor], float]:
+    """The loss's first column summed with its weights, from the step's per-token values [N, M]."""
+
+    def total(values: Tensor) -> float:
+        return float((values[:, 0] * terms.weights[:, 0].to(values.device)).sum())
+
+    return total
+
+
+class AdaptiveObjective(Objective):
+    """An objective whose ``state`` moves after each optimizer step (``end_step``), from the
+    ``monitored`` diagnostic, and is checkpointed."""
+
+    state: StepState
+
+    def end_step(self, value: float, progress: float) -> dict[str, float]:
+        """Move the state after a step whose monitored value was ``value``."""
+        self.state.update(value, progress)
+        return self.state.logged
+
+    def state_dict(self) -> dict[str, Any]:
+        """See Objective.state_dict."""
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See Objective.load_state_dict."""
+        self.state.load_state_dict(state)
+
+
+class TAID(AdaptiveObjective):
     """TAID (losses/adaptive.py): forward KL to an interpolation of the student's own (detached)
     and the teacher's distribution whose weight t rises over training; plus ``ce_weight`` x
-    cross-entropy. t moves in ``end_step`` and is checkpointed."""
+    cross-entropy."""
 
     needs_teacher = True
     monitored = "taid_kl"
+    state: TAIDSchedule
 
     def __init__(self, loss: LossConfig, compiled: bool = False) -> None:
         super().__init__(loss.chunk_size, loss.ce_weight, compiled)
         self.temperature = loss.temperature
         settings = loss.taid
-        self.schedule = TAIDSchedule(settings.t_start, settings.t_end, settings.alpha, settings.beta)
+        self.state = TAIDSchedule(settings.t_start, settings.t_end, settings.alpha, settings.beta)
 
     def teacher_terms(
         self,
@@ -357,7 +404,7 @@ class TAID(Objective):
         flat_student: Student,
     ) -> TeacherTerms:
         """The KL to the interpolated target over the step's token count, then the cross-entropy."""
-        t = torch.tensor(self.schedule.t, dtype=torch.float32, device=targets.device)
+        t = torch.tensor(self.state.t, dtype=torch.float32, device=targets.device)
         terms = taid_terms(
             flat_teacher,
             targets.reshape(-1),
@@ -366,48 +413,33 @@ class TAID(Objective):
             num_tokens=counts.tokens,
             cross_entropy=ce,
         )
-
-        def diagnostics(values: Tensor) -> dict[str, float]:
-            return {"taid_kl": float((values[:, 0] * terms.weights[:, 0].to(values.device)).sum())}
-
-        return TeacherTerms(terms, diagnostics)
-
-    def end_step(self, value: float, progress: float) -> dict[str, float]:
-        """Move t by TAID's rule after a step whose KL was ``value``."""
-        self.schedule.update(value, progress)
-        return {"taid_t": self.schedule.t}
-
-    def state_dict(self) -> dict[str, Any]:
-        """t, the previous step's KL and the momentum."""
-        return self.schedule.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """See Objective.load_state_dict."""
-        self.schedule.load_state_dict(state)
+        kl = _first_column_total(terms)
+        return TeacherTerms(terms, lambda values: {"taid_kl": kl(values)})
 
     def describe(self) -> str:
         """See Objective.describe."""
-        schedule = self.schedule
+        schedule = self.state
         return (
             f"taid (t {schedule.t_start} -> {schedule.t_end}, alpha={schedule.alpha}, beta={schedule.beta}, "
             f"T={self.temperature}, ce_weight={self.ce_weight})"
         )
 
 
-class AdaKD(Objective):
+class AdaKD(AdaptiveObjective):
     """AdaKD (losses/adaptive.py): ``loss.divergence`` on the micro-batch's hardest tokens only
     (the share moves with the loss, LATF), each at a temperature from its difficulty (IDTS); plus
-    ``ce_weight`` x cross-entropy. The share moves in ``end_step`` and is checkpointed."""
+    ``ce_weight`` x cross-entropy."""
 
     needs_teacher = True
     monitored = "adakd_loss"
+    state: FocusRatio
 
     def __init__(self, loss: LossConfig, compiled: bool = False) -> None:
         super().__init__(loss.chunk_size, loss.ce_weight, compiled)
         self.loss_config = loss
         settings = loss.adakd
         self.divergence = divergence_fn(loss.divergence, divergence_params(loss))
-        self.focus = FocusRatio(
+        self.state = FocusRatio(
             step=settings.ratio_step,
             tolerance=settings.loss_tolerance,
             decay=settings.loss_average,
@@ -431,7 +463,7 @@ class AdaKD(Objective):
         scores = hellinger_scores(flat_student, flat_teacher, temperature, chunk)
         valid = targets.reshape(-1) != IGNORE_INDEX
         selected, factors = focus_tokens(
-            scores, valid, self.focus.ratio, self.loss_config.adakd.temperature_scale
+            scores, valid, self.state.ratio, self.loss_config.adakd.temperature_scale
         )
         terms = adakd_terms(
             self.divergence,
@@ -440,25 +472,8 @@ class AdaKD(Objective):
             temperature=temperature,
             cross_entropy=ce,
         )
-
-        def diagnostics(values: Tensor) -> dict[str, float]:
-            distill = float((values[:, 0] * terms.weights[:, 0].to(values.device)).sum())
-            return {"adakd_loss": distill, "adakd_selected": float(selected.sum()) / max(int(valid.sum()), 1)}
-
-        return TeacherTerms(terms, diagnostics)
-
-    def end_step(self, value: float, progress: float) -> dict[str, float]:
-        """Fold the step's distillation loss into LATF's average; the ratio may move."""
-        self.focus.update(value, progress)
-        return {"adakd_ratio": self.focus.ratio}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The ratio, the loss average and its reference."""
-        return self.focus.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """See Objective.load_state_dict."""
-        self.focus.load_state_dict(state)
+        distill, share = _first_column_total(terms), float(selected.sum()) / max(int(valid.sum()), 1)
+        return TeacherTerms(terms, lambda values: {"adakd_loss": distill(values), "adakd_selected": share})
 
     def describe(self) -> str:
         """See Objective.describe."""

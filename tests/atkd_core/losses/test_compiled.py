@@ -177,7 +177,7 @@ def test_compiled_taid_is_not_recompiled_when_t_moves():
     compiled(logits, teacher, targets, counts)
     graphs = counters["stats"]["unique_graphs"]
     for objective in (compiled, eager):
-        objective.schedule.t = 0.77
+        objective.state.t = 0.77
     moved = compiled(logits, teacher, targets, counts).loss
     assert counters["stats"]["unique_graphs"] == graphs
     torch.testing.assert_close(moved, eager(logits, teacher, targets, counts).loss, atol=1e-6, rtol=1e-5)
