@@ -12,7 +12,7 @@ LOCK_HASH := $(shell cat requirements.txt constraints.txt pyproject.toml | sha25
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast lint reproduce reproduce-exploratory data-wordnet serve serve-stop gpu-wheels clean
+.PHONY: setup demo test test-fast lint reproduce reproduce-exploratory data-wordnet leaderboard serve serve-stop gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,16 @@ reproduce-exploratory: setup
 # into data/wordnet. Optional for `make demo`; configs/wordnet.yaml reads it.
 data-wordnet: setup
 	$(BIN)/atkd data wordnet --out data/wordnet
+
+# The objective leaderboard (docs/leaderboard.md): every objective on both testbeds, from scratch
+# and warm-started, then the primary hypotheses on more seeds; the teachers are fine-tuned once.
+leaderboard: setup data/wordnet/manifest.json
+	$(BIN)/atkd compare configs/leaderboard.yaml --report-to docs/leaderboard/scratch
+	$(BIN)/atkd compare configs/leaderboard.yaml --ablation warm --report-to docs/leaderboard/warm
+	$(BIN)/atkd compare configs/leaderboard.yaml --ablation primary --report-to docs/leaderboard/primary
+
+data/wordnet/manifest.json:
+	$(MAKE) data-wordnet
 
 # Prefect server, MLflow server and a process worker on 127.0.0.1 (README: Orchestrated runs).
 serve: setup

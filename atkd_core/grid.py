@@ -73,7 +73,8 @@ class LeaderboardConfig(StrictModel):
     primary_ablation: str | None = Field(
         None,
         description="The ablation whose runs decide the primary hypotheses (e.g. one with more seeds): its "
-        "report tests them and the main grid's ranks the arms; null: the main grid does both.",
+        "report tests them, and the main grid's and every other ablation's rank their arms; null: the main "
+        "grid does both.",
     )
 
 

@@ -121,7 +121,8 @@ def write_report(
         board = leaderboard(
             results,
             comparison.leaderboard,
-            ranking=grid.ablation is None,
+            # The primary hypotheses' own runs test them; every other grid ranks its arms.
+            ranking=grid.ablation is None or grid.ablation != comparison.leaderboard.primary_ablation,
             primary=grid.ablation == comparison.leaderboard.primary_ablation,
         )
     (out / "summary.json").write_text(
