@@ -77,7 +77,8 @@ def leaderboard(
                 row["versus_best"] = None
                 continue
             versus = _difference(_paired(arms[row["arm"]], arms[best]), level)
-            versus["resolved"] = row["arm"] in others and versus["low"] > 0
+            # bool(): scipy's bounds are numpy floats, and a numpy bool is not JSON.
+            versus["resolved"] = bool(row["arm"] in others and versus["low"] > 0)
             row["versus_best"] = versus
         default = config.defaults.get(label)
         recommendation: dict[str, Any] = {"default": default, "recommended": default, "reason": ""}

@@ -3,6 +3,7 @@ scipy, what is resolved, the recommendation, and the primary hypotheses."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -85,6 +86,7 @@ def test_the_best_arm_is_recommended_only_when_resolved_above_the_default():
     low, high = stats.t.interval(1 - 0.05 / 3, len(diffs) - 1, loc=sum(diffs) / 5, scale=stats.sem(diffs))
     assert (versus["low"], versus["high"]) == (pytest.approx(low), pytest.approx(high))
     assert versus["resolved"]
+    assert json.loads(json.dumps(board))["settings"][0]["setting"] == suite["setting"]  # the report's JSON
     markdown = leaderboard_markdown(board)
     assert "Recommended: **taid**" in markdown and "### testbed=wordnet,init=scratch" in markdown
 
