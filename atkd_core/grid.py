@@ -41,6 +41,11 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 OBJECTIVE_AXIS = "objective"
 
 
+def _distinct_seeds(seeds: list[int]) -> bool:
+    """Whether ``seeds`` (at least one) are distinct and >= 0."""
+    return len(set(seeds)) == len(seeds) and min(seeds) >= 0
+
+
 class PrimaryHypothesis(StrictModel):
     """A registered hypothesis: in ``setting``, ``arm`` scores above ``baseline`` (paired by seed)."""
 
@@ -147,7 +152,7 @@ class CompareConfig(StrictModel):
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        if not _distinct_seeds(seeds):
             raise ValueError(f"seeds must be distinct and >= 0, got {seeds}")
         return seeds
 
@@ -155,7 +160,7 @@ class CompareConfig(StrictModel):
     @classmethod
     def _unique_ablation_seeds(cls, seeds: dict[str, list[int]]) -> dict[str, list[int]]:
         for name, values in seeds.items():
-            if not values or len(set(values)) != len(values) or min(values) < 0:
+            if not values or not _distinct_seeds(values):
                 raise ValueError(
                     f"ablation_seeds.{name}: seeds must be given, distinct and >= 0, got {values}"
                 )

@@ -70,13 +70,15 @@ def leaderboard(
             key=lambda row: -row["mean"],
         )
         best = ranked[0]["arm"]
-        others = [row["arm"] for row in ranked[1:] if len(_paired(arms[row["arm"]], arms[best])) >= 2]
+        # best − arm per seed, once per arm; only arms with two pairs or more are compared.
+        gaps = {row["arm"]: _paired(arms[row["arm"]], arms[best]) for row in ranked[1:]}
+        others = [arm for arm, diffs in gaps.items() if len(diffs) >= 2]
         level = 1 - config.alpha / max(len(others), 1)
         for row in ranked:
             if row["arm"] == best:
                 row["versus_best"] = None
                 continue
-            versus = _difference(_paired(arms[row["arm"]], arms[best]), level)
+            versus = _difference(gaps[row["arm"]], level)
             # bool(): scipy's bounds are numpy floats, and a numpy bool is not JSON.
             versus["resolved"] = bool(row["arm"] in others and versus["low"] > 0)
             row["versus_best"] = versus
