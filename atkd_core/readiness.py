@@ -535,11 +535,17 @@ def check_cache_location(config: PipelineConfig, readiness: Readiness) -> None:
         remote = RemoteDirectory(location)
         try:
             files = remote.sizes()
+            bucket = None if files else remote.missing_bucket()
         except Exception as exc:  # an unreachable store or refused credentials: say which
             raise UserError(
                 f"{location}: cannot be listed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                 "check the store's credentials and endpoint (for S3: the AWS environment variables)"
             ) from None
+        if bucket is not None:
+            raise UserError(
+                f"{location}: the bucket {bucket!r} does not exist, and score_teacher's upload does not "
+                "create one; create it, or set scoring.location to a bucket that exists"
+            )
         manifest = read_manifest(location, CacheManifest)
         if manifest is None:
             held = f"{len(files)} files, no finished cache" if files else "empty"

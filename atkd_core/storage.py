@@ -34,6 +34,8 @@ PROTOCOL_PACKAGES = {
     "az": "adlfs",
     "abfs": "adlfs",
 }
+# Stores whose first path component is a bucket (or container) that an upload does not create.
+BUCKET_PROTOCOLS = frozenset(PROTOCOL_PACKAGES)
 
 
 def is_url(location: Location) -> bool:
@@ -89,6 +91,15 @@ class RemoteDirectory:
         except FileNotFoundError:
             return {}
         return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry["size"]) for entry in entries}
+
+    def missing_bucket(self) -> str | None:
+        """The bucket (or container) of this directory when its store has buckets and this one does
+        not exist; None otherwise (a file system's upload makes its directories)."""
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        if not protocols & BUCKET_PROTOCOLS:
+            return None
+        bucket = self.root.strip("/").split("/", 1)[0]
+        return None if self.fs.exists(bucket) else bucket
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
         """The bytes ``[start, end)`` of each (file name, start, end), in one call (concurrent

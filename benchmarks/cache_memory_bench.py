@@ -10,11 +10,16 @@ sampling the process's resident memory after opening and after each batch, in it
 - ``RssFile``, pages of the memory-mapped shard files that reading has touched: page cache, shared
   and clean, which the kernel drops under memory pressure and reads again when needed.
 
+``--store reopen`` opens the directory in a second fresh process after a first, as every later
+rank and run does: the first checks every shard's sha256 and records it (``verified.json``), the
+second finds the shards unchanged and reads none of them whole.
+
 With ``--store file`` or ``--store s3`` the cache is uploaded (``upload_cache``) and read from a
 URL by byte ranges: ``file://`` on this disk, or ``s3://`` on an S3-compatible server (moto) that
 the bench starts on 127.0.0.1, which measures the requests' cost, not a real store's latency.
 
     .venv/bin/python benchmarks/cache_memory_bench.py --tokens 1000000 4000000 8000000
+    .venv/bin/python benchmarks/cache_memory_bench.py --tokens 1000000 4000000 --store local reopen
     .venv/bin/python benchmarks/cache_memory_bench.py --tokens 1000000 4000000 --store local file s3
 """
 
@@ -133,7 +138,7 @@ def s3_server() -> tuple[object, dict[str, str]]:
 
 def place(directory: Path, store: str, tmp: Path) -> str:
     """Where the bench reads the cache in ``directory`` from: itself, or a URL it is uploaded to."""
-    if store == "local":
+    if store in ("local", "reopen"):
         return str(directory)
     from atkd_core.manifest import read_manifest
     from atkd_core.outputs import CacheManifest
@@ -156,9 +161,10 @@ def main() -> None:
     parser.add_argument(
         "--store",
         nargs="+",
-        choices=("local", "file", "s3"),
+        choices=("local", "reopen", "file", "s3"),
         default=["local"],
-        help="read the cache from its directory (local), a file:// URL, or s3:// on a loopback moto server",
+        help="read the cache from its directory (local), from it again after a first open (reopen), "
+        "a file:// URL, or s3:// on a loopback moto server",
     )
     parser.add_argument("--measure", metavar="LOCATION", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,13 +184,12 @@ def main() -> None:
                 write_cache(directory, tokens, args.top_k, args.vocab, args.storage_dtype)
                 for store in args.store:
                     location = place(directory, store, Path(tmp))
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--measure", location, "--batch", str(args.batch)],
-                        check=True,
-                        capture_output=True,
-                        text=True,
-                        env={**os.environ, **env},
-                    ).stdout
+                    command = [sys.executable, __file__, "--measure", location, "--batch", str(args.batch)]
+                    opens = 2 if store == "reopen" else 1
+                    for _ in range(opens):
+                        out = subprocess.run(
+                            command, check=True, capture_output=True, text=True, env={**os.environ, **env}
+                        ).stdout
                     f = json.loads(out.strip().splitlines()[-1])
                     print(
                         f"| {tokens:,} | {f['cache_mib']:,.0f} | {store} | {f['open_s']:.2f} | {f['batch_ms']:.1f} | "

@@ -70,22 +70,18 @@ def _check_prefect(readiness: Readiness) -> None:
 
 
 def check_run(
-    config: PipelineConfig,
-    harness: dict[str, list[str]] | None = None,
-    *,
-    services: bool = True,
-    probe: Callable[[], str | None] = hub_problem,
+    config: PipelineConfig, *, services: bool = True, probe: Callable[[], str | None] = hub_problem
 ) -> Readiness:
     """The whole table for ``config``: hub, models, tokenizer, data, harness tasks, devices, disk,
     and (``services``) the tracking server and the Prefect API. A run that reads nothing from the
     hub is told to stay offline (as prepare_hub_access does); an unreachable hub is the hub row."""
-    if harness is None and config.eval.enabled and config.eval.harness_tasks:
+    harness: dict[str, list[str]] | None = None
+    if config.eval.enabled and config.eval.harness_tasks:
         from atkd_core.evaluation.harness import harness_datasets
 
-        try:
+        # An unknown task name is check_harness's row, not an error here.
+        with contextlib.suppress(UserError):
             harness = harness_datasets(config.eval.harness_tasks)
-        except UserError:
-            harness = None  # check_harness reports the unknown name as its row
     needs = hub_needs(config, harness)
     if not needs:
         stay_offline()
@@ -106,9 +102,7 @@ def format_table(readiness: Readiness) -> str:
     return "\n".join(lines)
 
 
-def ensure_ready(
-    config: PipelineConfig, harness: dict[str, list[str]] | None = None, *, services: bool = True
-) -> Readiness:
+def ensure_ready(config: PipelineConfig, *, services: bool = True) -> Readiness:
     """check_run, raising UserError with one line per problem when the run cannot start.
 
     A hub that models or data need and that does not answer fails at once, before lm-eval's task
@@ -119,7 +113,7 @@ def ensure_ready(
         check_hub(early, needs, probe)
     if early.problems:
         raise UserError("\n".join(early.problems))
-    readiness = check_run(config, harness, services=services, probe=probe)
+    readiness = check_run(config, services=services, probe=probe)
     if readiness.problems:
         raise UserError("\n".join(readiness.problems))
     return readiness

@@ -129,11 +129,12 @@ def test_cache_memory_bench_prints_a_row_per_cache_size_and_store():
         "300",
         "--store",
         "local",
+        "reopen",
         "file",
         "s3",
     )
     for tokens in ("20,000", "40,000"):
-        for store in ("local", "file", "s3"):
+        for store in ("local", "reopen", "file", "s3"):
             assert re.search(rf"\| {tokens} \| [\d,]+ \| {store} \|", out), out
 
 

@@ -13,6 +13,8 @@ Layout of the output directory::
     shard-00000.sha256        its checksum, written after the shard (a shard without one is unfinished)
     manifest.json             teacher / tokenizer / data identity, K, temperature, dtype, counts,
                               UNC quantiles, shard checksums
+    verified.json             written by readers: each shard's size and time when its checksum
+                              was last checked, so that an unchanged shard is not hashed again
 
 Scoring writes into ``<output>.partial`` and renames it when every shard is there, so a killed run
 resumes from the shards it finished and nothing half-written is ever read as a cache.

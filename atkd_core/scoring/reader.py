@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ SAFETENSORS_DTYPES = {
 }
 
 Row = tuple[int, int, int]  # shard index, first token, end token
+# Beside a local cache's shards: each shard's sha256 with the size and modification time it had
+# when that sha256 was last checked (see cache_problem).
+VERIFIED_NAME = "verified.json"
 
 
 def _shard_size_problem(name: str, size: int | None, manifest: CacheManifest) -> str | None:
@@ -60,15 +64,49 @@ def _shard_size_problem(name: str, size: int | None, manifest: CacheManifest) ->
     return None
 
 
+def _read_verified(directory: Path) -> dict[str, list[str | int]]:
+    try:
+        stamps = json.loads((directory / VERIFIED_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _write_verified(directory: Path, stamps: dict[str, list[str | int]]) -> None:
+    # Written whole and renamed: ranks opening the cache at once each write the same stamps.
+    temporary = directory / f".{VERIFIED_NAME}.{os.getpid()}"
+    try:
+        temporary.write_text(json.dumps(stamps, indent=1, sort_keys=True))
+        os.replace(temporary, directory / VERIFIED_NAME)
+    except OSError:
+        # A read-only cache (a shared mount) is hashed again at the next open, which is all this costs.
+        temporary.unlink(missing_ok=True)
+
+
 def cache_problem(directory: Path, manifest: CacheManifest, *, check_hashes: bool) -> str | None:
-    """What is wrong with a finished cache's shards (missing, another size, another sha256), or None."""
+    """What is wrong with a finished cache's shards (missing, another size, another sha256), or None.
+
+    With ``check_hashes``, a shard whose sha256 was checked before (``verified.json``) and whose
+    size and modification time have not changed since is not read again: every rank of every run
+    opens the cache, and hashing a billion-token cache reads about 200 GB. A file rewritten or
+    replaced changes its time; damage that leaves the time alone (bit rot) is for the storage's
+    own checksums, and removing ``verified.json`` has every shard hashed at the next open."""
+    verified = _read_verified(directory) if check_hashes else {}
+    checked: dict[str, list[str | int]] = {}
     for name, digest in sorted(manifest.shards.items()):
         path = directory / f"{name}.safetensors"
-        problem = _shard_size_problem(name, path.stat().st_size if path.is_file() else None, manifest)
-        if problem is not None:
+        status = path.stat() if path.is_file() else None
+        problem = _shard_size_problem(name, None if status is None else status.st_size, manifest)
+        if problem is not None or status is None:
             return problem
-        if check_hashes and sha256_file(path) != digest:
+        if not check_hashes:
+            continue
+        stamp: list[str | int] = [digest, status.st_size, status.st_mtime_ns]
+        if verified.get(name) != stamp and sha256_file(path) != digest:
             return f"{name} is corrupt (its sha256 differs from the manifest)"
+        checked[name] = stamp
+    if check_hashes and checked != verified:
+        _write_verified(directory, checked)
     return None
 
 
@@ -161,8 +199,8 @@ class _RemoteShards:
 
 class TeacherCache:
     """A verified teacher cache, local or at a URL; hands out SparseTeacher batches aligned with
-    targets. Locally every shard's sha256 is checked at open; at a URL their sizes (see
-    remote_cache_problem)."""
+    targets. Locally every shard's sha256 is checked at open, unless it was checked before and the
+    shard is unchanged since (see cache_problem); at a URL their sizes (see remote_cache_problem)."""
 
     def __init__(self, location: Location, *, expected: ScoringSpec | None = None):
         """Open the cache at ``location``; with ``expected``, refuse a cache made from anything else."""

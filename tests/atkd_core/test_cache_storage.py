@@ -18,6 +18,7 @@ from atkd_core.errors import CacheError, UserError
 from atkd_core.manifest import MANIFEST_NAME, read_manifest
 from atkd_core.outputs import CacheManifest
 from atkd_core.pipeline import LocalStages, StageArguments, pipeline_outputs, stage_target
+from atkd_core.readiness import Readiness, check_cache_location
 from atkd_core.scoring import ScoringSpec, TeacherCache
 from atkd_core.scoring.stage import upload_cache
 from atkd_core.scoring.writer import _partial_dir, finalize_cache, score_batch, write_shard
@@ -151,6 +152,28 @@ def test_a_damaged_cache_at_a_url_is_refused_with_what_to_do(tmp_path):
     shard.unlink()
     with pytest.raises(CacheError, match="shard-00001 is missing"):
         TeacherCache(url)
+
+
+def test_a_bucket_that_does_not_exist_is_a_problem_before_the_run(tmp_path, s3_bucket):
+    """An upload into a missing bucket fails only after hours of scoring: the check says so first."""
+
+    def row(location: str) -> tuple[bool, str]:
+        readiness = Readiness()
+        check_cache_location(tiny_config(tmp_path / "work", scoring={"location": location}), readiness)
+        (check,) = readiness.checks
+        return check.ok, check.detail
+
+    assert row(f"{s3_bucket}/teachers/cache") == (
+        True,
+        f"{s3_bucket}/teachers/cache: reachable, empty; score_teacher uploads the cache there",
+    )
+    missing = f"s3://nosuch-{uuid.uuid4().hex[:8]}"
+    assert row(f"{missing}/teachers/cache") == (
+        False,
+        f"{missing}/teachers/cache: the bucket {missing.removeprefix('s3://')!r} does not exist, and "
+        "score_teacher's upload does not create one; create it, or set scoring.location to a bucket "
+        "that exists",
+    )
 
 
 def test_a_location_names_what_to_install_for_its_scheme():

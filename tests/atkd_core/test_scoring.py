@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -181,6 +182,39 @@ def test_corrupt_shard_and_wrong_teacher_are_refused(setup, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheError, match="shard-00001 is corrupt"):
         TeacherCache(tmp_path / "cache")
+
+
+def test_a_shard_is_hashed_again_only_when_its_size_or_time_changed(setup, tmp_path, monkeypatch):
+    from atkd_core.scoring import reader
+
+    _, _, prepared, teacher_dir, _ = setup
+    cache = tmp_path / "cache"
+    score(prepared, teacher_dir, cache)
+    hashed: list[str] = []
+    real_sha256 = reader.sha256_file
+    monkeypatch.setattr(reader, "sha256_file", lambda path: hashed.append(path.stem) or real_sha256(path))
+    shards = sorted(read_manifest(cache, CacheManifest).shards)
+
+    TeacherCache(cache)
+    assert hashed == shards and (cache / reader.VERIFIED_NAME).is_file()
+    hashed.clear()
+    TeacherCache(cache)
+    assert hashed == []
+
+    shard = cache / "shard-00001.safetensors"
+    before = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard-00001 is corrupt"):
+        TeacherCache(cache)
+    assert hashed == ["shard-00001"]
+    # Damage that keeps the size and the time is not seen until the stamps are removed.
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    TeacherCache(cache)
+    (cache / reader.VERIFIED_NAME).unlink()
+    with pytest.raises(CacheError, match="shard-00001 is corrupt"):
+        TeacherCache(cache)
 
 
 def test_misaligned_batch_is_refused(setup, tmp_path):
