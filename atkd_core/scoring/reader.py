@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,9 @@ def _read_verified(directory: Path) -> dict[str, list[str | int]]:
 
 
 def _write_verified(directory: Path, stamps: dict[str, list[str | int]]) -> None:
-    # Written whole and renamed: ranks opening the cache at once each write the same stamps.
-    temporary = directory / f".{VERIFIED_NAME}.{os.getpid()}"
+    # Written whole and renamed: ranks opening the cache at once (on one node or several sharing
+    # the directory) each write the same stamps, each through a file of its own.
+    temporary = directory / f".{VERIFIED_NAME}.{socket.gethostname()}.{os.getpid()}"
     try:
         temporary.write_text(json.dumps(stamps, indent=1, sort_keys=True))
         os.replace(temporary, directory / VERIFIED_NAME)
