@@ -118,12 +118,11 @@ def write_report(
     pairs = paired_differences(results, axes, comparison.pairs, "student_score")
     board = None
     if comparison.leaderboard is not None:
+        # The grid that decides the primary hypotheses tests them; every other grid ranks its arms,
+        # and the main grid does both when no ablation is named for them.
+        primary = grid.ablation == comparison.leaderboard.primary_ablation
         board = leaderboard(
-            results,
-            comparison.leaderboard,
-            # The primary hypotheses' own runs test them; every other grid ranks its arms.
-            ranking=grid.ablation is None or grid.ablation != comparison.leaderboard.primary_ablation,
-            primary=grid.ablation == comparison.leaderboard.primary_ablation,
+            results, comparison.leaderboard, ranking=grid.ablation is None or not primary, primary=primary
         )
     (out / "summary.json").write_text(
         json.dumps(
