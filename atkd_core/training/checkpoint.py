@@ -1,8 +1,9 @@
 """Checkpoints (save, resume only this job's) and the trained model in Hugging Face format.
 
 A checkpoint directory holds DeepSpeed's ``step-NNNNNNN`` tags, ``latest``, the fingerprint of the
-job that made them (``job_fingerprint``) and ``metrics.jsonl``. See docs/architecture.md,
-"Checkpoints and outputs".
+job that made them (``job_fingerprint``) and ``metrics.jsonl``. The end of a distillation's SFT
+warm-up is also kept once beside the training data, for every distillation that passes through the
+same warm-up (``shared_warmup_dir``). See docs/architecture.md, "Checkpoints and outputs".
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pathlib import Path
 import torch
 
 from atkd_core.errors import UserError, faults_named
-from atkd_core.training.distributed import barrier
+from atkd_core.training.distributed import all_reduce_sum, barrier
 from atkd_core.training.job import TrainJob, TrainState
 
 # Beside the checkpoints: the fingerprint of the job that made them (TrainJob.fingerprint).
 CHECKPOINT_FINGERPRINT = "job_fingerprint"
 METRICS_FILE = "metrics.jsonl"
+# Beside the prepared training data: the ends of SFT warm-ups, one directory per warm-up fingerprint.
+SHARED_WARMUPS = "sft-warmups"
 
 
 class CheckpointError(UserError):
@@ -84,7 +87,8 @@ def resume(job: TrainJob, state: TrainState, log: Callable[[str], None]) -> int:
         if state.rank == 0:
             (job.checkpoint_dir / METRICS_FILE).unlink(missing_ok=True)
             recorded.write_text(job.fingerprint() + "\n")
-        return 0
+        barrier()  # the directory is clean before any rank writes into it
+        return _reuse_shared_warmup(job, state, log) if state.warmup_steps > 0 else 0
     tag = latest.read_text().strip()
     try:
         path, client_state = state.engine.load_checkpoint(str(job.checkpoint_dir), tag=tag)
@@ -105,6 +109,77 @@ def resume(job: TrainJob, state: TrainState, log: Callable[[str], None]) -> int:
         state.history = truncate_metrics(job.checkpoint_dir / METRICS_FILE, step)
     log(f"{job.stage}: resumed from {tag} (step {step} of {state.total_steps})")
     return step
+
+
+def shared_warmup_dir(job: TrainJob) -> Path:
+    """Where the end of ``job``'s SFT warm-up is kept for every distillation with the same warm-up
+    fingerprint (``TrainJob.warmup_fingerprint``): beside its training data, so that the cells of a
+    comparison and later runs on the same data find it."""
+    return job.prepared_dir.parent / SHARED_WARMUPS / job.warmup_fingerprint()
+
+
+def keep_shared_warmup(job: TrainJob, state: TrainState, step: int, log: Callable[[str], None]) -> None:
+    """At the end of the SFT warm-up (``step``), keep a checkpoint of it for the distillations that
+    share it, unless one is kept already. Every rank calls it: DeepSpeed's save is collective.
+
+    Written into a sibling named after this job and renamed in one step, so a reader never sees half
+    of one; when two runs race, the first rename wins and the other drops its copy.
+    """
+    target = shared_warmup_dir(job)
+    # One decision for every rank, or a rank that saw another run's copy appear would skip the save.
+    if all_reduce_sum(float(target.is_dir()), state.world_size, state.device) > 0:
+        return
+    partial = target.with_name(f".{target.name}.{job.fingerprint()[:12]}.partial")
+    if state.rank == 0 and partial.exists():
+        shutil.rmtree(partial)
+    barrier()
+    client_state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    state.engine.save_checkpoint(str(partial), tag=_tag(step), client_state=client_state)
+    barrier()
+    if state.rank == 0:
+        (partial / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in state.history[:step]))
+        try:
+            partial.rename(target)
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+        log(
+            f"{job.stage}: the SFT warm-up's end (step {step}) kept in {target} for distillations that share it"
+        )
+    barrier()
+
+
+def _reuse_shared_warmup(job: TrainJob, state: TrainState, log: Callable[[str], None]) -> int:
+    """The step to start a fresh run from: the end of its SFT warm-up when another distillation kept
+    it (``keep_shared_warmup``), else 0. The objective's own state stays fresh: the warm-up trained
+    cross-entropy, which never moved it."""
+    source = shared_warmup_dir(job)
+    latest = source / "latest"
+    if not latest.is_file():
+        return 0
+    tag = latest.read_text().strip()
+    try:
+        path, client_state = state.engine.load_checkpoint(str(source), tag=tag)
+    except Exception as exc:  # DeepSpeed raises many kinds for a damaged checkpoint
+        raise CheckpointError(
+            f"the shared SFT warm-up {source / tag} cannot be loaded ({type(exc).__name__}: {exc}); "
+            "delete that directory and the run trains its warm-up again"
+        ) from None
+    if path is None or client_state is None or int(client_state["step"]) != state.warmup_steps:
+        raise CheckpointError(
+            f"the shared SFT warm-up {source} is incomplete or of another length; delete that directory"
+        )
+    torch.set_rng_state(client_state["torch_rng"])
+    random.setstate(client_state["python_rng"])
+    if state.rank == 0:
+        records = (source / METRICS_FILE).read_text()
+        (job.checkpoint_dir / METRICS_FILE).write_text(records)
+        state.history = [json.loads(line) for line in records.splitlines() if line]
+        log(
+            f"{job.stage}: SFT warm-up (steps 1-{state.warmup_steps}) reused from {source}, where another "
+            "distillation of the same student, data and training settings kept it"
+        )
+    state.warmup_reused = True
+    return state.warmup_steps
 
 
 def truncate_metrics(path: Path, step: int) -> list[dict[str, float]]:

@@ -94,6 +94,23 @@ class TrainJob:
             }
         )
 
+    def warmup_fingerprint(self) -> str:
+        """What the state at the end of the SFT warm-up (distill.sft_warmup_epochs) depends on: this
+        fingerprint less the objective. The warm-up trains cross-entropy alone, so distillations
+        that differ only in their loss (or teacher) pass through the same model, optimizer, schedule
+        and RNG at its end, and one of them can train it for all (checkpoint.shared_warmup_dir)."""
+        loss = self.config.loss
+        return fingerprint(
+            {
+                "stage": "distill sft warm-up",
+                # distill: the warm-up's length, the optimizer, schedule and total steps, the seed.
+                "config": self.config.section_hash("distill", "student"),
+                # What the cross-entropy's arithmetic and the batches' shape depend on.
+                "cross_entropy": [loss.chunk_size, loss.fused_linear, loss.compile, self.pack_capacity],
+                "inputs": [content_identity(self.prepared_dir), content_identity(self.init_dir)],
+            }
+        )
+
     def save(self, path: Path) -> None:
         """Write the job as JSON (the resolved config and the paths) for launched ranks to load."""
         payload = {
@@ -193,6 +210,8 @@ class TrainState:
     # Tokens per packed row (TrainJob.pack_capacity), or None: batches are right-padded.
     pack_capacity: int | None = None
     start_step: int = 0
+    # The warm-up's steps came from a shared warm-up (checkpoint.shared_warmup_dir), not this run.
+    warmup_reused: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property

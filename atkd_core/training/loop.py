@@ -38,7 +38,7 @@ from atkd_core.training.batches import (
     to_batch,
     uses_student_answers,
 )
-from atkd_core.training.checkpoint import METRICS_FILE, resume, save_checkpoint
+from atkd_core.training.checkpoint import METRICS_FILE, keep_shared_warmup, resume, save_checkpoint
 from atkd_core.training.distributed import all_reduce_sum
 from atkd_core.training.ds_config import render_ds_config
 from atkd_core.training.heads import OutputLayer
@@ -313,6 +313,10 @@ def train(
         if state.rank == 0
         else None
     )
+    if state.warmup_reused and progress is not None:
+        # This run's record is whole: the warm-up's steps, trained by the run that kept them.
+        for record in state.history:
+            log_metrics({k: v for k, v in record.items() if k != "step"}, int(record["step"]))
     upcoming: list[Batch] | None = None
     for step in range(state.start_step, state.total_steps):
         started = time.perf_counter()
@@ -361,6 +365,8 @@ def train(
             progress.update(1, tokens, f"loss {record['loss']:.4f}")
         if (step + 1) % training.checkpoint_every == 0 or step + 1 == state.total_steps:
             save_checkpoint(job, state, step + 1)
+        if step + 1 == state.warmup_steps:
+            keep_shared_warmup(job, state, step + 1, log)
     if progress is not None:
         progress.close()
     return state.history

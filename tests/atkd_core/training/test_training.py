@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from atkd_core.manifest import read_manifest
 from atkd_core.models.build import load_model, materialize_model
 from atkd_core.outputs import CacheManifest
 from atkd_core.scoring import run_scoring_stage
-from atkd_core.training.checkpoint import CheckpointError
+from atkd_core.training.checkpoint import SHARED_WARMUPS, CheckpointError
 from atkd_core.training.distributed import child_environment, free_port, process_group
 from atkd_core.training.job import TrainJob, auto_split_line, distill_job
 from atkd_core.training.loop import cleanup, setup
@@ -450,6 +451,8 @@ def test_sft_warmup_trains_cross_entropy_first_then_distils(inputs, tmp_path):
     same updates), the distillation loss then takes over, and the budget grows by the warm-up."""
     runs = {}
     for objective in ("sft", "atkd"):
+        # Each trains its own warm-up here (the shared one is the next test's).
+        shutil.rmtree(inputs[0] / SHARED_WARMUPS, ignore_errors=True)
         job = make_job(inputs, tmp_path, loss={"objective": objective}, name=objective)
         job.config.distill.sft_warmup_epochs = 1.0  # 64 examples / batch 8: 8 warm-up steps
         run_training(job, lambda m, s: None, quiet)
@@ -461,6 +464,67 @@ def test_sft_warmup_trains_cross_entropy_first_then_distils(inputs, tmp_path):
     assert [r["loss"] for r in atkd[:8]] == pytest.approx([r["loss"] for r in sft[:8]], rel=1e-6)
     assert all(r["loss"] == pytest.approx(r["ce"]) and "tkd_hard" not in r for r in atkd[:8])
     assert all("tkd_hard" in r and r["loss"] != pytest.approx(r["ce"]) for r in atkd[8:])
+
+
+def _without_timings(job):
+    records = [json.loads(line) for line in (job.output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k != "tokens_per_s"} for record in records]
+
+
+@pytest.mark.slow
+def test_a_shared_sft_warmup_is_trained_once_and_changes_nothing(inputs, tmp_path):
+    """The first distillation keeps the end of its SFT warm-up; the next, with another objective,
+    starts from it and ends bit for bit where it ends training its warm-up itself: same losses, same
+    weights, its objective's own state (TAID's t) fresh, and every step's metrics logged."""
+    shutil.rmtree(inputs[0] / SHARED_WARMUPS, ignore_errors=True)
+    taid = {"objective": "taid", "taid": {"alpha": 0.5}}
+
+    def warm_started(loss, name):
+        job = make_job(inputs, tmp_path, loss=loss, name=name)
+        job.config.distill.sft_warmup_epochs = 1.0  # 8 warm-up steps, then 4 of the objective
+        return job
+
+    said: dict[str, list[str]] = {"first": [], "second": [], "alone": []}
+    first = warm_started({"objective": "kd"}, "first")
+    run_training(first, lambda m, s: None, said["first"].append)
+    second = warm_started(taid, "second")
+    logged_steps: list[int] = []
+    run_training(second, lambda m, s: logged_steps.append(s), said["second"].append)
+    shutil.rmtree(inputs[0] / SHARED_WARMUPS)
+    alone = warm_started(taid, "alone")
+    run_training(alone, lambda m, s: None, said["alone"].append)
+
+    assert [sum("SFT warm-up's end (step 8) kept in" in m for m in said[run]) for run in said] == [1, 0, 1]
+    assert [sum("SFT warm-up (steps 1-8) reused from" in m for m in said[run]) for run in said] == [0, 1, 0]
+    assert _without_timings(second) == _without_timings(alone)
+    assert _without_timings(second)[:8] == _without_timings(first)[:8]
+    assert logged_steps == list(range(1, 13))
+    trained, reference = load_model(second.output_dir).state_dict(), load_model(alone.output_dir).state_dict()
+    assert all(torch.equal(trained[name], reference[name]) for name in reference)
+
+
+@pytest.mark.slow
+def test_a_shared_sft_warmup_is_kept_and_reused_by_two_processes(inputs, tmp_path):
+    """Under the launcher every rank saves its part of the warm-up and loads it back."""
+    shutil.rmtree(inputs[0] / SHARED_WARMUPS, ignore_errors=True)
+    settings = {"micro_batch_size": 4, "num_processes": 2}
+    jobs = {}
+    for name, loss, training in [
+        ("first", {"objective": "kd"}, settings),
+        ("second", {"objective": "taid"}, settings),
+        ("alone", {"objective": "taid"}, {"micro_batch_size": 4}),
+    ]:
+        jobs[name] = make_job(inputs, tmp_path, loss=loss, training=training, name=name)
+        jobs[name].config.distill.sft_warmup_epochs = 1.0
+    said: list[str] = []
+    launch_training(jobs["first"], lambda m, s: None, said.append)
+    assert sum("SFT warm-up's end (step 8) kept in" in m for m in said) == 1
+    said.clear()
+    seen: list[int] = []
+    launch_training(jobs["second"], lambda m, s: seen.append(s), said.append)
+    assert sum("SFT warm-up (steps 1-8) reused from" in m for m in said) == 1 and seen == list(range(1, 13))
+    run_training(jobs["alone"], lambda m, s: None, quiet)
+    assert losses(jobs["second"]) == pytest.approx(losses(jobs["alone"]), rel=1e-5, abs=1e-7)
 
 
 def test_sft_warmup_refuses_generated_responses():
