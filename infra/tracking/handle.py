@@ -139,33 +139,44 @@ class MetricsBuffer:
         self,
         run: RunHandle,
         warn: Callable[[str], None],
-        flush_every_steps: int = 10,
+        flush_every_steps: int = 100,
+        flush_every_seconds: float = 5.0,
         max_pending: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.run = run
         self.warn = warn
         self.flush_every_steps = flush_every_steps
+        self.flush_every_seconds = flush_every_seconds
         self.max_pending = max_pending
+        self.clock = clock
         self.pending: list[Metric] = []
         self.dropped = 0
         self.failures = 0
         self._steps_since_flush = 0
+        self._last_flush = clock()
         self._in_outage = False
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        """Record one step's metrics; send every ``flush_every_steps`` steps."""
+        """Record one step's metrics; send them every ``flush_every_seconds`` (the UI's curves stay
+        live) or ``flush_every_steps`` steps, whichever comes first. A send has a fixed cost (about
+        30 ms on a SQLite store), which every 10 steps of a small model was 3% of its training."""
         self.pending.extend(metric_records(metrics, step))
         overflow = len(self.pending) - self.max_pending
         if overflow > 0:
             del self.pending[:overflow]
             self.dropped += overflow
         self._steps_since_flush += 1
-        if self._steps_since_flush >= self.flush_every_steps:
+        if (
+            self._steps_since_flush >= self.flush_every_steps
+            or self.clock() - self._last_flush >= self.flush_every_seconds
+        ):
             self.flush()
 
     def flush(self) -> bool:
         """Send what is pending; True when nothing is left pending."""
         self._steps_since_flush = 0
+        self._last_flush = self.clock()
         if not self.pending:
             return True
         try:

@@ -60,6 +60,19 @@ def test_buffer_keeps_metrics_through_an_outage_and_sends_them_in_order():
     assert buffer.close() == 0
 
 
+def test_buffer_sends_every_few_seconds_or_steps_whichever_comes_first():
+    run, now = FlakyRun(), [0.0]
+    buffer = MetricsBuffer(run, [].append, flush_every_steps=4, flush_every_seconds=5.0, clock=lambda: now[0])
+    for step in range(1, 4):  # fast steps: nothing sent before the fourth
+        buffer({"loss": float(step)}, step)
+    assert run.received == []
+    buffer({"loss": 4.0}, 4)
+    assert [m.step for m in run.received] == [1, 2, 3, 4]
+    now[0] = 6.0  # a slow step: sent at once
+    buffer({"loss": 5.0}, 5)
+    assert [m.step for m in run.received] == [1, 2, 3, 4, 5]
+
+
 def test_buffer_reports_what_never_arrived():
     run, warnings = FlakyRun(), []
     buffer = MetricsBuffer(run, warnings.append, flush_every_steps=100, max_pending=3)
