@@ -50,7 +50,7 @@ data-wordnet: setup
 
 # The objective leaderboard (docs/leaderboard.md): every objective on both testbeds, from scratch
 # and warm-started, then the primary hypotheses on more seeds; the teachers are fine-tuned once.
-# About 110 minutes on 2 CPU cores (docs/leaderboard.md, "The budget, measured"); a rerun reuses every run.
+# 75 minutes fresh on 2 CPU cores (docs/leaderboard.md, "The budget, measured"); a rerun reuses every run.
 leaderboard: setup data/wordnet/manifest.json
 	$(BIN)/atkd compare configs/leaderboard.yaml --report-to docs/leaderboard/scratch
 	$(BIN)/atkd compare configs/leaderboard.yaml --ablation warm --report-to docs/leaderboard/warm
