@@ -479,12 +479,12 @@ def test_a_shared_sft_warmup_is_trained_once_and_changes_nothing(inputs, tmp_pat
     shutil.rmtree(inputs[0] / SHARED_WARMUPS, ignore_errors=True)
     taid = {"objective": "taid", "taid": {"alpha": 0.5}}
 
-    def warm_started(loss, name):
-        job = make_job(inputs, tmp_path, loss=loss, name=name)
+    def warm_started(loss, name, training=None):
+        job = make_job(inputs, tmp_path, loss=loss, training=training, name=name)
         job.config.distill.sft_warmup_epochs = 1.0  # 8 warm-up steps, then 4 of the objective
         return job
 
-    said: dict[str, list[str]] = {"first": [], "second": [], "alone": []}
+    said: dict[str, list[str]] = {"first": [], "second": [], "alone": [], "other_lr": []}
     first = warm_started({"objective": "kd"}, "first")
     run_training(first, lambda m, s: None, said["first"].append)
     second = warm_started(taid, "second")
@@ -493,9 +493,13 @@ def test_a_shared_sft_warmup_is_trained_once_and_changes_nothing(inputs, tmp_pat
     shutil.rmtree(inputs[0] / SHARED_WARMUPS)
     alone = warm_started(taid, "alone")
     run_training(alone, lambda m, s: None, said["alone"].append)
+    # Another learning rate is another warm-up: trained, not taken from the one kept.
+    other_lr = warm_started(taid, "other_lr", training={"optim": {"lr": 2e-3}})
+    run_training(other_lr, lambda m, s: None, said["other_lr"].append)
 
-    assert [sum("SFT warm-up's end (step 8) kept in" in m for m in said[run]) for run in said] == [1, 0, 1]
-    assert [sum("SFT warm-up (steps 1-8) reused from" in m for m in said[run]) for run in said] == [0, 1, 0]
+    kept = [sum("SFT warm-up's end (step 8) kept in" in m for m in said[run]) for run in said]
+    reused = [sum("SFT warm-up (steps 1-8) reused from" in m for m in said[run]) for run in said]
+    assert kept == [1, 0, 1, 1] and reused == [0, 1, 0, 0]
     assert _without_timings(second) == _without_timings(alone)
     assert _without_timings(second)[:8] == _without_timings(first)[:8]
     assert logged_steps == list(range(1, 13))
