@@ -13,6 +13,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,9 +40,7 @@ def save_checkpoint(job: TrainJob, state: TrainState, step: int) -> None:
     """A DeepSpeed checkpoint (model, optimizer, scheduler, step, RNG, the objective's state) on every
     rank; keep the newest M."""
     client_state = {
-        "step": step,
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
+        **_position(step),
         # What an adaptive objective learnt along the way (TAID's t, AdaKD's share).
         "objective_state": state.objective.state_dict(),
     }
@@ -89,26 +88,37 @@ def resume(job: TrainJob, state: TrainState, log: Callable[[str], None]) -> int:
             recorded.write_text(job.fingerprint() + "\n")
         barrier()  # the directory is clean before any rank writes into it
         return _reuse_shared_warmup(job, state, log) if state.warmup_steps > 0 else 0
-    tag = latest.read_text().strip()
-    try:
-        path, client_state = state.engine.load_checkpoint(str(job.checkpoint_dir), tag=tag)
-    except Exception as exc:  # DeepSpeed raises many kinds for a damaged checkpoint
-        raise CheckpointError(
-            f"checkpoint {job.checkpoint_dir / tag} cannot be loaded ({type(exc).__name__}: {exc}); "
-            "delete it, or set training.resume: never to start clean"
-        ) from None
-    if path is None or client_state is None:
-        raise CheckpointError(
-            f"checkpoint {job.checkpoint_dir / tag} is incomplete; delete it or set training.resume: never"
-        )
-    torch.set_rng_state(client_state["torch_rng"])
+    tag, client_state = _load_latest(
+        state, job.checkpoint_dir, "checkpoint", "delete it, or set training.resume: never to start clean"
+    )
     state.objective.load_state_dict(client_state.get("objective_state", {}))
-    random.setstate(client_state["python_rng"])
     step = int(client_state["step"])
     if state.rank == 0:
         state.history = truncate_metrics(job.checkpoint_dir / METRICS_FILE, step)
     log(f"{job.stage}: resumed from {tag} (step {step} of {state.total_steps})")
     return step
+
+
+def _position(step: int) -> dict[str, Any]:
+    """What a checkpoint's client state needs to continue at ``step``: the step and the RNG states."""
+    return {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+
+
+def _load_latest(state: TrainState, directory: Path, what: str, remedy: str) -> tuple[str, dict[str, Any]]:
+    """Load ``directory``'s newest tag into the engine and restore the RNG states; return the tag
+    and the client state. ``what`` names the checkpoint in errors, ``remedy`` says what to do."""
+    tag = (directory / "latest").read_text().strip()
+    try:
+        path, client_state = state.engine.load_checkpoint(str(directory), tag=tag)
+    except Exception as exc:  # DeepSpeed raises many kinds for a damaged checkpoint
+        raise CheckpointError(
+            f"{what} {directory / tag} cannot be loaded ({type(exc).__name__}: {exc}); {remedy}"
+        ) from None
+    if path is None or client_state is None:
+        raise CheckpointError(f"{what} {directory / tag} is incomplete; {remedy}")
+    torch.set_rng_state(client_state["torch_rng"])
+    random.setstate(client_state["python_rng"])
+    return tag, client_state
 
 
 def shared_warmup_dir(job: TrainJob) -> Path:
@@ -133,8 +143,7 @@ def keep_shared_warmup(job: TrainJob, state: TrainState, step: int, log: Callabl
     if state.rank == 0 and partial.exists():
         shutil.rmtree(partial)
     barrier()
-    client_state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-    state.engine.save_checkpoint(str(partial), tag=_tag(step), client_state=client_state)
+    state.engine.save_checkpoint(str(partial), tag=_tag(step), client_state=_position(step))
     barrier()
     if state.rank == 0:
         (partial / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in state.history[:step]))
@@ -153,23 +162,15 @@ def _reuse_shared_warmup(job: TrainJob, state: TrainState, log: Callable[[str], 
     it (``keep_shared_warmup``), else 0. The objective's own state stays fresh: the warm-up trained
     cross-entropy, which never moved it."""
     source = shared_warmup_dir(job)
-    latest = source / "latest"
-    if not latest.is_file():
+    if not (source / "latest").is_file():
         return 0
-    tag = latest.read_text().strip()
-    try:
-        path, client_state = state.engine.load_checkpoint(str(source), tag=tag)
-    except Exception as exc:  # DeepSpeed raises many kinds for a damaged checkpoint
+    remedy = "delete that directory and the run trains its warm-up again"
+    _, client_state = _load_latest(state, source, "the shared SFT warm-up", remedy)
+    if int(client_state["step"]) != state.warmup_steps:
         raise CheckpointError(
-            f"the shared SFT warm-up {source / tag} cannot be loaded ({type(exc).__name__}: {exc}); "
-            "delete that directory and the run trains its warm-up again"
-        ) from None
-    if path is None or client_state is None or int(client_state["step"]) != state.warmup_steps:
-        raise CheckpointError(
-            f"the shared SFT warm-up {source} is incomplete or of another length; delete that directory"
+            f"the shared SFT warm-up {source} ends at step {client_state['step']}, not at this run's "
+            f"{state.warmup_steps}; {remedy}"
         )
-    torch.set_rng_state(client_state["torch_rng"])
-    random.setstate(client_state["python_rng"])
     if state.rank == 0:
         records = (source / METRICS_FILE).read_text()
         (job.checkpoint_dir / METRICS_FILE).write_text(records)
